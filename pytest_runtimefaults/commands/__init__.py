@@ -1,0 +1,1 @@
+"""Sub-commands of ``runtimefaults``; each module defines ``register(subparsers)``."""

@@ -1,0 +1,9 @@
+"""Sub-commands of the scenarios family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """No sub-commands yet."""

@@ -1,0 +1,122 @@
+"""The registry of active faults.
+
+Every fault a fixture injects is registered here, so that the ``recovers``
+marker can lift them all before probing the runtime, and so that the report
+can say which faults a test applied.  A fault is anything with a ``lift()``
+method; lifting is idempotent.
+
+Example::
+
+    registry = FaultRegistry()
+    registry.add("delay StartTransientUnit", lift=lambda: proxy.clear())
+    ...
+    registry.lift_all()
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["FaultRecord", "FaultRegistry", "LeakCheck"]
+
+
+@dataclass
+class FaultRecord:
+    """One injected fault: its name, when it started and whether it was lifted."""
+
+    name: str
+    lift: Callable[[], None] | None
+    started: float = field(default_factory=time.monotonic)
+    lifted_at: float | None = None
+    applied: int = 0  # how many times the fault actually fired, when known
+
+    @property
+    def active(self) -> bool:
+        return self.lifted_at is None
+
+
+@dataclass
+class LeakCheck:
+    """A snapshot of some host state, taken before the test and compared after.
+
+    ``snapshot()`` returns a set of strings naming resources (PIDs, unit names,
+    mount points, links...).  Whatever is in the after-snapshot and not in the
+    baseline is a leak.
+    """
+
+    name: str
+    snapshot: Callable[[], set[str]]
+    baseline: set[str] = field(default_factory=set)
+
+    def start(self) -> None:
+        self.baseline = self.snapshot()
+
+    def leaked(self) -> set[str]:
+        return self.snapshot() - self.baseline
+
+
+class FaultRegistry:
+    """Faults active in one test, in the order they were injected.
+
+    Also holds what recovery needs to know about the test: the health probes
+    fixtures offer (``probes``: name -> callable raising on failure) and the
+    leak checks they register (``leak_checks``).
+    """
+
+    def __init__(self) -> None:
+        self.records: list[FaultRecord] = []
+        self.probes: dict[str, Callable[[], object]] = {}
+        self.leak_checks: dict[str, LeakCheck] = {}
+
+    def add_probe(self, name: str, probe: Callable[[], object]) -> None:
+        """Offer a health probe (raises, or returns False, while unhealthy)."""
+        self.probes[name] = probe
+
+    def add_leak_check(self, name: str, snapshot: Callable[[], set[str]]) -> LeakCheck:
+        """Register a leak check and take its baseline now."""
+        check = LeakCheck(name, snapshot)
+        check.start()
+        self.leak_checks[name] = check
+        return check
+
+    def add(self, name: str, lift: Callable[[], None] | None = None) -> FaultRecord:
+        """Record a fault; *lift* undoes it (called at most once)."""
+        record = FaultRecord(name=name, lift=lift)
+        self.records.append(record)
+        return record
+
+    def lift(self, record: FaultRecord) -> None:
+        if record.lifted_at is not None:
+            return
+        record.lifted_at = time.monotonic()
+        if record.lift is not None:
+            record.lift()
+
+    def lift_all(self) -> list[str]:
+        """Lift every active fault, newest first; return their names.
+
+        Every lift is attempted even if one raises; the first error is re-raised
+        after the others were lifted.
+        """
+        lifted: list[str] = []
+        first_error: BaseException | None = None
+        for record in reversed(self.records):
+            if not record.active:
+                continue
+            try:
+                self.lift(record)
+            except BaseException as exc:
+                first_error = first_error or exc
+            lifted.append(record.name)
+        if first_error is not None:
+            raise first_error
+        return lifted
+
+    @property
+    def active(self) -> list[FaultRecord]:
+        return [r for r in self.records if r.active]
+
+    def __len__(self) -> int:
+        return len(self.records)

@@ -1,0 +1,48 @@
+"""Unique, short names for resources, per process and per xdist worker.
+
+Kernel names are short (a network interface name has at most 15 bytes), so
+names are built from a prefix, the worker number, the PID in base 36 and a
+counter.  Two pytest runs, or two xdist workers, never produce the same name.
+
+Example::
+
+    unique_name("rfbr")   # 'rfbr0k3z1', unique on this host while the process lives
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+
+__all__ = ["unique_name", "worker_index"]
+
+_counter = itertools.count(1)
+_lock = threading.Lock()
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _b36(n: int) -> str:
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = _ALPHABET[r] + out
+        if n == 0:
+            return out
+
+
+def worker_index() -> int:
+    """The pytest-xdist worker number (``gw3`` -> 3), or 0 without xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    digits = "".join(ch for ch in worker if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def unique_name(prefix: str, maxlen: int = 15) -> str:
+    """``prefix`` + pid + counter, at most *maxlen* characters."""
+    with _lock:
+        n = next(_counter)
+    name = f"{prefix}{_b36(os.getpid())}{_b36(n)}"
+    if len(name) > maxlen:
+        raise ValueError(f"name {name!r} is longer than {maxlen}: use a shorter prefix")
+    return name

@@ -1,0 +1,161 @@
+"""The pytest plugin: options, ini keys, hooks and the core fixtures.
+
+Loaded with ``pytest -p runtimefaults`` (the ``pytest11`` entry point), disabled
+with ``-p no:runtimefaults``.  This module holds no logic of its own: each fault
+family declares its fixtures, options and markers in a module of
+:mod:`pytest_runtimefaults.fixtures`, listed in ``pytest_plugins`` below.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from pytest_runtimefaults import caps
+from pytest_runtimefaults.faults import FaultRegistry
+from pytest_runtimefaults.journal import Journal, default_state_dir, reap_dead_owners
+
+pytest_plugins = [
+    "pytest_runtimefaults.fixtures.dbus",
+    "pytest_runtimefaults.fixtures.systemd",
+    "pytest_runtimefaults.fixtures.recovery",
+    "pytest_runtimefaults.fixtures.sockets",
+    "pytest_runtimefaults.fixtures.cni",
+    "pytest_runtimefaults.fixtures.subscribers",
+]
+
+SEED_KEY = pytest.StashKey[int]()
+STRICT_KEY = pytest.StashKey[bool]()
+JOURNAL_KEY = pytest.StashKey[Journal]()
+FAULTS_KEY = pytest.StashKey[FaultRegistry]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("runtimefaults", "fault injection for container runtimes")
+    group.addoption(
+        "--runtimefaults-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed of every random choice a fault makes (default: ini "
+        "runtimefaults_seed, else random; printed in the header to replay a run)",
+    )
+    parser.addini("runtimefaults_seed", "default for --runtimefaults-seed", default="")
+    group.addoption(
+        "--runtimefaults-strict",
+        action="store_true",
+        default=None,
+        help="fail, instead of skipping, tests whose capability the host lacks",
+    )
+    parser.addini(
+        "runtimefaults_strict", "default for --runtimefaults-strict", type="bool", default=False
+    )
+    group.addoption(
+        "--runtimefaults-state-dir",
+        default=None,
+        metavar="DIR",
+        help="where the cleanup journal lives (default /run/runtimefaults as root)",
+    )
+    group.addoption(
+        "--runtimefaults-no-reap",
+        action="store_true",
+        default=False,
+        help="do not reap resources left by earlier, killed runs at session start",
+    )
+
+
+def _seed(config: pytest.Config) -> int:
+    if config.option.runtimefaults_seed is not None:
+        return int(config.option.runtimefaults_seed)
+    ini = str(config.getini("runtimefaults_seed")).strip()
+    if ini:
+        try:
+            return int(ini)
+        except ValueError:
+            raise pytest.UsageError(f"ini runtimefaults_seed must be an integer, got {ini!r}")
+    # xdist workers must agree with the controller: it hands its seed down.
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput and "runtimefaults_seed" in workerinput:
+        return int(workerinput["runtimefaults_seed"])
+    return random.SystemRandom().randrange(2**32)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[SEED_KEY] = _seed(config)
+    strict = config.option.runtimefaults_strict
+    config.stash[STRICT_KEY] = bool(
+        strict if strict is not None else config.getini("runtimefaults_strict")
+    )
+    state_dir = config.option.runtimefaults_state_dir
+    if state_dir:
+        os.environ.setdefault("RUNTIMEFAULTS_STATE_DIR", state_dir)
+    journal = Journal(state_dir or default_state_dir())
+    config.stash[JOURNAL_KEY] = journal
+    is_worker = hasattr(config, "workerinput")
+    if not is_worker and not config.option.runtimefaults_no_reap:
+        result = reap_dead_owners(journal.state_dir)
+        if result.reaped or result.errors:
+            config.issue_config_time_warning(
+                pytest.PytestWarning(
+                    f"runtimefaults reaped {len(result.reaped)} resource(s) left by "
+                    f"{result.journals} killed run(s)"
+                    + (f"; errors: {result.errors[:3]}" if result.errors else "")
+                ),
+                stacklevel=2,
+            )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: object) -> None:
+    """pytest-xdist: give each worker the controller's seed."""
+    config = getattr(node, "config")  # noqa: B009
+    getattr(node, "workerinput")["runtimefaults_seed"] = config.stash[SEED_KEY]  # noqa: B009
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    seed = config.stash[SEED_KEY]
+    line = ", ".join(
+        f"{c.name}: {c.detail}" if c.ok else f"{c.name}: MISSING" for c in caps.probe_all()
+    )
+    return [
+        f"runtimefaults: seed {seed} (replay with --runtimefaults-seed={seed})",
+        f"runtimefaults: {line}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def runtimefaults_seed(pytestconfig: pytest.Config) -> int:
+    """The run's seed (session scope).  Printed in the report header."""
+    return pytestconfig.stash[SEED_KEY]
+
+
+@pytest.fixture
+def runtimefaults_rng(request: pytest.FixtureRequest, runtimefaults_seed: int) -> random.Random:
+    """A ``random.Random`` seeded from the run's seed and the test's node id.
+
+    Function scope.  Every random choice a fault makes comes from here, so a
+    test replays identically with the same ``--runtimefaults-seed`` whatever
+    else runs, in whatever order.
+    """
+    return random.Random(f"{runtimefaults_seed}:{request.node.nodeid}")
+
+
+@pytest.fixture
+def runtimefaults_faults(request: pytest.FixtureRequest) -> Iterator[FaultRegistry]:
+    """The registry of faults active in this test (function scope).
+
+    Fault fixtures register what they inject here; the ``recovers`` marker lifts
+    them all before probing the runtime; the report lists them.
+    """
+    registry = request.node.stash.setdefault(FAULTS_KEY, FaultRegistry())
+    yield registry
+    registry.lift_all()
+
+
+@pytest.fixture(scope="session")
+def runtimefaults_journal(pytestconfig: pytest.Config) -> Journal:
+    """The crash-safe journal of created resources (session scope)."""
+    return pytestconfig.stash[JOURNAL_KEY]
