@@ -1,0 +1,879 @@
+"""CNI configuration faults: half-written, held, vanishing and racing config files.
+
+Incident 4 of the fault catalog: runtimes that walk the CNI configuration
+directory without a lock, and tools that write configs in place, let a reader
+see a truncated file (``unexpected end of JSON input``), a file that vanished
+between listing and opening, or one network's file while another is written
+(a macvlan network brought up as a bridge).  This module gives a private CNI
+directory (:class:`CniDir`), writers that produce each of those states on
+demand, and a :class:`TornWriteWatcher` that catches a runtime's own
+non-atomic writes.
+
+Example::
+
+    with CniDir() as cni:
+        conf = cni.bridge()                     # unique name, bridge and subnet
+        cni.write(conf)                         # temp + fsync + rename
+        with HalfWritten(cni, "10-broken.conflist", conf, mode="truncate"):
+            ...                                 # run the runtime against cni.conf_dir
+        with TornWriteWatcher(cni.conf_dir) as watcher:
+            ...                                 # the runtime writes its configs
+        assert not watcher.torn, watcher.report()
+
+Every fault is a context manager with idempotent ``start()``/``stop()`` and a
+``lift()`` (used by the ``recovers`` marker) that leaves the files whole.
+Timing choices (chunk sizes, pauses) come from a seeded ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import itertools
+import json
+import os
+import random
+import select
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pytest_runtimefaults import naming
+
+if TYPE_CHECKING:
+    from pytest_runtimefaults.journal import Journal
+    from pytest_runtimefaults.netns import CniResult, CniSandbox
+
+__all__ = [
+    "CONFIG_SUFFIXES",
+    "CniDir",
+    "DeleteRecreate",
+    "HalfWritten",
+    "HeldHalfWritten",
+    "ParallelAdds",
+    "RacingWriter",
+    "TornWrite",
+    "TornWriteWatcher",
+    "broken_bytes",
+    "next_subnet",
+    "validate_config",
+    "write_atomic",
+]
+
+#: File names libcni (and so containerd, podman, nerdctl) loads from a conf dir.
+CONFIG_SUFFIXES = (".conf", ".conflist", ".json")
+
+BrokenMode = Literal["truncate", "empty", "nul", "wrong-version"]
+BROKEN_MODES: tuple[str, ...] = ("truncate", "empty", "nul", "wrong-version")
+
+# --- subnets ---------------------------------------------------------------
+
+_subnet_counter = itertools.count()
+_subnet_lock = threading.Lock()
+
+
+def next_subnet() -> str:
+    """A /24 unique in this process and xdist worker: ``10.{64+worker}.{n}.0/24``.
+
+    Workers 0..63 get disjoint /16s of 10.64.0.0/10; each process hands out
+    256 /24s before wrapping.  The addresses only ever exist inside namespaces
+    the fixtures create, and no packet is sent to any other address.
+    """
+    with _subnet_lock:
+        n = next(_subnet_counter) % 256
+    return f"10.{64 + naming.worker_index() % 64}.{n}.0/24"
+
+
+# --- writing ---------------------------------------------------------------
+
+
+def _encode(content: bytes | str | Mapping[str, Any]) -> bytes:
+    if isinstance(content, bytes):
+        return content
+    if isinstance(content, str):
+        return content.encode()
+    return (json.dumps(content, indent=2) + "\n").encode()
+
+
+def write_atomic(path: Path | str, content: bytes | str | Mapping[str, Any]) -> Path:
+    """Write *path* as a careful runtime does: temp file, fsync, rename, fsync dir.
+
+    The temporary name starts with a dot and ends in ``.tmp``, so no CNI
+    loader ever reads it; a reader sees the old file or the new one, whole.
+    """
+    path = Path(path)
+    data = _encode(content)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return path
+
+
+def broken_bytes(content: bytes | str | Mapping[str, Any], mode: str, at: float = 0.5) -> bytes:
+    """*content* made broken in one of the ways a reader meets in the wild.
+
+    ``truncate``: the first *at* of it (a fraction, or a byte count if > 1);
+    ``empty``: nothing; ``nul``: whole, then NUL padding (a file extended
+    before its data was flushed); ``wrong-version``: whole JSON with a
+    ``cniVersion`` no plugin supports.
+    """
+    data = _encode(content)
+    if mode == "truncate":
+        cut = int(at) if at > 1 else int(len(data) * at)
+        return data[: max(1, min(cut, len(data) - 1))]
+    if mode == "empty":
+        return b""
+    if mode == "nul":
+        return data + b"\0" * 64
+    if mode == "wrong-version":
+        obj = json.loads(data)
+        obj["cniVersion"] = "9.9.9"
+        return _encode(obj)
+    raise ValueError(f"unknown broken mode {mode!r}; use one of {', '.join(BROKEN_MODES)}")
+
+
+def validate_config(data: bytes) -> str | None:
+    """Why *data* is not a loadable CNI config (None if it is), as libcni decides.
+
+    Checks JSON syntax, a ``name``, and a ``type`` (single conf) or a
+    non-empty ``plugins`` list each with a ``type`` (conflist).
+    """
+    if not data.strip():
+        return "empty file"
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        return f"invalid JSON: {exc}"
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    if not obj.get("name"):
+        return "no network name"
+    if "plugins" in obj:
+        plugins = obj["plugins"]
+        if not isinstance(plugins, list) or not plugins:
+            return "no plugins"
+        if not all(isinstance(p, dict) and p.get("type") for p in plugins):
+            return "a plugin without type"
+    elif not obj.get("type"):
+        return "no plugin type"
+    return None
+
+
+# --- the directory ---------------------------------------------------------
+
+
+class CniDir:
+    """A private CNI setup: a config dir, an IPAM data dir and the plugin path.
+
+    Point the runtime under test at :attr:`conf_dir` (``--network-config-dir``,
+    containerd's ``conf_dir``...); configs built here put host-local
+    reservations under :attr:`ipam_dir`.  Names of networks and bridges are
+    unique on the host, subnets per test and per xdist worker.
+    """
+
+    def __init__(
+        self,
+        root: Path | str | None = None,
+        *,
+        plugin_dir: Path | str = "/usr/lib/cni",
+        cni_version: str = "1.0.0",
+        journal: Journal | None = None,
+    ) -> None:
+        self._given_root = Path(root) if root is not None else None
+        self.plugin_dir = Path(plugin_dir)
+        self.cni_version = cni_version
+        self.journal = journal
+        self.root = self._given_root or Path("/nonexistent")
+        self._rid: int | None = None
+        self._started = False
+        #: file names written by faults, not by the runtime (the watcher ignores them)
+        self.fault_files: set[str] = set()
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.root / "net.d"
+
+    @property
+    def ipam_dir(self) -> Path:
+        return self.root / "ipam"
+
+    def start(self) -> CniDir:
+        if self._started:
+            return self
+        if self._given_root is None:
+            self.root = Path(tempfile.mkdtemp(prefix="rfcni-"))
+            if self.journal is not None:
+                self._rid = self.journal.add("path", path=str(self.root))
+        self.conf_dir.mkdir(parents=True, exist_ok=True)
+        self.ipam_dir.mkdir(parents=True, exist_ok=True)
+        self._started = True
+        return self
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if self._given_root is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            if self.journal is not None and self._rid is not None:
+                self.journal.release(self._rid)
+                self._rid = None
+
+    def __enter__(self) -> CniDir:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # configs ------------------------------------------------------------
+
+    def _ipam(self, subnet: str) -> dict[str, Any]:
+        return {"type": "host-local", "subnet": subnet, "dataDir": str(self.ipam_dir)}
+
+    def _wrap(self, name: str, plugin: dict[str, Any]) -> dict[str, Any]:
+        return {"cniVersion": self.cni_version, "name": name, "plugins": [plugin]}
+
+    def bridge(
+        self, name: str | None = None, *, subnet: str | None = None, bridge: str | None = None
+    ) -> dict[str, Any]:
+        """A bridge + host-local conflist (no masquerade: no iptables rule anywhere)."""
+        return self._wrap(
+            name or naming.unique_name("rfnet"),
+            {
+                "type": "bridge",
+                "bridge": bridge or naming.unique_name("rfbr"),
+                "isGateway": True,
+                "ipMasq": False,
+                "ipam": self._ipam(subnet or next_subnet()),
+            },
+        )
+
+    def macvlan(
+        self, master: str, name: str | None = None, *, subnet: str | None = None
+    ) -> dict[str, Any]:
+        """A macvlan conflist on *master* (a link in the namespace the plugin runs in)."""
+        return self._wrap(
+            name or naming.unique_name("rfnet"),
+            {
+                "type": "macvlan",
+                "master": master,
+                "mode": "bridge",
+                "ipam": self._ipam(subnet or next_subnet()),
+            },
+        )
+
+    def ptp(self, name: str | None = None, *, subnet: str | None = None) -> dict[str, Any]:
+        """A ptp (veth pair, no bridge) conflist."""
+        return self._wrap(
+            name or naming.unique_name("rfnet"),
+            {"type": "ptp", "ipMasq": False, "ipam": self._ipam(subnet or next_subnet())},
+        )
+
+    def path(self, filename: str) -> Path:
+        return self.conf_dir / filename
+
+    def filename(self, conf: Mapping[str, Any], priority: int = 10) -> str:
+        suffix = ".conflist" if "plugins" in conf else ".conf"
+        return f"{priority:02d}-{conf['name']}{suffix}"
+
+    def write(
+        self,
+        conf: Mapping[str, Any] | bytes,
+        filename: str | None = None,
+        *,
+        priority: int = 10,
+    ) -> Path:
+        """Write a whole config atomically; the name defaults to ``NN-NAME.conflist``."""
+        if filename is None:
+            if isinstance(conf, bytes):
+                raise ValueError("filename is required for raw bytes")
+            filename = self.filename(conf, priority)
+        return write_atomic(self.path(filename), conf)
+
+    def remove(self, filename: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(filename).unlink()
+
+    def files(self) -> list[Path]:
+        """The files a libcni reader would load, in its (sorted) order."""
+        return sorted(p for p in self.conf_dir.iterdir() if p.suffix in CONFIG_SUFFIXES)
+
+
+# --- faults ----------------------------------------------------------------
+
+
+class _Fault:
+    """start/stop/lift plumbing shared by the file faults."""
+
+    name = "cni fault"
+
+    def __init__(self) -> None:
+        self._started = False
+        self._stopped = False
+        self.error: BaseException | None = None
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Any:
+        if not self._started:
+            self._started = True
+            self._start()
+        return self
+
+    def stop(self) -> None:
+        if self._started and not self._stopped:
+            self._stopped = True
+            self._stop()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"{self.name}: background writer failed: {error}") from error
+
+    def lift(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class HalfWritten(_Fault):
+    """A config file left broken in the conf dir (truncated, empty, NUL-padded,
+    wrong cniVersion).  ``lift()`` replaces it with the whole content, or
+    removes it with ``restore=False``.
+    """
+
+    def __init__(
+        self,
+        cni: CniDir,
+        filename: str,
+        content: bytes | str | Mapping[str, Any],
+        *,
+        mode: BrokenMode = "truncate",
+        at: float = 0.5,
+        restore: bool = True,
+    ) -> None:
+        super().__init__()
+        if mode not in BROKEN_MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(BROKEN_MODES)}")
+        self.cni = cni
+        self.filename = filename
+        self.content = _encode(content)
+        self.mode = mode
+        self.restore = restore
+        self.broken = broken_bytes(self.content, mode, at)
+        self.name = f"half-written {filename} ({mode})"
+
+    @property
+    def path(self) -> Path:
+        return self.cni.path(self.filename)
+
+    def _start(self) -> None:
+        self.cni.fault_files.add(self.filename)
+        # Written atomically: the fault is the broken *content*, not the write.
+        write_atomic(self.path, self.broken)
+
+    def _stop(self) -> None:
+        if self.restore:
+            write_atomic(self.path, self.content)
+        else:
+            self.cni.remove(self.filename)
+
+
+class HeldHalfWritten(_Fault):
+    """A file written in place up to *at*, then held there until released.
+
+    ``start()`` returns once the partial content is on disk (fsynced) at the
+    final name; the rest is written when :meth:`release` is called, when
+    *hold* seconds have passed, or at ``stop()``, whichever comes first.
+    :attr:`completed` is set when the file is whole.
+    """
+
+    def __init__(
+        self,
+        cni: CniDir,
+        filename: str,
+        content: bytes | str | Mapping[str, Any],
+        *,
+        at: float = 0.5,
+        hold: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.cni = cni
+        self.filename = filename
+        self.content = _encode(content)
+        self.head = broken_bytes(self.content, "truncate", at)
+        self.hold = hold
+        self._release = threading.Event()
+        self.completed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.name = f"held half-written {filename} ({len(self.head)}/{len(self.content)} bytes)"
+
+    @property
+    def path(self) -> Path:
+        return self.cni.path(self.filename)
+
+    def _start(self) -> None:
+        self.cni.fault_files.add(self.filename)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self._fd, self.head)
+        os.fsync(self._fd)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._release.wait(self.hold)
+            os.write(self._fd, self.content[len(self.head) :])
+            os.fsync(self._fd)
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+        finally:
+            os.close(self._fd)
+            self.completed.set()
+
+    def release(self) -> None:
+        """Write the rest now (returns when the file is whole)."""
+        self._release.set()
+        self.completed.wait(10)
+
+    def _stop(self) -> None:
+        self._release.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+class DeleteRecreate(_Fault):
+    """Delete a config file and recreate it (atomically), again and again.
+
+    Each cycle: unlink, wait *gap* seconds (the file is absent), recreate,
+    wait a pause drawn from *rng* in *period*.  A runtime that lists the
+    directory and opens files later meets ``no such file or directory``.
+    """
+
+    def __init__(
+        self,
+        cni: CniDir,
+        filename: str,
+        content: bytes | str | Mapping[str, Any],
+        *,
+        gap: float = 0.005,
+        period: tuple[float, float] = (0.001, 0.01),
+        cycles: int | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__()
+        self.cni = cni
+        self.filename = filename
+        self.content = _encode(content)
+        self.gap = gap
+        self.period = period
+        self.cycles = cycles
+        self.rng = rng or random.Random(0)
+        self.count = 0
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.name = f"delete-and-recreate {filename}"
+
+    def _start(self) -> None:
+        self.cni.fault_files.add(self.filename)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        path = self.cni.path(self.filename)
+        try:
+            while not self._halt.is_set() and (self.cycles is None or self.count < self.cycles):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                self._halt.wait(self.gap)
+                write_atomic(path, self.content)
+                self.count += 1
+                self._halt.wait(self.rng.uniform(*self.period))
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            with contextlib.suppress(OSError):
+                write_atomic(path, self.content)
+
+    def _stop(self) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+class RacingWriter(_Fault):
+    """Rewrite config files in place, in small chunks, at a seeded rhythm.
+
+    Each round picks a file, truncates it and writes its content back in
+    chunks of *chunk* bytes (drawn from *rng*), pausing *pause* seconds
+    between chunks, so a reader sees it empty or partial most of the time.
+    ``stop()`` leaves every file whole.
+    """
+
+    def __init__(
+        self,
+        cni: CniDir,
+        files: Mapping[str, bytes | str | Mapping[str, Any]],
+        *,
+        chunk: tuple[int, int] = (8, 48),
+        pause: tuple[float, float] = (0.0005, 0.003),
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__()
+        if not files:
+            raise ValueError("RacingWriter needs at least one file")
+        self.cni = cni
+        self.files = {name: _encode(c) for name, c in files.items()}
+        self.chunk = chunk
+        self.pause = pause
+        self.rng = rng or random.Random(0)
+        self.rounds = 0
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.name = f"racing writer on {', '.join(sorted(self.files))}"
+
+    def _start(self) -> None:
+        self.cni.fault_files.update(self.files)
+        for name, data in self.files.items():
+            write_atomic(self.cni.path(name), data)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        names = sorted(self.files)
+        try:
+            while not self._halt.is_set():
+                name = self.rng.choice(names)
+                data = self.files[name]
+                fd = os.open(self.cni.path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    pos = 0
+                    while pos < len(data):
+                        n = self.rng.randint(*self.chunk)
+                        os.write(fd, data[pos : pos + n])
+                        pos += n
+                        # Not _halt.wait(): a stop mid-file must still finish it.
+                        time.sleep(self.rng.uniform(*self.pause))
+                finally:
+                    os.close(fd)
+                self.rounds += 1
+        except BaseException as exc:
+            self.error = exc
+
+    def _stop(self) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        for name, data in self.files.items():
+            write_atomic(self.cni.path(name), data)
+
+
+class ParallelAdds:
+    """N concurrent ADDs (and then DELs) of one network, as a busy node does.
+
+    Each ADD gets its own container namespace in *sandbox*; :meth:`add_all`
+    runs them on N threads at once and returns the results in order;
+    :meth:`delete_all` removes them the same way.
+    """
+
+    def __init__(self, sandbox: CniSandbox, conflist: Mapping[str, Any], n: int = 20) -> None:
+        from pytest_runtimefaults.netns import NetNS
+
+        self.sandbox = sandbox
+        self.conflist = conflist
+        self.n = n
+        self.ids = [naming.unique_name("rfid", maxlen=40) for _ in range(n)]
+        self.namespaces: list[NetNS] = []
+        self.results: list[CniResult | BaseException] = []
+
+    def add_all(self) -> list[CniResult | BaseException]:
+        self.namespaces = [self.sandbox.container(cid) for cid in self.ids]
+        with ThreadPoolExecutor(self.n) as pool:
+            futures = [
+                pool.submit(self.sandbox.add, self.conflist, ns, container_id=cid)
+                for ns, cid in zip(self.namespaces, self.ids, strict=True)
+            ]
+            self.results = [_outcome(f) for f in futures]
+        return self.results
+
+    def delete_all(self) -> list[BaseException | None]:
+        with ThreadPoolExecutor(self.n) as pool:
+            futures = [
+                pool.submit(self.sandbox.delete, self.conflist, ns, container_id=cid)
+                for ns, cid in zip(self.namespaces, self.ids, strict=True)
+            ]
+            errors = [_error(f) for f in futures]
+        for ns in self.namespaces:
+            self.sandbox.remove_container(ns)
+        return errors
+
+    def addresses(self) -> list[str]:
+        from pytest_runtimefaults.netns import CniResult
+
+        return [ip for r in self.results if isinstance(r, CniResult) for ip in r.ips]
+
+
+def _outcome(future: Any) -> Any:
+    try:
+        return future.result()
+    except Exception as exc:
+        return exc
+
+
+def _error(future: Any) -> BaseException | None:
+    try:
+        future.result()
+    except Exception as exc:
+        return exc
+    return None
+
+
+# --- the torn-write watcher ------------------------------------------------
+
+# inotify(7) through ctypes: four libc calls and a fixed event layout.  A PyPI
+# binding (inotify_simple, watchdog) would add a dependency for ~40 lines, and
+# watchdog's thread-and-callback model coalesces events, which would hide the
+# very moments this watcher exists to see.
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_MOVED_FROM = 0x00000040
+IN_Q_OVERFLOW = 0x00004000
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+_EVENT = struct.Struct("iIII")
+
+_libc: Any = None
+
+
+def _inotify_libc() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.inotify_init1.argtypes = [ctypes.c_int]
+        _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    return _libc
+
+
+@dataclass(frozen=True)
+class TornWrite:
+    """One moment a config file was visible incomplete or invalid.
+
+    *how*: ``in-place`` (the file was created or modified at its final name,
+    so a reader could open it before the last byte was written) or ``invalid``
+    (the watcher read it and it did not parse).  *content* is what was read.
+    """
+
+    filename: str
+    how: str
+    event: str
+    reason: str
+    content: bytes
+    at: float
+
+
+@dataclass
+class TornWriteWatcher:
+    """Watch a CNI conf dir with inotify and record every torn write.
+
+    A careful writer makes a config appear at its final name only by
+    ``rename`` (``IN_MOVED_TO``), whole.  Every ``IN_CREATE``/``IN_MODIFY``
+    of a name a CNI loader reads is a moment the file was visible
+    incomplete; the watcher also reads the file at each event and records
+    content that does not parse.  Files written by faults
+    (``CniDir.fault_files``) or matched by *ignore* are not the runtime's
+    and are skipped.
+    """
+
+    directory: Path | str
+    ignore: Callable[[str], bool] | None = None
+    fault_files: set[str] = field(default_factory=set)
+    torn: list[TornWrite] = field(default_factory=list)
+    events: int = 0
+    overflowed: bool = False
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        self._fd = -1
+        self._pipe: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    @classmethod
+    def for_dir(cls, cni: CniDir) -> TornWriteWatcher:
+        """A watcher on *cni*'s conf dir that skips the files its faults write."""
+        return cls(cni.conf_dir, fault_files=cni.fault_files)
+
+    def start(self) -> TornWriteWatcher:
+        if self._thread is not None:
+            return self
+        libc = _inotify_libc()
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        mask = IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE
+        if libc.inotify_add_watch(fd, str(self.directory).encode(), mask) < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, f"inotify_add_watch {self.directory}: {os.strerror(err)}")
+        self._fd = fd
+        self._pipe = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="torn-write watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is None or self._pipe is None:
+            return
+        # Drain what the kernel already queued before stopping, so a write
+        # that finished just before stop() is still judged.
+        time.sleep(0.02)
+        os.write(self._pipe[1], b"x")
+        self._thread.join(10)
+        for fd in (*self._pipe, self._fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._thread = None
+        self._pipe = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"torn-write watcher failed: {error}") from error
+
+    def __enter__(self) -> TornWriteWatcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _skipped(self, name: str) -> bool:
+        if not name.endswith(CONFIG_SUFFIXES):
+            return True
+        if name in self.fault_files:
+            return True
+        return self.ignore is not None and self.ignore(name)
+
+    def _run(self) -> None:
+        assert self._pipe is not None
+        try:
+            while True:
+                ready, _, _ = select.select([self._fd, self._pipe[0]], [], [])
+                if self._fd in ready:
+                    self._drain()
+                if self._pipe[0] in ready:
+                    self._drain()
+                    return
+        except BaseException as exc:
+            self.error = exc
+
+    def _drain(self) -> None:
+        try:
+            buf = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        pos = 0
+        while pos < len(buf):
+            _wd, mask, _cookie, length = _EVENT.unpack_from(buf, pos)
+            raw = buf[pos + _EVENT.size : pos + _EVENT.size + length]
+            pos += _EVENT.size + length
+            self.events += 1
+            if mask & IN_Q_OVERFLOW:
+                self.overflowed = True
+                continue
+            name = raw.rstrip(b"\0").decode(errors="replace")
+            if not name or self._skipped(name):
+                continue
+            self._judge(name, mask)
+
+    def _judge(self, name: str, mask: int) -> None:
+        event = _event_name(mask)
+        now = time.monotonic()
+        try:
+            content = (Path(self.directory) / name).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            content = None
+        with self._lock:
+            if mask & (IN_CREATE | IN_MODIFY):
+                self.torn.append(
+                    TornWrite(
+                        name, "in-place", event, "written at its final name", content or b"", now
+                    )
+                )
+            if content is not None and mask & (
+                IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO
+            ):
+                reason = validate_config(content)
+                if reason is not None:
+                    self.torn.append(TornWrite(name, "invalid", event, reason, content, now))
+
+    def files(self) -> set[str]:
+        """Names of files seen torn."""
+        with self._lock:
+            return {t.filename for t in self.torn}
+
+    def report(self) -> str:
+        """A readable list of the torn moments, for an assertion message."""
+        with self._lock:
+            if not self.torn:
+                return "no torn writes"
+            lines = [f"{len(self.torn)} torn write(s) in {self.directory}:"]
+            for t in self.torn[:20]:
+                lines.append(
+                    f"  {t.filename}: {t.how} on {t.event}: {t.reason} ({len(t.content)} bytes: "
+                    f"{t.content[:40]!r})"
+                )
+            return "\n".join(lines)
+
+
+def _event_name(mask: int) -> str:
+    names = [
+        (IN_CREATE, "IN_CREATE"),
+        (IN_MODIFY, "IN_MODIFY"),
+        (IN_CLOSE_WRITE, "IN_CLOSE_WRITE"),
+        (IN_MOVED_TO, "IN_MOVED_TO"),
+        (IN_MOVED_FROM, "IN_MOVED_FROM"),
+        (IN_DELETE, "IN_DELETE"),
+    ]
+    return "|".join(n for bit, n in names if mask & bit) or hex(mask)
+
+
+def whole_files(files: Iterable[Path]) -> dict[str, str | None]:
+    """Each file's :func:`validate_config` verdict (None: loadable)."""
+    out: dict[str, str | None] = {}
+    for path in files:
+        try:
+            out[path.name] = validate_config(path.read_bytes())
+        except OSError as exc:
+            out[path.name] = str(exc)
+    return out
