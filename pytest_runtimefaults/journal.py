@@ -35,6 +35,7 @@ Other modules add kinds with :func:`register_reaper`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -58,6 +59,7 @@ __all__ = [
 
 Reaper = Callable[[dict[str, Any]], None]
 _REAPERS: dict[str, Reaper] = {}
+_instances = itertools.count(1)
 
 
 def register_reaper(kind: str, reaper: Reaper) -> None:
@@ -107,7 +109,12 @@ class Journal:
         self.state_dir = Path(state_dir)
         self.owner_pid = owner_pid if owner_pid is not None else os.getpid()
         self.owner_starttime = process_starttime(self.owner_pid)
-        self.path = self.state_dir / f"{self.owner_pid}-{self.owner_starttime}.jsonl"
+        # One file per Journal object, not per process: pytester runs a nested
+        # pytest in the same process, and a library class may make its own
+        # Journal; each must be able to delete its own file when empty.
+        self.path = (
+            self.state_dir / f"{self.owner_pid}-{self.owner_starttime}-{next(_instances)}.jsonl"
+        )
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._live: dict[int, dict[str, Any]] = {}
@@ -194,28 +201,47 @@ def reap_dead_owners(state_dir: Path | str | None = None, *, dry_run: bool = Fal
         return result
     for path in sorted(directory.glob("*.jsonl")):
         try:
-            pid_s, start_s = path.stem.split("-", 1)
+            pid_s, start_s = path.stem.split("-")[:2]
             owner_pid, owner_start = int(pid_s), (None if start_s == "None" else int(start_s))
         except ValueError:
             continue
         if _alive(owner_pid, owner_start):
             continue
-        result.journals += 1
-        for record in _read_journal(path):
-            reaper = _REAPERS.get(record["kind"])
-            if reaper is None:
-                result.errors.append(f"{path.name}: no reaper for kind {record['kind']!r}")
-                continue
-            if not dry_run:
-                try:
-                    reaper(record)
-                except Exception as exc:  # a reap must go on past one failure
-                    result.errors.append(f"{record['kind']} {record}: {exc}")
-                    continue
-            result.reaped.append(record)
-        if not dry_run:
-            path.unlink(missing_ok=True)
+        try:
+            lock = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # another reaper (a concurrent pytest run) finished it
+        try:
+            # Two runs starting at once must not both replay one journal.
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            continue
+        try:
+            _reap_one(path, result, dry_run)
+        finally:
+            os.close(lock)
     return result
+
+
+def _reap_one(path: Path, result: ReapResult, dry_run: bool) -> None:
+    if not path.exists():
+        return
+    result.journals += 1
+    for record in _read_journal(path):
+        reaper = _REAPERS.get(record["kind"])
+        if reaper is None:
+            result.errors.append(f"{path.name}: no reaper for kind {record['kind']!r}")
+            continue
+        if not dry_run:
+            try:
+                reaper(record)
+            except Exception as exc:  # a reap must go on past one failure
+                result.errors.append(f"{record['kind']} {record}: {exc}")
+                continue
+        result.reaped.append(record)
+    if not dry_run:
+        path.unlink(missing_ok=True)
 
 
 # --- built-in reapers -------------------------------------------------------
@@ -223,17 +249,37 @@ def reap_dead_owners(state_dir: Path | str | None = None, *, dry_run: bool = Fal
 
 def _reap_process(record: dict[str, Any]) -> None:
     pid, starttime = int(record["pid"]), record.get("starttime")
-    if _alive(pid, starttime):
+    # Without a start time the PID may since belong to a stranger: never kill it.
+    if starttime is not None and _alive(pid, starttime):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path).rstrip("/") + "/"
+    targets = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            target = line.split()[4].replace("\\040", " ")
+            if target == str(path) or target.startswith(prefix):
+                targets.append(target)
+    return targets
 
 
 def _reap_path(record: dict[str, Any]) -> None:
     path = Path(record["path"])
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+        return
+    # rmtree crosses mount points: a bind mount left inside the directory
+    # would have its *source* emptied.  Detach mounts below it first, deepest
+    # first; refuse to delete if any remain.
+    for target in sorted(_mounts_under(path), key=len, reverse=True):
+        _run_quiet("umount", "-l", target)
+    remaining = _mounts_under(path)
+    if remaining:
+        raise OSError(f"not removing {path}: still mounted below it: {remaining}")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _run_quiet(*argv: str) -> None:

@@ -30,6 +30,7 @@ pytest_plugins = [
 SEED_KEY = pytest.StashKey[int]()
 STRICT_KEY = pytest.StashKey[bool]()
 JOURNAL_KEY = pytest.StashKey[Journal]()
+ENV_KEY = pytest.StashKey["str | None"]()
 FAULTS_KEY = pytest.StashKey[FaultRegistry]()
 
 
@@ -83,7 +84,9 @@ def _seed(config: pytest.Config) -> int:
     return random.SystemRandom().randrange(2**32)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    # tryfirst: the families' pytest_configure use the seed, strictness and journal.
     config.stash[SEED_KEY] = _seed(config)
     strict = config.option.runtimefaults_strict
     config.stash[STRICT_KEY] = bool(
@@ -91,21 +94,52 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     state_dir = config.option.runtimefaults_state_dir
     if state_dir:
-        os.environ.setdefault("RUNTIMEFAULTS_STATE_DIR", state_dir)
+        # Library classes that make their own Journal.default() (and the
+        # processes fixtures start) must use the same directory; restored in
+        # pytest_unconfigure.
+        config.stash[ENV_KEY] = os.environ.get("RUNTIMEFAULTS_STATE_DIR")
+        os.environ["RUNTIMEFAULTS_STATE_DIR"] = str(state_dir)
     journal = Journal(state_dir or default_state_dir())
     config.stash[JOURNAL_KEY] = journal
-    is_worker = hasattr(config, "workerinput")
-    if not is_worker and not config.option.runtimefaults_no_reap:
+    if not _is_worker(config) and not config.option.runtimefaults_no_reap:
+        _reap(config, journal, "killed run(s)")
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _reap(config: pytest.Config, journal: Journal, whose: str) -> None:
+    result = reap_dead_owners(journal.state_dir)
+    if result.reaped or result.errors:
+        message = (
+            f"runtimefaults reaped {len(result.reaped)} resource(s) left by "
+            f"{result.journals} {whose} (journals in {journal.state_dir})"
+            + (f"; errors: {result.errors[:3]}" if result.errors else "")
+        )
+        config.issue_config_time_warning(pytest.PytestWarning(message), stacklevel=2)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if ENV_KEY in config.stash:
+        previous = config.stash[ENV_KEY]
+        if previous is None:
+            os.environ.pop("RUNTIMEFAULTS_STATE_DIR", None)
+        else:
+            os.environ["RUNTIMEFAULTS_STATE_DIR"] = previous
+    journal = config.stash.get(JOURNAL_KEY, None)
+    if journal is not None and not _is_worker(config) and not config.option.runtimefaults_no_reap:
+        # Workers that died mid-run (pytest-timeout's thread method calls
+        # os._exit, xdist replaces crashed workers) left journals: reap them now
+        # rather than at the next run.
         result = reap_dead_owners(journal.state_dir)
-        if result.reaped or result.errors:
-            config.issue_config_time_warning(
-                pytest.PytestWarning(
-                    f"runtimefaults reaped {len(result.reaped)} resource(s) left by "
-                    f"{result.journals} killed run(s)"
-                    + (f"; errors: {result.errors[:3]}" if result.errors else "")
-                ),
-                stacklevel=2,
-            )
+        if result.reaped:
+            tr = config.pluginmanager.get_plugin("terminalreporter")
+            if tr is not None:
+                tr.write_line(
+                    f"runtimefaults: reaped {len(result.reaped)} resource(s) left by "
+                    f"{result.journals} dead worker(s)"
+                )
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -1,0 +1,255 @@
+"""Snapshots of host state, for leak checks.
+
+A leak check compares two snapshots of some host state, one taken before a
+test and one after: whatever appears only in the second one was left behind.
+Each function here returns a ``set[str]`` naming resources so that it can be
+handed straight to :meth:`FaultRegistry.add_leak_check
+<pytest_runtimefaults.faults.FaultRegistry.add_leak_check>`; they read
+``/proc`` and ``/sys`` directly (no subprocess), so a snapshot costs well under
+a millisecond and can be polled while a runtime settles.
+
+Example::
+
+    from functools import partial
+    from pytest_runtimefaults import leaks
+
+    registry.add_leak_check("processes:runc", partial(leaks.processes_by_exe, "runc"))
+    registry.add_leak_check("fds:containerd", partial(leaks.open_fds, daemon.pid))
+    registry.add_leak_check("sockets", partial(leaks.socket_files, state_dir))
+
+Leak-check names follow ``kind`` or ``kind:detail``, where kind is one of
+:data:`LEAK_KINDS`; ``--runtimefaults-leak-checks`` switches them by kind or by
+full name.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "LEAK_KINDS",
+    "MountEntry",
+    "child_processes",
+    "descendant_processes",
+    "links",
+    "mount_table",
+    "mounts",
+    "netns_names",
+    "open_fds",
+    "processes_by_exe",
+    "socket_files",
+    "systemd_units",
+]
+
+#: The standard kinds of leak check (the part of a check's name before ``:``).
+LEAK_KINDS = ("processes", "units", "mounts", "netns", "links", "sockets", "fds")
+
+NETNS_DIR = Path("/run/netns")
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of ``/proc/PID/mountinfo``: where, what, and read-only or not."""
+
+    mount_id: int
+    target: str
+    fstype: str
+    source: str
+    mount_options: tuple[str, ...]
+    super_options: tuple[str, ...]
+
+    @property
+    def readonly(self) -> bool:
+        """True if the mount *or* its superblock is read-only."""
+        return "ro" in self.mount_options or "ro" in self.super_options
+
+
+def mount_table(pid: int | str = "self") -> list[MountEntry]:
+    """Parse ``/proc/PID/mountinfo`` (see proc(5))."""
+    entries: list[MountEntry] = []
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(fields) < 6 or len(rfields) < 3:
+                continue
+            entries.append(
+                MountEntry(
+                    mount_id=int(fields[0]),
+                    target=_unescape_mountinfo(fields[4]),
+                    fstype=rfields[0],
+                    source=_unescape_mountinfo(rfields[1]),
+                    mount_options=tuple(fields[5].split(",")),
+                    super_options=tuple(rfields[2].split(",")),
+                )
+            )
+    return entries
+
+
+def mounts(under: str | os.PathLike[str] = "/", pid: int | str = "self") -> set[str]:
+    """Mount points at or below *under*, as ``"target fstype ro|rw"``.
+
+    Including the ro/rw state means that a mount remounted read-only shows up
+    as a change, which is how a systemd sharing the host's ``/sys/fs/cgroup``
+    damages a machine.
+    """
+    base = os.path.normpath(os.fspath(under))
+    prefix = base.rstrip("/") + "/"
+    return {
+        f"{m.target} {m.fstype} {'ro' if m.readonly else 'rw'}"
+        for m in mount_table(pid)
+        if m.target == base or m.target.startswith(prefix) or base == "/"
+    }
+
+
+def child_processes(pid: int) -> set[str]:
+    """Direct children of *pid*, as ``"PID COMM"`` (all its threads' children)."""
+    found: set[str] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            continue
+        for child in children:
+            found.add(f"{child} {_comm(int(child))}")
+    return found
+
+
+def descendant_processes(pid: int) -> set[str]:
+    """Children of *pid*, their children and so on, as ``"PID COMM"``."""
+    found: set[str] = set()
+    todo = [pid]
+    while todo:
+        for entry in child_processes(todo.pop()):
+            if entry not in found:
+                found.add(entry)
+                todo.append(int(entry.split(" ", 1)[0]))
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def processes_by_exe(name: str) -> set[str]:
+    """Processes whose executable's base name (or full path) is *name*, as ``"PID NAME"``.
+
+    Zombies (whose ``exe`` link is gone) are matched by their ``comm``.
+    """
+    found: set[str] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            exe = os.readlink(f"/proc/{entry}/exe").removesuffix(" (deleted)")
+        except OSError:
+            exe = _comm(int(entry))
+        if exe == name or os.path.basename(exe) == name:
+            found.add(f"{entry} {name}")
+    return found
+
+
+def netns_names() -> set[str]:
+    """Named network namespaces (what ``ip netns list`` shows)."""
+    try:
+        return set(os.listdir(NETNS_DIR))
+    except FileNotFoundError:
+        return set()
+
+
+def links(netns: str | None = None) -> set[str]:
+    """Network interfaces of this process's network namespace (or of *netns*).
+
+    Reading ``/sys/class/net`` is instantaneous; another namespace needs
+    ``ip -n NETNS`` (a subprocess).
+    """
+    if netns is None:
+        return set(os.listdir("/sys/class/net"))
+    import subprocess
+
+    out = subprocess.run(
+        ["ip", "-n", netns, "-o", "link", "show"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    return {line.split(": ")[1].split("@")[0] for line in out.splitlines() if ": " in line}
+
+
+def socket_files(directory: str | os.PathLike[str]) -> set[str]:
+    """Unix socket files at any depth below *directory* (does not follow symlinks)."""
+    found: set[str] = set()
+    for root, dirs, files in os.walk(directory):
+        for name in files + dirs:
+            path = os.path.join(root, name)
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    found.add(path)
+            except OSError:
+                continue
+    return found
+
+
+def open_fds(pid: int) -> set[str]:
+    """Open file descriptors of *pid*, as ``"FD -> TARGET"`` (``socket:[inode]``...).
+
+    Raises ``ProcessLookupError`` if the process is gone: a daemon that died is
+    not a leak-free daemon.
+    """
+    base = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(base)
+    except FileNotFoundError:
+        raise ProcessLookupError(f"process {pid} is gone")
+    found: set[str] = set()
+    for fd in fds:
+        try:
+            found.add(f"{fd} -> {os.readlink(f'{base}/{fd}')}")
+        except OSError:
+            continue  # closed between listdir and readlink
+    return found
+
+
+def systemd_units(
+    cgroup_root: str | os.PathLike[str],
+    suffixes: tuple[str, ...] = (".scope", ".slice", ".service"),
+) -> set[str]:
+    """Transient units as seen in a cgroup tree: directories ending in a unit suffix.
+
+    *cgroup_root* is the ``name=systemd`` (or unified) hierarchy of the systemd
+    under test, e.g. ``/proc/PID/root/sys/fs/cgroup/systemd`` for a systemd in
+    its own namespaces.  Returned relative to *cgroup_root*.
+    """
+    root = os.fspath(cgroup_root)
+    found: set[str] = set()
+    for dirpath, dirs, _files in os.walk(root):
+        for d in dirs:
+            if d.endswith(suffixes):
+                found.add(os.path.relpath(os.path.join(dirpath, d), root))
+    return found
