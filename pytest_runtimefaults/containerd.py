@@ -1,0 +1,366 @@
+"""A private containerd: root, state, socket and CNI directory in a temp dir.
+
+The real containerd (Debian's ``containerd`` package), run on the
+:class:`~pytest_runtimefaults.daemon.Daemon` harness, so a test can SIGKILL it
+mid-operation, restart it over its stale socket and measure how long it takes
+to serve again, without touching the host's containerd (``/run/containerd``,
+``/var/lib/containerd``) or its CNI configuration (``/etc/cni/net.d``).
+
+Everything lives under one private directory::
+
+    <dir>/config.toml       generated (plus your extra TOML text)
+    <dir>/root, <dir>/state containerd's root and state
+    <dir>/containerd.sock   the gRPC socket (:attr:`Containerd.address`)
+    <dir>/net.d             the CNI conf dir of the CRI plugin (when enabled)
+    <dir>/containerd.log    output of every instance
+
+The CRI plugin is disabled unless ``cri=True``: it is slow to start and most
+tests only need the core services (images, containers, tasks, events).
+
+:meth:`Containerd.stop` stops containerd, then ends what it left: shims
+(``containerd-shim-runc-v2 ... -address <dir>/containerd.sock``) and their
+containers' processes, mounts under ``<dir>`` (rootfs overlays), and the
+directory.  The same cleanup is journaled (kind ``containerd``) so the next
+run does it if this one was killed.
+
+Example::
+
+    from pytest_runtimefaults.containerd import Containerd
+
+    with Containerd() as ctd:
+        print(ctd.ctr("version").stdout)
+        seconds = ctd.crash_restart()       # SIGKILL, restart over the stale socket
+        ctd.ctr("namespaces", "ls")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_runtimefaults.daemon import Daemon
+from pytest_runtimefaults.journal import register_reaper
+
+if TYPE_CHECKING:
+    from pytest_runtimefaults.faults import FaultRegistry
+    from pytest_runtimefaults.journal import Journal
+
+__all__ = ["CRI_PLUGIN", "Containerd", "CtrError", "cleanup_containerd_dir"]
+
+#: The CRI plugin's id in containerd 1.6 config (``plugins."<id>"``).
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+
+# Snapshotters that only log errors on a plain host: disabled to keep logs clean.
+_NOISY_PLUGINS = (
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.zfs",
+)
+
+
+class CtrError(subprocess.CalledProcessError):
+    """``ctr`` failed; the message includes its stderr (``connection refused``...)."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}: {str(self.stderr or '').strip()}"
+
+
+def _toml_str(value: str | os.PathLike[str]) -> str:
+    # JSON string escaping is valid TOML basic-string escaping for paths.
+    return json.dumps(os.fspath(value))
+
+
+def _pids_mentioning(needle: str) -> list[int]:
+    """PIDs whose command line contains *needle* (a unique private path)."""
+    pids = []
+    raw = needle.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if raw in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def _mounts_under(directory: str) -> list[str]:
+    """Mount points at or below *directory* in this mount namespace, deepest first."""
+    prefix = directory.rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            target = line.split()[4].replace("\\040", " ")
+            if target == directory or target.startswith(prefix):
+                found.append(target)
+    return sorted(set(found), key=lambda t: -t.count("/"))
+
+
+def _children_of(pids: Sequence[int]) -> list[int]:
+    """All descendants of *pids* (the processes of containers a shim runs)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        for child in parents.get(pid, []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cleanup_containerd_dir(directory: str, *, remove: bool = True) -> list[int]:
+    """End every process that names *directory* (shims) and its descendants
+    (container processes), unmount what is mounted below it, remove it.
+
+    Returns the PIDs killed.  Safe to call twice; used by
+    :meth:`Containerd.stop` and by the journal reaper.
+    """
+    killed: list[int] = []
+    for _ in range(3):  # a shim may spawn while we look; go round until none is left
+        shims = _pids_mentioning(directory)
+        victims = _children_of(shims) + shims
+        if not victims:
+            break
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        for pid in victims:
+            # Wait (briefly) for each to go, so its mounts and files can be removed.
+            for _wait in range(200):
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                time.sleep(0.005)
+    for target in _mounts_under(directory):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True, timeout=30)
+    if remove:
+        shutil.rmtree(directory, ignore_errors=True)
+    return killed
+
+
+def _reap_containerd(record: dict[str, Any]) -> None:
+    cleanup_containerd_dir(record["dir"])
+
+
+register_reaper("containerd", _reap_containerd)
+
+
+class Containerd:
+    """containerd with a private root, state, socket and CNI conf dir.
+
+    *directory*: where everything lives (default: a new temp dir, removed on
+    :meth:`stop`; keep the path short, a Unix socket path has at most 107
+    bytes).  *cri*: enable the CRI plugin, with its CNI ``conf_dir`` at
+    :attr:`cni_conf_dir` (default ``<dir>/net.d``) and ``bin_dir`` at
+    *cni_bin_dir*.  *extra_config*: TOML text appended to the generated
+    config; it may only hold tables (``[plugins."..."]``), since top-level
+    keys must come first in TOML; for the CRI plugin's own table use
+    *cri_config* (lines added to ``[plugins."io.containerd.grpc.v1.cri"]``).
+    *disabled_plugins* is added to the plugins disabled by default.
+
+    *log_level* is containerd's (``debug`` shows every event and CNI reload).
+    *ready_timeout*, *journal*, *registry*: as for
+    :class:`~pytest_runtimefaults.daemon.Daemon` (:attr:`daemon`).
+    """
+
+    def __init__(
+        self,
+        *,
+        directory: str | os.PathLike[str] | None = None,
+        cri: bool = False,
+        cni_conf_dir: str | os.PathLike[str] | None = None,
+        cni_bin_dir: str | os.PathLike[str] = "/usr/lib/cni",
+        cri_config: str = "",
+        extra_config: str = "",
+        disabled_plugins: Sequence[str] = (),
+        log_level: str = "debug",
+        binary: str = "containerd",
+        ctr_binary: str = "ctr",
+        namespace: str = "default",
+        env: Mapping[str, str] | None = None,
+        ready_timeout: float = 20.0,
+        journal: Journal | None = None,
+        registry: FaultRegistry | None = None,
+    ) -> None:
+        self._own_dir = directory is None
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="rfctd-"))
+        self.cri = cri
+        self.cni_conf_dir = Path(cni_conf_dir) if cni_conf_dir else self.directory / "net.d"
+        self.cni_bin_dir = Path(cni_bin_dir)
+        self.cri_config = cri_config
+        self.extra_config = extra_config
+        self.disabled_plugins = list(disabled_plugins)
+        self.log_level = log_level
+        self.binary = binary
+        self.ctr_binary = ctr_binary
+        self.namespace = namespace
+        self.journal = journal
+        self._journal_id: int | None = None
+        self.root = self.directory / "root"
+        self.state = self.directory / "state"
+        self.address = str(self.directory / "containerd.sock")
+        self.config_path = self.directory / "config.toml"
+        if len(self.address.encode()) > 107:
+            raise ValueError(
+                f"socket path {self.address!r} is longer than 107 bytes: use a shorter directory"
+            )
+        self.daemon = Daemon(
+            [binary, "--config", str(self.config_path)],
+            env=env,
+            socket_path=self.address,
+            ready_timeout=ready_timeout,
+            name="containerd",
+            log_path=self.directory / "containerd.log",
+            journal=journal,
+            registry=registry,
+        )
+
+    # -- configuration ---------------------------------------------------------
+
+    def config_text(self) -> str:
+        """The config.toml this instance runs with (version 2 schema)."""
+        disabled = [*_NOISY_PLUGINS, *self.disabled_plugins]
+        if not self.cri:
+            disabled.append(CRI_PLUGIN)
+        lines = [
+            "version = 2",
+            f"root = {_toml_str(self.root)}",
+            f"state = {_toml_str(self.state)}",
+            "disabled_plugins = [" + ", ".join(_toml_str(p) for p in disabled) + "]",
+            "",
+            "[grpc]",
+            f"  address = {_toml_str(self.address)}",
+            "",
+            "[ttrpc]",
+            f"  address = {_toml_str(self.address + '.ttrpc')}",
+            "",
+            "[debug]",
+            f"  level = {_toml_str(self.log_level)}",
+            "",
+            "[metrics]",
+            '  address = ""',
+            "",
+        ]
+        if self.cri:
+            lines += [
+                f'[plugins."{CRI_PLUGIN}"]',
+                *(f"  {line.strip()}" for line in self.cri_config.splitlines() if line.strip()),
+                "",
+                f'[plugins."{CRI_PLUGIN}".cni]',
+                f"  bin_dir = {_toml_str(self.cni_bin_dir)}",
+                f"  conf_dir = {_toml_str(self.cni_conf_dir)}",
+                "",
+            ]
+        if self.extra_config.strip():
+            lines += ["# extra_config", self.extra_config.strip(), ""]
+        return "\n".join(lines)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def __enter__(self) -> Containerd:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> float:
+        """Write the config and start containerd; returns seconds until it serves."""
+        if self._journal_id is None and self.journal is not None:
+            # Recorded first, reaped last: after the daemon itself.
+            self._journal_id = self.journal.add("containerd", dir=str(self.directory))
+        for d in (self.directory, self.root, self.state, self.cni_conf_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self.config_path.write_text(self.config_text())
+        if self.daemon.running:
+            return 0.0
+        seconds = self.daemon.start()
+        assert seconds is not None
+        return seconds
+
+    def stop(self) -> None:
+        """Stop containerd and remove everything it left (idempotent)."""
+        try:
+            self.daemon.stop()
+        finally:
+            cleanup_containerd_dir(str(self.directory), remove=self._own_dir)
+            if self._journal_id is not None and self.journal is not None:
+                self.journal.release(self._journal_id)
+                self._journal_id = None
+
+    def kill(self, sig: int = signal.SIGKILL) -> int | None:
+        """Kill containerd itself (not its shims), as an OOM kill would."""
+        return self.daemon.kill(sig)
+
+    def restart(self) -> float:
+        """Start containerd again (stopping it first if it runs); seconds to ready."""
+        return self.daemon.restart()
+
+    def crash_restart(self, sig: int = signal.SIGKILL) -> float:
+        """Kill with *sig*, restart over the stale socket; seconds from kill to serving."""
+        return self.daemon.crash_restart(sig)
+
+    @property
+    def running(self) -> bool:
+        return self.daemon.running
+
+    @property
+    def pid(self) -> int | None:
+        return self.daemon.pid
+
+    @property
+    def logs(self) -> str:
+        return self.daemon.logs
+
+    def fatal_errors(self) -> list[str]:
+        return self.daemon.fatal_errors()
+
+    # -- clients ---------------------------------------------------------------------
+
+    def ctr_argv(self, *args: str) -> list[str]:
+        """``ctr -a <socket> -n <namespace> args...`` as an argv list."""
+        return [self.ctr_binary, "-a", self.address, "-n", self.namespace, *args]
+
+    def ctr(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 60.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``ctr -a <socket> -n <namespace> args...``; raise with its stderr on failure."""
+        argv = self.ctr_argv(*args)
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, input=input, check=False
+        )
+        if check and result.returncode != 0:
+            raise CtrError(result.returncode, argv, result.stdout, result.stderr)
+        return result
+
+    def shim_pids(self) -> list[int]:
+        """PIDs of the shims of this containerd (they name its socket)."""
+        return [p for p in _pids_mentioning(self.address) if p != self.pid]

@@ -1,0 +1,79 @@
+"""The private containerd component, for real: start, ctr, SIGKILL, restart."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+import pytest
+
+from pytest_runtimefaults.containerd import Containerd, CtrError
+from pytest_runtimefaults.daemon import connect_error
+from pytest_runtimefaults.journal import Journal
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_private_containerd_serves_and_restarts_over_its_stale_socket(
+    containerd: Containerd,
+) -> None:
+    assert containerd.address.startswith(str(containerd.directory))
+    assert "Server:" in containerd.ctr("version").stdout
+    containerd.ctr("namespaces", "create", "rf-before")
+    containerd.kill()
+    assert os.path.exists(containerd.address)
+    assert connect_error(containerd.address) == "ECONNREFUSED"
+    with pytest.raises(CtrError, match="connection refused"):
+        containerd.ctr("version")
+    took = containerd.daemon.start()
+    assert took is not None
+    assert "rf-before" in containerd.ctr("namespaces", "ls").stdout
+    assert 0 < containerd.crash_restart() < 10
+    assert containerd.fatal_errors() == []
+
+
+def test_directory_and_journal_are_cleaned(tmp_path: object) -> None:
+    journal = Journal(f"/tmp/rf-journal-{uuid.uuid4().hex[:8]}")
+    with Containerd(journal=journal) as ctd:
+        directory = ctd.directory
+        kinds = sorted(r["kind"] for r in journal.live())
+        assert kinds == ["containerd", "daemon"]
+        assert (directory / "config.toml").read_text().startswith("version = 2")
+    assert not directory.exists()
+    assert journal.live() == []
+
+
+@pytest.mark.parametrize(
+    "containerd",
+    [{"cri": True, "cri_config": "enable_cdi = false", "log_level": "info"}],
+    indirect=True,
+)
+def test_cri_plugin_with_private_cni_conf_dir(containerd: Containerd) -> None:
+    text = containerd.config_path.read_text()
+    assert f'conf_dir = "{containerd.cni_conf_dir}"' in text
+    assert containerd.cni_conf_dir.is_dir()
+    plugins = containerd.ctr("plugins", "ls").stdout
+    cri = [line.split() for line in plugins.splitlines() if " cri " in line]
+    assert cri, plugins
+    assert cri[0][0] == "io.containerd.grpc.v1"
+    assert cri[0][-1] == "ok"
+
+
+def test_extra_config_is_appended() -> None:
+    extra = '[plugins."io.containerd.gc.v1.scheduler"]\n  pause_threshold = 0.03'
+    ctd = Containerd(extra_config=extra)
+    try:
+        assert ctd.config_text().rstrip().endswith("pause_threshold = 0.03")
+        ctd.start()
+        assert ctd.running
+    finally:
+        ctd.stop()
+
+
+def test_ctr_failure_names_stderr(containerd: Containerd) -> None:
+    with pytest.raises(CtrError, match="not found"):
+        containerd.ctr("containers", "info", "no-such-container")
+    result = containerd.ctr("containers", "info", "no-such-container", check=False)
+    assert result.returncode != 0
+    assert isinstance(result, subprocess.CompletedProcess)
