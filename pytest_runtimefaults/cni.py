@@ -291,6 +291,12 @@ class CniDir:
             {"type": "ptp", "ipMasq": False, "ipam": self._ipam(subnet or next_subnet())},
         )
 
+    @staticmethod
+    def single(conflist: Mapping[str, Any]) -> dict[str, Any]:
+        """The one-plugin ``.conf`` form of a one-plugin conflist."""
+        (plugin,) = conflist["plugins"]
+        return {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **plugin}
+
     def path(self, filename: str) -> Path:
         return self.conf_dir / filename
 

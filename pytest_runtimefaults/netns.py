@@ -490,14 +490,28 @@ class CniSandbox:
         for conf in reversed(self._plugin_confs(conflist)):
             self.invoke("DEL", conf, netns, container_id=container_id, ifname=ifname)
 
-    def snapshot(self, ipam_dirs: Iterable[Path | str] = ()) -> set[str]:
-        """Links and addresses in the sandbox's host namespace, plus IPAM reservations.
+    def leaked_links(self) -> set[str]:
+        """Veths, macvlans and ipvlans in the sandbox's host namespace, but not its
+        own macvlan masters: what a DEL must remove.  (Bridges are not counted:
+        the bridge plugin never deletes them; they go with the namespace.)"""
+        return {
+            entry
+            for entry in snapshot_links(self.host.name, kinds=("veth", "macvlan", "ipvlan"))
+            if entry.split("/", 1)[1].split(":")[0] not in self._all_masters()
+        }
 
-        Use it as a leak check: bridges created by ADD stay (the bridge plugin
-        never deletes them), so take the baseline after the first ADD, or
-        compare veths and reservations only.
-        """
-        out = snapshot_links(self.host.name) | snapshot_addresses(self.host.name)
-        for d in ipam_dirs:
-            out |= snapshot_ipam(d)
-        return out
+    def leaked_addresses(self) -> set[str]:
+        """Addresses in the sandbox's host namespace that a DEL must remove:
+        not the bridges' gateway addresses, not IPv6 link-local ones, not on
+        the sandbox's own masters."""
+        masters = self._all_masters()
+        return {
+            f"addr:{self.host.name}/{link.name}/{addr}"
+            for link in list_links(self.host.name)
+            if link.kind not in ("bridge", "loopback") and link.name not in masters
+            for addr in link.addresses
+            if not addr.startswith("fe80:")
+        }
+
+    def _all_masters(self) -> set[str]:
+        return set(self._masters) | set(self._masters.values())
