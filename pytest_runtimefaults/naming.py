@@ -1,7 +1,7 @@
 """Unique, short names for resources, per process and per xdist worker.
 
 Kernel names are short (a network interface name has at most 15 bytes), so
-names are built from a prefix, the worker number, the PID in base 36 and a
+names are built from a prefix, the PID in base 36 (:func:`process_tag`) and a
 counter.  Two pytest runs, or two xdist workers, never produce the same name.
 
 Example::
@@ -15,7 +15,7 @@ import itertools
 import os
 import threading
 
-__all__ = ["unique_name", "worker_index"]
+__all__ = ["process_tag", "unique_name", "worker_index"]
 
 _counter = itertools.count(1)
 _lock = threading.Lock()
@@ -38,11 +38,25 @@ def worker_index() -> int:
     return int(digits) if digits else 0
 
 
+def process_tag() -> str:
+    """The part of every :func:`unique_name` that names this process (its PID in base 36).
+
+    Leak checks use it to tell this process's resources from those of other
+    pytest runs or xdist workers sharing the host: ``process_tag() in name``.
+    """
+    return _b36(os.getpid())
+
+
 def unique_name(prefix: str, maxlen: int = 15) -> str:
-    """``prefix`` + pid + counter, at most *maxlen* characters."""
+    """``prefix`` + :func:`process_tag` + counter, at most *maxlen* characters.
+
+    The PID makes names unique between processes alive at the same time (each
+    xdist worker is its own process); a name left by a dead run is reaped by
+    the journal before its PID can come back.
+    """
     with _lock:
         n = next(_counter)
-    name = f"{prefix}{_b36(os.getpid())}{_b36(n)}"
+    name = f"{prefix}{process_tag()}{_b36(n)}"
     if len(name) > maxlen:
         raise ValueError(f"name {name!r} is longer than {maxlen}: use a shorter prefix")
     return name

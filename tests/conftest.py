@@ -1,0 +1,143 @@
+"""Shared test configuration: the suite must leave the host as it found it.
+
+The project's tests run as root against real systemd, runc, CNI plugins and
+network namespaces.  One mistake seen on this machine (a systemd sharing the
+host's ``/sys/fs/cgroup`` remounted it read-only for the whole machine) is why
+every session checks, cheaply, from ``/proc`` and ``/sys`` only:
+
+* at start: ``/sys/fs/cgroup`` is not already read-only (else refuse to run);
+* at start and end (:func:`host_invariants`, session scope, autouse): the
+  ``/sys/fs/cgroup`` mounts and their ro/rw state, the named network
+  namespaces, the host's network links, and this process's child processes.
+
+Several pytest runs (xdist workers, other developers' runs) may share the host,
+so a namespace or link that *appeared* fails the session only when its name
+carries this process's tag (:func:`pytest_runtimefaults.naming.process_tag`);
+others are reported as a warning.  Anything that *disappeared* always fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from pytest_runtimefaults import leaks, naming
+from pytest_runtimefaults.journal import process_starttime
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _readonly_cgroup_mounts() -> list[str]:
+    return sorted(
+        m.target
+        for m in leaks.mount_table()
+        if (m.target == CGROUP_ROOT or m.target.startswith(CGROUP_ROOT + "/")) and m.readonly
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    readonly = _readonly_cgroup_mounts()
+    if readonly:
+        raise pytest.UsageError(
+            f"refusing to run: {', '.join(readonly)} is mounted read-only on this host. "
+            "A systemd that shared the host's cgroup mounts (an earlier, broken test run?) "
+            "does this to the whole machine, and the suite would fail in confusing ways. "
+            "Check `findmnt -R /sys/fs/cgroup`, and once you know nothing depends on the "
+            "current state, restore it (e.g. `mount -o remount,rw /sys/fs/cgroup`) or reboot."
+        )
+
+
+@dataclass(frozen=True)
+class HostState:
+    cgroup_mounts: frozenset[str]
+    netns: frozenset[str]
+    links: frozenset[str]
+
+    @classmethod
+    def take(cls) -> HostState:
+        return cls(
+            frozenset(leaks.mounts(CGROUP_ROOT)),
+            frozenset(leaks.netns_names()),
+            frozenset(leaks.links()),
+        )
+
+
+def _live_children() -> dict[int, str]:
+    """Children of this process that are not zombies: pid -> command line."""
+    children: dict[int, str] = {}
+    for entry in leaks.child_processes(os.getpid()):
+        pid = int(entry.split(" ", 1)[0])
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue
+        if state != b"Z":
+            children[pid] = cmdline or entry
+    return children
+
+
+def _ours(name: str) -> bool:
+    return naming.process_tag() in name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_invariants() -> Iterator[None]:
+    """Session scope, autouse: fail the session if it changed the host (see module doc)."""
+    before = HostState.take()
+    children_before = set(_live_children())
+    yield
+    problems: list[str] = []
+    deadline = time.monotonic() + 3.0
+    # Processes being torn down may need a moment to exit and be waited for.
+    while True:
+        left = {p: c for p, c in _live_children().items() if p not in children_before}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    after = HostState.take()
+    if after.cgroup_mounts != before.cgroup_mounts:
+        problems.append(
+            "the host's /sys/fs/cgroup mounts changed: "
+            f"gone {sorted(before.cgroup_mounts - after.cgroup_mounts)}, "
+            f"new {sorted(after.cgroup_mounts - before.cgroup_mounts)}"
+        )
+    foreign: list[str] = []
+    for what, old, new in (
+        ("network namespaces", before.netns, after.netns),
+        ("host network links", before.links, after.links),
+    ):
+        if old - new:
+            problems.append(f"{what} disappeared: {sorted(old - new)}")
+        appeared = new - old
+        if any(_ours(n) for n in appeared):
+            problems.append(f"{what} left behind: {sorted(n for n in appeared if _ours(n))}")
+        foreign += [f"{what}: {n}" for n in sorted(appeared) if not _ours(n)]
+    if left:
+        problems.append(
+            "child processes of pytest left running (now killed): "
+            + "; ".join(f"{pid} {cmd[:120]}" for pid, cmd in sorted(left.items()))
+        )
+        for pid in left:
+            # Our own children, identified by PID and still the same process.
+            if process_starttime(pid) is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    if foreign:
+        warnings.warn(
+            "appeared during the run, not named by this process (another pytest run or "
+            f"xdist worker, or a runtime's own names): {foreign}",
+            pytest.PytestWarning,
+            stacklevel=1,
+        )
+    assert not problems, "the test session changed the host:\n  " + "\n  ".join(problems)
