@@ -118,8 +118,20 @@ def mounts(under: str | os.PathLike[str] = "/", pid: int | str = "self") -> set[
     }
 
 
-def child_processes(pid: int) -> set[str]:
-    """Direct children of *pid*, as ``"PID COMM"`` (all its threads' children)."""
+def _zombie(pid: int | str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True  # gone: as good as reaped
+
+
+def child_processes(pid: int, *, include_zombies: bool = False) -> set[str]:
+    """Direct children of *pid*, as ``"PID COMM"`` (all its threads' children).
+
+    Zombies (exited, not yet waited for) are left out unless asked for: they
+    hold no resources but a PID, and a parent that waits late is not a leak.
+    """
     found: set[str] = set()
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -132,7 +144,8 @@ def child_processes(pid: int) -> set[str]:
         except OSError:
             continue
         for child in children:
-            found.add(f"{child} {_comm(int(child))}")
+            if include_zombies or not _zombie(child):
+                found.add(f"{child} {_comm(int(child))}")
     return found
 
 
@@ -156,10 +169,11 @@ def _comm(pid: int) -> str:
         return "?"
 
 
-def processes_by_exe(name: str) -> set[str]:
+def processes_by_exe(name: str, *, include_zombies: bool = False) -> set[str]:
     """Processes whose executable's base name (or full path) is *name*, as ``"PID NAME"``.
 
-    Zombies (whose ``exe`` link is gone) are matched by their ``comm``.
+    A process whose ``exe`` link cannot be read (a zombie, a kernel thread) is
+    matched by its ``comm``; zombies are left out unless asked for.
     """
     found: set[str] = set()
     for entry in os.listdir("/proc"):
@@ -169,7 +183,9 @@ def processes_by_exe(name: str) -> set[str]:
             exe = os.readlink(f"/proc/{entry}/exe").removesuffix(" (deleted)")
         except OSError:
             exe = _comm(int(entry))
-        if exe == name or os.path.basename(exe) == name:
+        if (exe == name or os.path.basename(exe) == name) and (
+            include_zombies or not _zombie(entry)
+        ):
             found.add(f"{entry} {name}")
     return found
 

@@ -12,8 +12,10 @@ every session checks, cheaply, from ``/proc`` and ``/sys`` only:
 
 Several pytest runs (xdist workers, other developers' runs) may share the host,
 so a namespace or link that *appeared* fails the session only when its name
-carries this process's tag (:func:`pytest_runtimefaults.naming.process_tag`);
-others are reported as a warning.  Anything that *disappeared* always fails.
+carries this process's tag (:func:`pytest_runtimefaults.naming.process_tag`),
+and one that *disappeared* only when its name is not one test runs and
+runtimes use for transient resources (``rf*``, ``cni*``, ``veth*``...); the
+rest is reported as a warning.
 """
 
 from __future__ import annotations
@@ -89,6 +91,15 @@ def _ours(name: str) -> bool:
     return naming.process_tag() in name
 
 
+# Names that test runs and runtimes create and delete all the time: another
+# run sharing the host may remove them while this session runs.
+TRANSIENT_PREFIXES = ("rf", "cni", "netns-", "veth", "podman", "nerdctl", "br-")
+
+
+def _transient(name: str) -> bool:
+    return name.startswith(TRANSIENT_PREFIXES)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def host_invariants() -> Iterator[None]:
     """Session scope, autouse: fail the session if it changed the host (see module doc)."""
@@ -115,12 +126,14 @@ def host_invariants() -> Iterator[None]:
         ("network namespaces", before.netns, after.netns),
         ("host network links", before.links, after.links),
     ):
-        if old - new:
-            problems.append(f"{what} disappeared: {sorted(old - new)}")
+        gone = old - new
+        if any(not _transient(n) for n in gone):
+            problems.append(f"{what} disappeared: {sorted(n for n in gone if not _transient(n))}")
+        foreign += [f"{what} gone: {n}" for n in sorted(gone) if _transient(n)]
         appeared = new - old
         if any(_ours(n) for n in appeared):
             problems.append(f"{what} left behind: {sorted(n for n in appeared if _ours(n))}")
-        foreign += [f"{what}: {n}" for n in sorted(appeared) if not _ours(n)]
+        foreign += [f"{what} new: {n}" for n in sorted(appeared) if not _ours(n)]
     if left:
         problems.append(
             "child processes of pytest left running (now killed): "
