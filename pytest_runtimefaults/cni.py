@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIG_SUFFIXES",
     "CniDir",
+    "CniPodman",
     "DeleteRecreate",
     "HalfWritten",
     "HeldHalfWritten",
@@ -63,6 +64,7 @@ __all__ = [
     "TornWrite",
     "TornWriteWatcher",
     "broken_bytes",
+    "busybox_rootfs",
     "next_subnet",
     "validate_config",
     "write_atomic",
@@ -883,3 +885,151 @@ def whole_files(files: Iterable[Path]) -> dict[str, str | None]:
         except OSError as exc:
             out[path.name] = str(exc)
     return out
+
+
+# --- podman on a private CNI directory -----------------------------------------
+
+_BUSYBOX_APPLETS = ("sh", "true", "false", "ip", "cat", "ls", "sleep", "ifconfig", "hostname")
+
+
+def busybox_rootfs(directory: Path | str, busybox: str = "/bin/busybox") -> Path:
+    """A minimal root filesystem: busybox-static and a symlink per applet used here."""
+    root = Path(directory)
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    for sub in ("proc", "sys", "dev", "etc", "tmp"):
+        (root / sub).mkdir(exist_ok=True)
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    for applet in _BUSYBOX_APPLETS:
+        link = root / "bin" / applet
+        if not link.is_symlink():
+            link.symlink_to("busybox")
+    return root
+
+
+class CniPodman:
+    """podman with the CNI backend on a :class:`CniDir`, in private storage.
+
+    Every call runs ``podman --root/--runroot/--tmpdir`` under a private temp
+    dir, ``--network-config-dir`` = ``cni.conf_dir``, inside the sandbox's
+    host namespace (so the bridges it makes never reach the machine's root
+    namespace).  Containers run from a busybox rootfs (``--rootfs``): no image,
+    no registry.  ``stop()`` ends what podman left (conmon, mounts) and
+    removes the directory.
+
+    Example::
+
+        with CniDir() as cni, CniSandbox() as sb, CniPodman(cni, sb) as podman:
+            cni.write(cni.bridge("net1"))
+            print(podman.run("net1", "ip", "-4", "addr").stdout)
+    """
+
+    # podman needs both raised: root here lacks CAP_SYS_RESOURCE (HOST.md).
+    ULIMITS = ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768")
+
+    def __init__(
+        self,
+        cni: CniDir,
+        sandbox: CniSandbox,
+        *,
+        binary: str = "podman",
+        runtime: str = "runc",
+        journal: Journal | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.cni = cni
+        self.sandbox = sandbox
+        self.binary = binary
+        self.runtime = runtime
+        self.journal = journal
+        self.timeout = timeout
+        self.directory = Path("/nonexistent")
+        self._rid: int | None = None
+        self._started = False
+
+    @property
+    def rootfs(self) -> Path:
+        return self.directory / "rootfs"
+
+    def start(self) -> CniPodman:
+        if self._started:
+            return self
+        self.directory = Path(tempfile.mkdtemp(prefix="rfpod-"))
+        if self.journal is not None:
+            # The containerd kind ends processes naming the dir, unmounts, removes.
+            self._rid = self.journal.add("containerd", dir=str(self.directory))
+        for sub in ("root", "runroot", "tmp"):
+            (self.directory / sub).mkdir()
+        busybox_rootfs(self.rootfs)
+        self._started = True
+        return self
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        from pytest_runtimefaults.containerd import cleanup_containerd_dir
+
+        with contextlib.suppress(Exception):
+            self.podman("rm", "--all", "--force", timeout=30)
+        cleanup_containerd_dir(str(self.directory))
+        if self.journal is not None and self._rid is not None:
+            self.journal.release(self._rid)
+            self._rid = None
+
+    def __enter__(self) -> CniPodman:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def argv(self, *args: str) -> list[str]:
+        d = self.directory
+        return [
+            "nsenter",
+            f"--net={self.sandbox.host.path}",
+            self.binary,
+            "--root",
+            str(d / "root"),
+            "--runroot",
+            str(d / "runroot"),
+            "--tmpdir",
+            str(d / "tmp"),
+            "--network-config-dir",
+            str(self.cni.conf_dir),
+            "--network-backend",
+            "cni",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--runtime",
+            self.runtime,
+            "--events-backend",
+            "none",
+            "--storage-driver",
+            "vfs",
+            *args,
+        ]
+
+    def podman(self, *args: str, timeout: float | None = None) -> Any:
+        """Run ``podman args...``; returns the CompletedProcess (text), never raises on rc."""
+        import subprocess
+
+        return subprocess.run(
+            self.argv(*args),
+            capture_output=True,
+            text=True,
+            timeout=timeout or self.timeout,
+            check=False,
+        )
+
+    def run(self, network: str, *command: str) -> Any:
+        """``podman run --rm --network NETWORK --rootfs ROOTFS command...``."""
+        return self.podman(
+            "run",
+            "--rm",
+            *self.ULIMITS,
+            "--network",
+            network,
+            "--rootfs",
+            str(self.rootfs),
+            *command,
+        )
