@@ -1,0 +1,818 @@
+"""A real systemd for every test, and pystemd-based inspection of what runtimes leave.
+
+Incident 2 (FAULTS.md) is about systemd as the cgroup manager of runc and crun.
+CI machines and laptops often do not run systemd as PID 1, and a test must never
+touch the host's systemd anyway, so :class:`SystemdSandbox` boots the real
+``/lib/systemd/systemd`` as PID 1 of its own PID, mount and cgroup namespaces:
+
+* the launcher first moves into a fresh cgroup of its own on every hierarchy
+  (journaled, removed on stop), so the cgroup namespace's root is a directory
+  the sandbox owns and systemd's ``init.scope``/``system.slice`` land there;
+* inside its mount namespace (private propagation) ``/run`` is a new tmpfs,
+  ``/sys/fs/cgroup`` is unmounted and rebuilt from **fresh** mounts.  This
+  matters: a systemd that shared the host's ``/sys/fs/cgroup`` tmpfs once
+  remounted it read-only for the whole machine, because a remount changes the
+  superblock, which every mount namespace shares.  The launcher refuses to
+  exec systemd if ``/sys/fs/cgroup`` is still the host's filesystem;
+* a unit directory of empty stub targets, a ``dbus.socket`` and a
+  ``dbus.service`` (its own dbus-daemon) is all systemd loads: it is on
+  ``running`` in a fraction of a second.
+
+The bus is reachable from the host as ``unix:path=/proc/PID/root/run/dbus/
+system_bus_socket`` (:attr:`SystemdSandbox.bus_address`).  Programs that pass
+PIDs to systemd (a runtime creating a scope) must run inside the sandbox's
+namespaces: :meth:`SystemdSandbox.command` prefixes ``nsenter``.
+
+Layouts: on a cgroup v1 "hybrid" host (this project's machine) the sandbox
+mounts every v1 controller, ``name=systemd`` and, with ``layout="hybrid"``, the
+cgroup2 hierarchy at ``unified``; ``layout="legacy"`` leaves cgroup2 out (crun
+refuses a hybrid layout whose cgroup2 still holds a controller, and this keeps
+the host's controllers where they are).  On a cgroup v2 host the sandbox mounts
+cgroup2 at ``/sys/fs/cgroup`` (``layout="unified"``; designed, not tested here).
+
+Inspection (:class:`SystemdInspector`) lists units over any bus address with
+pystemd and finds what a runtime left behind: transient scopes, slices such as
+``libcontainer_*_systemd_test_default.slice``, failed units.
+
+Example::
+
+    with SystemdSandbox() as sd:
+        print(sd.bus_address, sd.boot_seconds)
+        sd.run(["runc", "--systemd-cgroup", "run", "-b", bundle, "c1"])
+        print(SystemdInspector(sd.bus_address).leftovers())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_runtimefaults import caps
+from pytest_runtimefaults.journal import Journal, process_starttime, register_reaper
+from pytest_runtimefaults.naming import unique_name
+
+__all__ = [
+    "CgroupMount",
+    "HostSystemd",
+    "SandboxError",
+    "SystemdInspector",
+    "SystemdSandbox",
+    "UnitInfo",
+    "cgroup_mounts",
+    "host_cgroup_state",
+]
+
+SYSTEMD = "/lib/systemd/systemd"
+SANDBOX_CGROUPS = "systemd-sandbox-cgroups"  # the journal kind of a sandbox's cgroups
+INNER_BUS_PATH = "/run/dbus/system_bus_socket"
+TARGET = "runtimefaults-sandbox.target"
+STUB_TARGETS = (
+    "sysinit.target",
+    "basic.target",
+    "sockets.target",
+    "slices.target",
+    "paths.target",
+    "timers.target",
+    "local-fs.target",
+    "remote-fs.target",
+    "network.target",
+    "network-online.target",
+    "multi-user.target",
+    "default.target",
+    "shutdown.target",
+    "umount.target",
+    "final.target",
+)
+# A permissive system bus: the sandbox is private, root talks to it from the host.
+DBUS_CONFIG = """\
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:path=/run/dbus/system_bus_socket</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_type="method_return"/>
+    <allow send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="signal"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow eavesdrop="true"/>
+  </policy>
+  <limit name="max_incoming_bytes">1000000000</limit>
+  <limit name="max_outgoing_bytes">1000000000</limit>
+  <limit name="max_message_size">100000000</limit>
+</busconfig>
+"""
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not boot, or stopping it left something behind."""
+
+
+# --- cgroup mounts ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CgroupMount:
+    """One cgroup filesystem mount from ``/proc/self/mountinfo``."""
+
+    mount_point: str
+    fstype: str  # "cgroup" or "cgroup2"
+    options: str  # super options without rw/ro, e.g. "cpu" or "name=systemd"
+    mount_options: str  # per-mount options, "rw,nosuid,..."
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.mount_options.split(",")
+
+    @property
+    def name(self) -> str:
+        """How ``/proc/PID/cgroup`` names this hierarchy (``cpu``, ``name=systemd``, ``""``)."""
+        return "" if self.fstype == "cgroup2" else self.options
+
+
+def _mountinfo(pid: int | str = "self") -> list[list[str]]:
+    with open(f"/proc/{pid}/mountinfo") as f:
+        return [line.split() for line in f]
+
+
+def cgroup_mounts(pid: int | str = "self") -> list[CgroupMount]:
+    """The cgroup and cgroup2 mounts seen by *pid* (default: this process)."""
+    mounts: list[CgroupMount] = []
+    for fields in _mountinfo(pid):
+        sep = fields.index("-")
+        fstype, super_opts = fields[sep + 1], fields[sep + 3]
+        if fstype not in ("cgroup", "cgroup2"):
+            continue
+        opts = [o for o in super_opts.split(",") if o not in ("rw", "ro")]
+        mounts.append(CgroupMount(fields[4], fstype, ",".join(opts), fields[5]))
+    return mounts
+
+
+def host_cgroup_state() -> list[str]:
+    """Every mount under ``/sys/fs/cgroup`` with its mount and superblock options.
+
+    Compare before and after a sandbox: equal lists mean no cgroup mount was
+    added, removed or remounted (read-only) on the host.
+    """
+    state = []
+    for fields in _mountinfo():
+        if fields[4] == "/sys/fs/cgroup" or fields[4].startswith("/sys/fs/cgroup/"):
+            sep = fields.index("-")
+            state.append(" ".join([fields[4], fields[5], *fields[sep + 1 : sep + 4]]))
+    return sorted(state)
+
+
+def _own_cgroups() -> dict[str, str]:
+    """Hierarchy name -> this process's cgroup path, from ``/proc/self/cgroup``."""
+    out: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, names, path = line.rstrip("\n").split(":", 2)
+            out[names] = path
+    return out
+
+
+# --- the sandbox --------------------------------------------------------------
+
+
+class SystemdSandbox:
+    """systemd 252+ as PID 1 of its own PID, mount and cgroup namespaces.
+
+    A context manager; ``start()``/``stop()`` are idempotent.  Every resource is
+    journaled (*journal*), so a killed pytest's sandbox is reaped by the next run.
+
+    Args:
+        layout: ``"auto"`` (the host's layout), ``"hybrid"``, ``"legacy"``
+            (cgroup v1 only) or ``"unified"`` (cgroup v2).
+        boot_timeout: seconds to wait for systemd to reach ``running``.
+        workdir_parent: where the work directory (units, bus config, log) goes;
+            it must be visible inside the sandbox, so not under ``/run``.
+        extra_units: file name -> content of more units to install.
+        log_level: systemd's ``--log-level``.
+    """
+
+    def __init__(
+        self,
+        *,
+        layout: str = "auto",
+        boot_timeout: float = 15.0,
+        journal: Journal | None = None,
+        workdir_parent: str | os.PathLike[str] = "/tmp",
+        extra_units: Mapping[str, str] | None = None,
+        log_level: str = "notice",
+        systemd: str = SYSTEMD,
+    ) -> None:
+        if layout not in ("auto", "hybrid", "legacy", "unified"):
+            raise ValueError(f"layout must be auto, hybrid, legacy or unified, not {layout!r}")
+        host = caps.cgroup_layout()
+        if layout == "auto":
+            layout = {"v2": "unified", "hybrid": "hybrid", "v1": "legacy"}[host]
+        if (layout == "unified") != (host == "v2"):
+            raise ValueError(f"layout {layout!r} cannot be built on a cgroup {host} host")
+        self.layout = layout
+        self.boot_timeout = boot_timeout
+        self.journal = journal
+        self.workdir_parent = Path(workdir_parent)
+        self.extra_units = dict(extra_units or {})
+        self.log_level = log_level
+        self.systemd = systemd
+        self.name = unique_name("rfsd")
+        self.workdir: Path | None = None
+        self.pid: int | None = None  # systemd, as the host sees it
+        self.boot_seconds: float | None = None
+        self._launcher: subprocess.Popen[bytes] | None = None
+        self._cgroup_dirs: list[Path] = []
+        self._exec_procs: list[str] = []
+        self._exec_mkdirs: list[str] = []
+        self._tracking_dir: Path | None = None
+        self._rids: list[int] = []
+        self._log: Any = None
+
+    # -- lifecycle
+
+    def __enter__(self) -> SystemdSandbox:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._launcher is not None and self._launcher.poll() is None
+
+    @property
+    def bus_address(self) -> str:
+        """The sandbox's system bus, as reachable from the host."""
+        return f"unix:path={self.bus_path}"
+
+    @property
+    def bus_path(self) -> str:
+        if self.pid is None:
+            raise SandboxError("the sandbox is not running")
+        return f"/proc/{self.pid}/root{INNER_BUS_PATH}"
+
+    inner_bus_address = f"unix:path={INNER_BUS_PATH}"
+    """The bus as programs inside the sandbox see it (the default system bus there)."""
+
+    def _track(self, kind: str, **fields: Any) -> None:
+        if self.journal is not None:
+            self._rids.append(self.journal.add(kind, **fields))
+
+    def start(self) -> SystemdSandbox:
+        if self._launcher is not None:
+            return self
+        if os.geteuid() != 0:
+            raise SandboxError("the systemd sandbox needs root (namespaces, cgroups)")
+        if not os.access(self.systemd, os.X_OK):
+            raise SandboxError(f"{self.systemd} not found (apt-get install systemd)")
+        t0 = time.monotonic()
+        try:
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self.workdir_parent))
+            self._track("path", path=str(self.workdir))
+            self._write_files()
+            procs_files = self._make_cgroups()
+            self._spawn(procs_files)
+            self._wait_booted(t0)
+            self._make_exec_cgroups()
+        except BaseException:
+            self.stop()
+            raise
+        self.boot_seconds = time.monotonic() - t0
+        return self
+
+    def _write_files(self) -> None:
+        assert self.workdir is not None
+        units = self.workdir / "units"
+        units.mkdir()
+        (self.workdir / "generators").mkdir()
+        (self.workdir / "bus.conf").write_text(DBUS_CONFIG)
+        stub = "[Unit]\nDefaultDependencies=no\n"
+        for target in STUB_TARGETS:
+            (units / target).write_text(stub)
+        (units / TARGET).write_text(
+            "[Unit]\nDescription=runtimefaults sandbox\nDefaultDependencies=no\n"
+            "Wants=dbus.socket dbus.service\nAfter=dbus.socket dbus.service\n"
+        )
+        (units / "dbus.socket").write_text(
+            "[Unit]\nDefaultDependencies=no\n[Socket]\n"
+            f"ListenStream={INNER_BUS_PATH}\nSocketMode=0666\n"
+        )
+        dbus_daemon = shutil.which("dbus-daemon") or "/usr/bin/dbus-daemon"
+        (units / "dbus.service").write_text(
+            "[Unit]\nDefaultDependencies=no\nRequires=dbus.socket\nAfter=dbus.socket\n"
+            "[Service]\nType=notify\nNotifyAccess=main\n"
+            f"ExecStart={dbus_daemon} --config-file={self.workdir / 'bus.conf'} "
+            "--address=systemd: --nofork --nopidfile --systemd-activation\n"
+        )
+        for name, content in self.extra_units.items():
+            (units / name).write_text(content)
+        (self.workdir / "console.log").touch()
+        (self.workdir / "inner.sh").write_text(self._inner_script())
+
+    def _inner_script(self) -> str:
+        """The shell that runs as PID 1 of the new namespaces, then execs systemd."""
+        assert self.workdir is not None
+        host_dev = os.stat("/sys/fs/cgroup").st_dev
+        lines = [
+            "set -eu",
+            "mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run",
+            "mkdir -p /run/dbus",
+            # PID 1 logs to /dev/console: make that the sandbox's log, not the machine's.
+            f"mount --bind {self.workdir / 'console.log'} /dev/console",
+            "umount -R /sys/fs/cgroup",
+        ]
+        if self.layout == "unified":
+            lines.append("mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup")
+        else:
+            lines.append("mount -t tmpfs -o mode=755,nosuid,nodev,noexec cgroupfs /sys/fs/cgroup")
+            for m in cgroup_mounts():
+                if m.fstype == "cgroup2":
+                    continue
+                sub = "/sys/fs/cgroup/" + os.path.basename(m.mount_point)
+                opts = m.options if not m.options.startswith("name=") else "none," + m.options
+                lines.append(f"mkdir -p {sub}")
+                lines.append(f"mount -t cgroup -o nosuid,nodev,noexec,{opts} cgroup {sub}")
+            if self.layout == "hybrid":
+                lines.append("mkdir -p /sys/fs/cgroup/unified")
+                lines.append(
+                    "mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup/unified"
+                )
+        # The guard that keeps the host safe: never exec systemd on the host's cgroup fs.
+        # systemd chooses its layout from its command line (in a container: the
+        # env below); without it, it would add cgroup2 to a "legacy" sandbox.
+        cmdline = {
+            "unified": "systemd.unified_cgroup_hierarchy=1",
+            "hybrid": "systemd.unified_cgroup_hierarchy=0",
+            "legacy": "systemd.unified_cgroup_hierarchy=0 "
+            "systemd.legacy_systemd_cgroup_controller=1",
+        }[self.layout]
+        lines += [
+            f'if [ "$(stat -c %d /sys/fs/cgroup)" = "{host_dev}" ]; then',
+            "  echo 'runtimefaults: /sys/fs/cgroup is still the host one; refusing' >&2",
+            "  exit 97",
+            "fi",
+            "exec env -i container=other PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+            f" SYSTEMD_PROC_CMDLINE={shlex.quote(cmdline)}"
+            f" SYSTEMD_UNIT_PATH={self.workdir / 'units'}"
+            f" SYSTEMD_GENERATOR_PATH={self.workdir / 'generators'}"
+            f" SYSTEMD_ENVIRONMENT_GENERATOR_PATH={self.workdir / 'generators'}"
+            f" {self.systemd} --system --unit={TARGET} --log-target=console"
+            f" --log-level={self.log_level} --show-status=no",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _make_cgroups(self) -> list[str]:
+        """Step 1: a cgroup of the sandbox's own on every hierarchy; its cgroup.procs files."""
+        own = _own_cgroups()
+        procs: list[str] = []
+        planned: list[tuple[CgroupMount, Path]] = []
+        for m in cgroup_mounts():
+            rel = own.get(m.name)
+            if rel is not None:
+                planned.append((m, Path(m.mount_point + rel.rstrip("/")) / self.name))
+        # Journaled before they exist; the reaper waits for the sandbox's processes to die.
+        self._track(SANDBOX_CGROUPS, cgroups=[str(p) for _, p in planned])
+        for m, path in planned:
+            path.mkdir()
+            self._cgroup_dirs.append(path)
+            # systemd tracks every process in name=systemd (v1) or cgroup2 (v2).
+            if m.name == "name=systemd" or (m.fstype == "cgroup2" and self.layout == "unified"):
+                self._tracking_dir = path
+            if "cpuset" in m.options.split(","):
+                # A new cpuset cgroup starts empty: no task can join until it has CPUs and nodes.
+                for knob in ("cpuset.cpus", "cpuset.mems"):
+                    (path / knob).write_text((path.parent / knob).read_text())
+            procs.append(str(path / "cgroup.procs"))
+        return procs
+
+    def _spawn(self, procs_files: Sequence[str]) -> None:
+        assert self.workdir is not None
+        join = "; ".join(f"echo $$ > {shlex.quote(p)}" for p in procs_files)
+        script = (
+            f"{join}; exec unshare --cgroup --pid --fork --mount --mount-proc "
+            f"--propagation private /bin/sh {shlex.quote(str(self.workdir / 'inner.sh'))}"
+        )
+        self._log = open(self.workdir / "systemd.log", "wb")  # noqa: SIM115
+        self._launcher = subprocess.Popen(
+            ["/bin/sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
+        self._track(
+            "process", pid=self._launcher.pid, starttime=process_starttime(self._launcher.pid)
+        )
+
+    def log(self) -> str:
+        """What systemd (and the launcher) wrote to the console so far."""
+        if self.workdir is None:
+            return ""
+        try:
+            return "".join(
+                (self.workdir / name).read_text(errors="replace")
+                for name in ("systemd.log", "console.log")
+            )
+        except FileNotFoundError:
+            return ""
+
+    def _find_pid(self) -> int | None:
+        assert self._launcher is not None
+        try:
+            with open(f"/proc/{self._launcher.pid}/task/{self._launcher.pid}/children") as f:
+                children = f.read().split()
+        except FileNotFoundError:
+            return None
+        return int(children[0]) if children else None
+
+    def _wait_booted(self, t0: float) -> None:
+        deadline = t0 + self.boot_timeout
+        while True:
+            assert self._launcher is not None
+            if self._launcher.poll() is not None:
+                raise SandboxError(
+                    f"systemd exited with status {self._launcher.returncode} while booting:\n"
+                    + self.log()[-3000:]
+                )
+            if self.pid is None:
+                pid = self._find_pid()
+                if pid is not None:
+                    self.pid = pid
+                    self._track("process", pid=pid, starttime=process_starttime(pid))
+            if self.pid is not None and os.path.exists(self.bus_path):
+                state = self._system_state()
+                if state in ("running", "degraded"):
+                    return
+            if time.monotonic() > deadline:
+                raise SandboxError(
+                    f"systemd did not reach 'running' within {self.boot_timeout} s:\n"
+                    + self.log()[-3000:]
+                )
+            time.sleep(0.01)
+
+    def _system_state(self) -> str | None:
+        try:
+            return SystemdInspector(self.bus_address).system_state()
+        except Exception:
+            return None
+
+    def _make_exec_cgroups(self) -> None:
+        """Where commands run inside the sandbox join, from the host, before nsenter.
+
+        A process entering the sandbox's cgroup namespace from outside its root
+        would see its cgroup as ``/..``, and runtimes compute cgroup paths from
+        ``/proc/self/cgroup``.  On cgroup v1 and hybrid hosts commands join the
+        sandbox's root cgroup (``/`` inside, like a host process).  A leaf of
+        our own would not do: systemd trims unknown cgroups under its root.  On
+        cgroup v2 the root has controllers enabled, so processes cannot live
+        there: commands join a leaf, recreated if systemd trimmed it.
+        """
+        self._exec_procs = []
+        self._exec_mkdirs = []
+        for root in self._cgroup_dirs:
+            if self.layout == "unified":
+                self._exec_mkdirs.append(str(root / "runtimefaults.exec"))
+                self._exec_procs.append(str(root / "runtimefaults.exec" / "cgroup.procs"))
+            else:
+                self._exec_procs.append(str(root / "cgroup.procs"))
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """*argv* wrapped to run inside the sandbox's PID, mount and cgroup namespaces."""
+        if self.pid is None:
+            raise SandboxError("the sandbox is not running")
+        mkdirs = "".join(f"mkdir -p {shlex.quote(p)}; " for p in self._exec_mkdirs)
+        join = "".join(f"echo $$ > {shlex.quote(p)}; " for p in self._exec_procs)
+        return [
+            "/bin/sh",
+            "-c",
+            f'{mkdirs}{join}exec nsenter -t {self.pid} -m -p -C -- "$@"',
+            "runtimefaults-exec",
+            *argv,
+        ]
+
+    def processes(self) -> set[str]:
+        """``PID:comm`` of every process in the sandbox but systemd and dbus-daemon.
+
+        Found through the sandbox's cgroups on the host (``name=systemd`` or cgroup2):
+        what a runtime or its containers left running.
+        """
+        out: set[str] = set()
+        launcher = str(self._launcher.pid) if self._launcher is not None else ""
+        root = self._tracking_dir
+        if root is not None and root.exists():
+            for procs in root.rglob("cgroup.procs"):
+                rel = procs.parent.relative_to(root).as_posix()
+                if rel.startswith("init.scope") or rel.endswith("dbus.service"):
+                    continue
+                with contextlib.suppress(OSError):
+                    for pid in procs.read_text().split():
+                        if pid == launcher:
+                            continue
+                        try:
+                            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                        except OSError:
+                            continue
+                        out.add(f"{pid}:{comm}")
+        return out
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = 60,
+        check: bool = False,
+        input: bytes | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run *argv* inside the sandbox; returns the completed process (bytes)."""
+        return subprocess.run(
+            self.command(argv),
+            env=dict(env) if env is not None else None,
+            capture_output=True,
+            timeout=timeout,
+            check=check,
+            input=input,
+        )
+
+    def inspector(self) -> SystemdInspector:
+        return SystemdInspector(self.bus_address)
+
+    def stop(self) -> None:
+        """Kill systemd and everything in its PID namespace; remove its cgroups and files."""
+        launcher, self._launcher = self._launcher, None
+        errors: list[str] = []
+        if launcher is not None:
+            if self.pid is not None and process_starttime(self.pid) is not None:
+                # SIGKILL to a PID namespace's init kills the whole namespace.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(launcher.pid, signal.SIGKILL)
+            try:
+                launcher.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        for path in reversed(self._cgroup_dirs):
+            if not _rmdir_tree(path):
+                errors.append(f"cgroup {path} could not be removed")
+        self._cgroup_dirs = []
+        if self.workdir is not None and not os.environ.get("RUNTIMEFAULTS_KEEP_SANDBOX"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.pid = None
+        if self.journal is not None and not errors:
+            for rid in self._rids:
+                self.journal.release(rid)
+            self._rids = []
+        if errors:
+            raise SandboxError("; ".join(errors))
+
+
+def _reap_sandbox_cgroups(record: dict[str, Any]) -> None:
+    """Journal reaper: remove a dead sandbox's cgroups (its processes were killed first)."""
+    left = [p for p in record.get("cgroups", []) if not _rmdir_tree(Path(p), timeout=10)]
+    if left:
+        raise SandboxError(f"cgroups still busy: {left}")
+
+
+register_reaper(SANDBOX_CGROUPS, _reap_sandbox_cgroups)
+
+
+def _rmdir_tree(root: Path, timeout: float = 5.0) -> bool:
+    """rmdir a cgroup tree leaf first; retried while the kernel frees dying tasks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not root.exists():
+            return True
+        dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for d in [*dirs, root]:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if not root.exists():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+# --- inspection -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """One row of ``ListUnits``."""
+
+    name: str
+    description: str
+    load_state: str
+    active_state: str
+    sub_state: str
+    object_path: str
+
+    @property
+    def kind(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+def _s(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class SystemdInspector:
+    """Ask a systemd, over any bus address, what units it has (pystemd).
+
+    Each call opens its own short connection, so an inspector is cheap, is safe
+    from any thread, and never keeps a fault proxy busy between calls.
+
+    Example::
+
+        inspector = SystemdInspector("unix:path=/proc/1234/root/run/dbus/system_bus_socket")
+        for unit in inspector.leftovers(baseline):
+            inspector.reset(unit.name)
+    """
+
+    DESTINATION = b"org.freedesktop.systemd1"
+    PATH = b"/org/freedesktop/systemd1"
+    MANAGER = b"org.freedesktop.systemd1.Manager"
+
+    def __init__(self, address: str | None = None, *, timeout: float = 10.0) -> None:
+        self.address = address
+        self.timeout = timeout
+
+    @contextlib.contextmanager
+    def _bus(self) -> Any:
+        from pystemd.dbuslib import DBus, DBusAddress
+
+        bus = DBusAddress(self.address.encode()) if self.address else DBus(system=True)
+        with bus:
+            yield bus
+
+    def _call(self, method: bytes, signature: bytes = b"", args: Sequence[Any] = ()) -> Any:
+        from pystemd.dbuslib import apply_signature
+
+        typed = apply_signature(signature, list(args)) if signature else []
+        with self._bus() as bus:
+            return bus.call_method(self.DESTINATION, self.PATH, self.MANAGER, method, typed).body
+
+    def _get(self, prop: bytes, rtype: bytes = b"s") -> Any:
+        with self._bus() as bus:
+            return bus.get_property(self.DESTINATION, self.PATH, self.MANAGER, prop, rtype)
+
+    def system_state(self) -> str:
+        """``initializing``, ``starting``, ``running``, ``degraded``..."""
+        return _s(self._get(b"SystemState"))
+
+    def version(self) -> str:
+        return _s(self._get(b"Version"))
+
+    def units(self) -> list[UnitInfo]:
+        """Every unit systemd has loaded (``ListUnits``)."""
+        rows = self._call(b"ListUnits")
+        if isinstance(rows, tuple) and len(rows) == 1:
+            rows = rows[0]
+        return [UnitInfo(_s(r[0]), _s(r[1]), _s(r[2]), _s(r[3]), _s(r[4]), _s(r[6])) for r in rows]
+
+    def unit_names(self, kinds: Iterable[str] | None = None) -> set[str]:
+        wanted = set(kinds) if kinds is not None else None
+        return {u.name for u in self.units() if wanted is None or u.kind in wanted}
+
+    def scopes_and_slices(self) -> set[str]:
+        """Names of every scope and slice (the units runtimes create)."""
+        return self.unit_names(("scope", "slice"))
+
+    def failed(self) -> set[str]:
+        return {u.name for u in self.units() if u.active_state == "failed"}
+
+    def leftovers(self, baseline: Iterable[str] = ()) -> list[UnitInfo]:
+        """Scopes, slices and failed units not in *baseline*: what a runtime left.
+
+        Typical finds: ``libcontainer_*_systemd_test_default.slice`` (runc before
+        PR 2117), the ``*.scope`` of a deleted container, a failed transient unit.
+        """
+        base = set(baseline)
+        return [
+            u
+            for u in self.units()
+            if u.name not in base and (u.kind in ("scope", "slice") or u.active_state == "failed")
+        ]
+
+    def reset(self, name: str) -> None:
+        """Stop unit *name* (if active) and clear its failed state, so it is unloaded."""
+        from pystemd.dbusexc import DBusBaseError
+
+        for method, sig, args in (
+            (b"StopUnit", b"ss", [name.encode(), b"replace"]),
+            (b"ResetFailedUnit", b"s", [name.encode()]),
+        ):
+            with contextlib.suppress(DBusBaseError):
+                self._call(method, sig, args)
+
+    def wait_gone(self, names: Iterable[str], timeout: float = 5.0) -> set[str]:
+        """Wait until none of *names* is loaded; return those still there."""
+        pending = set(names)
+        deadline = time.monotonic() + timeout
+        while pending:
+            pending &= self.unit_names()
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return pending
+
+    def snapshot_fn(self, kinds: Iterable[str] = ("scope", "slice")) -> Callable[[], set[str]]:
+        """A leak-check snapshot: the names of units of *kinds*, plus failed units."""
+        wanted = tuple(kinds)
+
+        def snapshot() -> set[str]:
+            return {u.name for u in self.units() if u.kind in wanted or u.active_state == "failed"}
+
+        return snapshot
+
+
+class HostSystemd:
+    """The host's own systemd, used only by consent (``--runtimefaults-host-systemd``).
+
+    Offers the same surface as :class:`SystemdSandbox` where it makes sense:
+    commands run directly, the bus is the host's system bus.
+    """
+
+    def __init__(self) -> None:
+        if not caps.systemd_is_pid1():
+            raise SandboxError("the host does not run systemd as PID 1")
+        self.pid = 1
+        self.boot_seconds = 0.0
+        self.layout = {"v2": "unified", "hybrid": "hybrid", "v1": "legacy"}[caps.cgroup_layout()]
+
+    bus_address = "unix:path=/run/dbus/system_bus_socket"
+    inner_bus_address = bus_address
+
+    def __enter__(self) -> HostSystemd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def start(self) -> HostSystemd:
+        return self
+
+    def stop(self) -> None:
+        pass
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        return list(argv)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = 60,
+        check: bool = False,
+        input: bytes | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            list(argv),
+            env=dict(env) if env is not None else None,
+            capture_output=True,
+            timeout=timeout,
+            check=check,
+            input=input,
+        )
+
+    def inspector(self) -> SystemdInspector:
+        return SystemdInspector(self.bus_address)
+
+
+def describe(sandbox: SystemdSandbox) -> str:  # pragma: no cover - CLI helper
+    """A few lines for humans: PID, bus, layout, boot time."""
+    return textwrap.dedent(
+        f"""\
+        systemd PID {sandbox.pid} (layout {sandbox.layout}), booted in {sandbox.boot_seconds:.3f} s
+        bus (host side): {sandbox.bus_address}
+        run inside:      {" ".join(sandbox.command(["CMD"]))}
+        """
+    )
