@@ -328,6 +328,16 @@ class CniDir:
         """The files a libcni reader would load, in its (sorted) order."""
         return sorted(p for p in self.conf_dir.iterdir() if p.suffix in CONFIG_SUFFIXES)
 
+    def broken_files(self) -> dict[str, str]:
+        """Files that do not parse as CNI configs now, with the reason."""
+        return {name: why for name, why in whole_files(self.files()).items() if why is not None}
+
+    def check_whole(self) -> None:
+        """Raise while any config file is broken (a health probe for ``recovers``)."""
+        broken = self.broken_files()
+        if broken:
+            raise AssertionError(f"broken CNI configs in {self.conf_dir}: {broken}")
+
 
 # --- faults ----------------------------------------------------------------
 

@@ -177,17 +177,6 @@ def snapshot_namespaces() -> set[str]:
         return set()
 
 
-def _process_tag() -> str:
-    # unique_name() puts the PID in base 36 right after the prefix; naming.py
-    # has no public accessor for it (yet), so it is recomputed here.
-    n, out = os.getpid(), ""
-    while True:
-        n, r = divmod(n, 36)
-        out = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + out
-        if n == 0:
-            return out
-
-
 def own_namespaces() -> set[str]:
     """Namespaces this process created (named by :func:`naming.unique_name`) and
     those runtimes name ``cni-*`` (podman, containerd), as ``netns:NAME``.
@@ -195,7 +184,7 @@ def own_namespaces() -> set[str]:
     Namespaces of other xdist workers or other programs are left out, so a
     leak check is not fooled by a neighbour's test.
     """
-    tag = _process_tag()
+    tag = naming.process_tag()
     return {
         entry
         for entry in snapshot_namespaces()
