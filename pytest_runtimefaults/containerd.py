@@ -36,11 +36,14 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -49,12 +52,20 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_runtimefaults.daemon import Daemon
 from pytest_runtimefaults.journal import register_reaper
+from pytest_runtimefaults.naming import unique_name
 
 if TYPE_CHECKING:
     from pytest_runtimefaults.faults import FaultRegistry
     from pytest_runtimefaults.journal import Journal
 
-__all__ = ["CRI_PLUGIN", "Containerd", "CtrError", "cleanup_containerd_dir"]
+__all__ = [
+    "CRI_PLUGIN",
+    "Containerd",
+    "CtrError",
+    "busybox_oci_tar",
+    "cleanup_containerd_dir",
+    "remove_namespace_cgroups",
+]
 
 #: The CRI plugin's id in containerd 1.6 config (``plugins."<id>"``).
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"
@@ -162,11 +173,92 @@ def cleanup_containerd_dir(directory: str, *, remove: bool = True) -> list[int]:
     return killed
 
 
+def remove_namespace_cgroups(namespace: str) -> None:
+    """Remove the (empty) cgroups runc made for *namespace* (``/<namespace>/<id>``)
+    in every v1 hierarchy and in cgroup2; the namespace name is private to us."""
+    if not namespace or "/" in namespace or namespace in (".", ".."):
+        return
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        top = hierarchy / namespace
+        if not top.is_dir() or top.is_symlink():
+            continue
+        subs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for sub in [*subs, top]:
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+
+
 def _reap_containerd(record: dict[str, Any]) -> None:
     cleanup_containerd_dir(record["dir"])
+    if record.get("namespace"):
+        remove_namespace_cgroups(record["namespace"])
 
 
 register_reaper("containerd", _reap_containerd)
+
+
+def busybox_oci_tar(busybox: str = "/bin/busybox", tag: str = "latest") -> bytes:
+    """An OCI image layout (as tar bytes) of one layer: ``/bin/busybox`` and its applets."""
+    applets = ("sh", "true", "false", "sleep", "cat", "echo", "ls", "ps", "kill", "env")
+    layer_io = io.BytesIO()
+    with tarfile.open(fileobj=layer_io, mode="w", format=tarfile.PAX_FORMAT) as layer:
+        for d in ("bin", "tmp", "proc", "sys", "dev", "etc"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+            layer.addfile(info)
+        with open(busybox, "rb") as f:
+            data = f.read()
+        info = tarfile.TarInfo("bin/busybox")
+        info.size, info.mode = len(data), 0o755
+        layer.addfile(info, io.BytesIO(data))
+        for applet in applets:
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            layer.addfile(info)
+    blobs: dict[str, bytes] = {}
+
+    def blob(data: bytes) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        blobs[digest] = data
+        return {"digest": digest, "size": len(data)}
+
+    layer_desc = blob(layer_io.getvalue())
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]},
+    }
+    config_desc = blob(json.dumps(config).encode())
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config_desc},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **layer_desc}],
+    }
+    manifest_desc = blob(json.dumps(manifest).encode())
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                **manifest_desc,
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as t:
+        files = {
+            "oci-layout": b'{"imageLayoutVersion": "1.0.0"}',
+            "index.json": json.dumps(index).encode(),
+        }
+        files |= {f"blobs/sha256/{d.split(':')[1]}": b for d, b in blobs.items()}
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 class Containerd:
@@ -174,7 +266,9 @@ class Containerd:
 
     *directory*: where everything lives (default: a new temp dir, removed on
     :meth:`stop`; keep the path short, a Unix socket path has at most 107
-    bytes).  *cri*: enable the CRI plugin, with its CNI ``conf_dir`` at
+    bytes).  *socket_path*: the gRPC socket (default ``<dir>/containerd.sock``;
+    ``@name`` for an abstract socket); the ttrpc socket is next to it.
+    *cri*: enable the CRI plugin, with its CNI ``conf_dir`` at
     :attr:`cni_conf_dir` (default ``<dir>/net.d``) and ``bin_dir`` at
     *cni_bin_dir*.  *extra_config*: TOML text appended to the generated
     config; it may only hold tables (``[plugins."..."]``), since top-level
@@ -183,6 +277,9 @@ class Containerd:
     *disabled_plugins* is added to the plugins disabled by default.
 
     *log_level* is containerd's (``debug`` shows every event and CNI reload).
+    *namespace*: the containerd namespace ``ctr`` uses (default: a unique
+    name, so runc's cgroups ``/<namespace>/<id>`` are ours to remove).
+    :meth:`import_busybox` and :meth:`run` give a test containers to run.
     *ready_timeout*, *journal*, *registry*: as for
     :class:`~pytest_runtimefaults.daemon.Daemon` (:attr:`daemon`).
     """
@@ -191,6 +288,7 @@ class Containerd:
         self,
         *,
         directory: str | os.PathLike[str] | None = None,
+        socket_path: str | os.PathLike[str] | None = None,
         cri: bool = False,
         cni_conf_dir: str | os.PathLike[str] | None = None,
         cni_bin_dir: str | os.PathLike[str] = "/usr/lib/cni",
@@ -200,7 +298,7 @@ class Containerd:
         log_level: str = "debug",
         binary: str = "containerd",
         ctr_binary: str = "ctr",
-        namespace: str = "default",
+        namespace: str | None = None,
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 20.0,
         journal: Journal | None = None,
@@ -217,12 +315,14 @@ class Containerd:
         self.log_level = log_level
         self.binary = binary
         self.ctr_binary = ctr_binary
-        self.namespace = namespace
+        # A namespace of our own: runc's cgroups are /<namespace>/<id>, so a
+        # unique name keeps them apart from anyone else's and easy to remove.
+        self.namespace = namespace or unique_name("rfns")
         self.journal = journal
         self._journal_id: int | None = None
         self.root = self.directory / "root"
         self.state = self.directory / "state"
-        self.address = str(self.directory / "containerd.sock")
+        self.address = os.fspath(socket_path or self.directory / "containerd.sock")
         self.config_path = self.directory / "config.toml"
         if len(self.address.encode()) > 107:
             raise ValueError(
@@ -232,6 +332,9 @@ class Containerd:
             [binary, "--config", str(self.config_path)],
             env=env,
             socket_path=self.address,
+            # Both: a socket that accepts may be someone else's (a stale_socket
+            # "live" variant); the log line is this instance's own word.
+            ready_log=r"containerd successfully booted",
             ready_timeout=ready_timeout,
             name="containerd",
             log_path=self.directory / "containerd.log",
@@ -292,7 +395,9 @@ class Containerd:
         """Write the config and start containerd; returns seconds until it serves."""
         if self._journal_id is None and self.journal is not None:
             # Recorded first, reaped last: after the daemon itself.
-            self._journal_id = self.journal.add("containerd", dir=str(self.directory))
+            self._journal_id = self.journal.add(
+                "containerd", dir=str(self.directory), namespace=self.namespace
+            )
         for d in (self.directory, self.root, self.state, self.cni_conf_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o711)
         self.config_path.write_text(self.config_text())
@@ -303,11 +408,21 @@ class Containerd:
         return seconds
 
     def stop(self) -> None:
-        """Stop containerd and remove everything it left (idempotent)."""
+        """Stop containerd and remove everything it left (idempotent).
+
+        While it still serves, its tasks and containers are deleted through
+        ``ctr`` (so runc removes their cgroups and state); then containerd is
+        stopped and anything left (shims, container processes, mounts,
+        cgroups, the directory) is removed by force.
+        """
         try:
+            if self.daemon.running:
+                with contextlib.suppress(Exception):
+                    self.remove_all_containers(timeout=10)
             self.daemon.stop()
         finally:
             cleanup_containerd_dir(str(self.directory), remove=self._own_dir)
+            remove_namespace_cgroups(self.namespace)
             if self._journal_id is not None and self.journal is not None:
                 self.journal.release(self._journal_id)
                 self._journal_id = None
@@ -360,6 +475,65 @@ class Containerd:
         if check and result.returncode != 0:
             raise CtrError(result.returncode, argv, result.stdout, result.stderr)
         return result
+
+    def run_argv(
+        self, image: str, container_id: str, *command: str, rm: bool = True, detach: bool = False
+    ) -> list[str]:
+        """``ctr run`` of *image* as *container_id*, runc's state kept in our directory."""
+        flags = ["--runc-root", str(self.directory / "runc")]
+        flags += ["--rm"] if rm and not detach else []
+        flags += ["--detach"] if detach else []
+        return self.ctr_argv("run", *flags, image, container_id, *command)
+
+    def run(
+        self,
+        image: str,
+        container_id: str,
+        *command: str,
+        detach: bool = False,
+        timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a container (``--rm`` unless *detach*) and return ctr's result."""
+        argv = self.run_argv(image, container_id, *command, detach=detach)
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise CtrError(result.returncode, argv, result.stdout, result.stderr)
+        return result
+
+    def import_busybox(
+        self, ref: str = "localhost/runtimefaults/busybox:latest", busybox: str = "/bin/busybox"
+    ) -> str:
+        """Import a one-layer image holding a static busybox; returns its reference.
+
+        Needs ``busybox-static`` (a dynamically linked busybox would miss its
+        libraries in the container).
+        """
+        tar = self.directory / "busybox-oci.tar"
+        tar.write_bytes(busybox_oci_tar(busybox, tag=ref.rsplit(":", 1)[-1]))
+        base = ref.rsplit(":", 1)[0]
+        self.ctr("images", "import", "--base-name", base, str(tar))
+        tar.unlink()
+        return ref
+
+    def remove_all_containers(self, timeout: float = 30.0) -> None:
+        """Kill and delete every task and container of :attr:`namespace`."""
+        tasks = self.ctr("tasks", "ls", "-q", timeout=timeout).stdout.split()
+        for task in tasks:
+            self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False, timeout=timeout)
+        for task in tasks:
+            for _ in range(50):
+                if self.ctr("tasks", "delete", task, check=False, timeout=timeout).returncode == 0:
+                    break
+                time.sleep(0.05)
+        for container in self.ctr("containers", "ls", "-q", timeout=timeout).stdout.split():
+            self.ctr("containers", "delete", container, check=False, timeout=timeout)
 
     def shim_pids(self) -> list[int]:
         """PIDs of the shims of this containerd (they name its socket)."""
