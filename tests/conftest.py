@@ -148,7 +148,7 @@ def host_invariants() -> Iterator[None]:
                     pass
     if foreign:
         warnings.warn(
-            "appeared during the run, not named by this process (another pytest run or "
+            "changed during the run, not named by this process (another pytest run or "
             f"xdist worker, or a runtime's own names): {foreign}",
             pytest.PytestWarning,
             stacklevel=1,
