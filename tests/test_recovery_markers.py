@@ -191,7 +191,9 @@ def test_socket_path_probe(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest("-p", "runtimefaults")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*last error: socket /tmp/rfs*/dead.sock: connect: Connection refused*"])
+    result.stdout.fnmatch_lines(
+        ["*last error: socket /tmp/rfs*/dead.sock: connect: Connection refused*"]
+    )
 
 
 def test_command_probe(pytester: pytest.Pytester) -> None:
@@ -339,7 +341,9 @@ def test_budget_with_recovery_and_pytest_fail_counts_as_a_failed_run(
     )
     result = daemon_tests.runpytest("-p", "runtimefaults")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["recoveries: 1 of 1 ok*", "failure budget ok: *1/20 failed (5.0%*"])
+    result.stdout.fnmatch_lines(
+        ["recoveries: 1 of 1 ok*", "failure budget ok: *1/20 failed (5.0%*"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -376,9 +380,7 @@ def test_bad_marker_arguments_are_usage_errors_naming_the_test(
     result = pytester.runpytest("-p", "runtimefaults")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     name = decorator.split("(")[0]
-    result.stderr.fnmatch_lines(
-        [f"ERROR: *::test_bad_args: bad @pytest.mark.{name}: *{message}*"]
-    )
+    result.stderr.fnmatch_lines([f"ERROR: *::test_bad_args: bad @pytest.mark.{name}: *{message}*"])
 
 
 def test_markers_are_documented_with_their_signatures(pytester: pytest.Pytester) -> None:
@@ -408,4 +410,26 @@ def test_marker_on_a_class_applies_to_its_methods(daemon_tests: pytest.Pytester)
     )
     result = daemon_tests.runpytest("-p", "runtimefaults")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*_ TestDaemon.test_down _*", "recovers: the runtime did not recover within 0.2 s*"])
+    result.stdout.fnmatch_lines(
+        ["*_ TestDaemon.test_down _*", "recovers: the runtime did not recover within 0.2 s*"]
+    )
+
+
+def test_bad_marker_under_xdist_is_an_error_naming_the_test(pytester: pytest.Pytester) -> None:
+    """A worker cannot raise UsageError at collection (xdist reports INTERNALERROR):
+    the test errors at setup with the same message instead."""
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.recovers(within="soon")
+        def test_bad_args():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "runtimefaults", "-n", "2")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["UsageError: *::test_bad_args: bad @pytest.mark.recovers: within must be a number*"]
+    )
+    result.stdout.no_fnmatch_line("*INTERNALERROR*")
