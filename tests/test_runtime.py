@@ -1,0 +1,159 @@
+"""The runtime under test: runc and crun, both cgroup drivers, inside a real systemd.
+
+RUNTIMEFAULTS_LIFECYCLES (default 20) sets how many create/delete cycles the
+churn test runs per runtime; the issue's figure is 200.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_runtimefaults.rootfs import build_bundle, build_rootfs
+from pytest_runtimefaults.runtime import Runtime, RuntimeCommandError, resolve_runtime
+from pytest_runtimefaults.systemd import SystemdSandbox, host_cgroup_state
+
+RUNTIMES = [r for r in ("runc", "crun") if shutil.which(r)]
+LIFECYCLES = int(os.environ.get("RUNTIMEFAULTS_LIFECYCLES", "20"))
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.skipif(not RUNTIMES, reason="apt-get install runc crun"),
+    pytest.mark.timeout(120),
+]
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_rootfs(tmp_path_factory.mktemp("rootfs") / "rootfs")
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SystemdSandbox]:
+    before = host_cgroup_state()
+    with SystemdSandbox() as sd:
+        yield sd
+    assert host_cgroup_state() == before
+
+
+def _bundle(rootfs: Path, tmp_path: Path, name: str, *args: str) -> Path:
+    return build_bundle(tmp_path / name, args or ("/bin/sleep", "600"), rootfs=rootfs)
+
+
+@pytest.mark.parametrize("driver", ["systemd", "cgroupfs"])
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_full_lifecycle_and_no_leftovers(
+    name: str, driver: str, sandbox: SystemdSandbox, rootfs: Path, tmp_path: Path
+) -> None:
+    inspector = sandbox.inspector()
+    baseline = inspector.scopes_and_slices()
+    rt = Runtime(name, cgroup_driver=driver, sandbox=sandbox)
+    bundle = _bundle(rootfs, tmp_path, "b")
+    cid = "rf-life"
+    created = rt.create(cid, bundle)
+    assert created.ok, created.stderr
+    assert created.duration > 0
+    state = rt.state(cid).check().json()
+    assert state["status"] == "created"
+    assert state["id"] == cid
+    if driver == "systemd":
+        # The runtime asked the sandbox's systemd for a scope holding the container.
+        scopes = {u.name for u in inspector.leftovers(baseline) if u.kind == "scope"}
+        assert any(cid in s for s in scopes), scopes
+    assert rt.start(cid).ok
+    assert rt.state(cid).check().json()["status"] == "running"
+    assert [c["id"] for c in rt.containers()] == [cid]
+    killed = rt.kill(cid, "KILL")
+    assert killed.ok, killed.stderr
+    deleted = rt.delete(cid, force=True)
+    assert deleted.ok, deleted.stderr
+    assert rt.containers() == []
+    assert inspector.wait_gone({u.name for u in inspector.leftovers(baseline)}) == set()
+    assert not sandbox.processes()
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_run_returns_the_container_output_and_exit_code(
+    name: str, sandbox: SystemdSandbox, rootfs: Path, tmp_path: Path
+) -> None:
+    rt = Runtime(name, cgroup_driver="systemd", sandbox=sandbox)
+    hello = _bundle(rootfs, tmp_path, "hello", "/bin/sh", "-c", "echo hello; exit 3")
+    result = rt.run("rf-hello", hello)
+    assert result.returncode == 3
+    assert result.stdout.strip() == "hello"
+    rt.delete("rf-hello", force=True)
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_failure_carries_the_runtimes_error(
+    name: str, sandbox: SystemdSandbox, tmp_path: Path
+) -> None:
+    rt = Runtime(name, sandbox=sandbox)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    result = rt.create("rf-broken", tmp_path / "broken")
+    assert result.returncode not in (0, None)
+    assert result.stderr.strip()
+    with pytest.raises(RuntimeCommandError, match="exited") as info:
+        result.check()
+    assert info.value.result is result
+    missing = rt.state("rf-nope")
+    assert not missing.ok
+    assert "rf-nope" in missing.stderr or "not" in missing.stderr.lower()
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_timeout_kills_the_command_and_leaves_nothing(
+    name: str, sandbox: SystemdSandbox, rootfs: Path, tmp_path: Path
+) -> None:
+    rt = Runtime(name, cgroup_driver="systemd", sandbox=sandbox, timeout=1.0)
+    result = rt.run("rf-slow", _bundle(rootfs, tmp_path, "slow", "/bin/sleep", "60"))
+    assert result.timed_out
+    assert result.returncode is None
+    assert 1.0 <= result.duration < 5
+    assert "timeout" in result.stderr
+    rt.delete("rf-slow", force=True)
+    assert not sandbox.processes()
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_create_delete_churn_with_systemd_driver_leaves_no_unit(
+    name: str, sandbox: SystemdSandbox, rootfs: Path, tmp_path: Path
+) -> None:
+    """Incident 2's churn: N create/delete cycles, no scope or slice left."""
+    inspector = sandbox.inspector()
+    baseline = inspector.scopes_and_slices()
+    rt = Runtime(name, cgroup_driver="systemd", sandbox=sandbox)
+    bundle = _bundle(rootfs, tmp_path, "churn")
+    durations = []
+    for i in range(LIFECYCLES):
+        result = rt.lifecycle(bundle, f"rf-churn-{i}")
+        assert result.ok, f"cycle {i}: {result.stderr}"
+        durations.append(result.duration)
+    left = inspector.leftovers(baseline)
+    assert not inspector.wait_gone({u.name for u in left}), left
+    assert not sandbox.processes()
+    assert rt.containers() == []
+    print(f"{name}: {LIFECYCLES} cycles, median {statistics.median(durations):.3f} s")
+
+
+def test_any_runtime_by_path_and_bad_arguments(tmp_path: Path) -> None:
+    path = resolve_runtime(RUNTIMES[0])
+    assert os.path.isabs(path)
+    assert Runtime(path).name == RUNTIMES[0]
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Runtime(str(tmp_path / "no-such-runtime"))
+    with pytest.raises(ValueError, match="cgroup_driver"):
+        Runtime(RUNTIMES[0], cgroup_driver="cgroupv3")
+    rt = Runtime(RUNTIMES[0], cgroup_driver="systemd", dbus_address="unix:path=/tmp/x")
+    assert rt.env()["DBUS_SYSTEM_BUS_ADDRESS"] == "unix:path=/tmp/x"
+    assert (
+        "DBUS_SYSTEM_BUS_ADDRESS" not in os.environ
+        or os.environ["DBUS_SYSTEM_BUS_ADDRESS"] != "unix:path=/tmp/x"
+    )
+    assert rt.argv("state", "x")[-3:] == ["--systemd-cgroup", "state", "x"]
