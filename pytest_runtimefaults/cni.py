@@ -56,6 +56,7 @@ __all__ = [
     "CONFIG_SUFFIXES",
     "CniDir",
     "CniPodman",
+    "CriNetworkStatus",
     "DeleteRecreate",
     "HalfWritten",
     "HeldHalfWritten",
@@ -65,8 +66,11 @@ __all__ = [
     "TornWriteWatcher",
     "broken_bytes",
     "busybox_rootfs",
+    "cri_network_status",
+    "decode_protobuf",
     "next_subnet",
     "validate_config",
+    "wait_cri_network",
     "write_atomic",
 ]
 
@@ -1043,3 +1047,116 @@ class CniPodman:
             str(self.rootfs),
             *command,
         )
+
+
+# --- containerd's CRI view of the CNI directory ----------------------------------
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def decode_protobuf(buf: bytes) -> dict[int, list[Any]]:
+    """Fields of one protobuf message: number -> values (ints or raw bytes).
+
+    Just enough of the wire format to read CRI ``StatusResponse`` without the
+    CRI stubs (which containerd's Python client does not ship).
+    """
+    out: dict[int, list[Any]] = {}
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        value: Any
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value, pos = buf[pos : pos + length], pos + length
+        elif wire == 1:
+            value, pos = buf[pos : pos + 8], pos + 8
+        elif wire == 5:
+            value, pos = buf[pos : pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        out.setdefault(number, []).append(value)
+    return out
+
+
+@dataclass(frozen=True)
+class CriNetworkStatus:
+    """What containerd's CRI plugin says about its CNI configuration.
+
+    *ready*/*reason*/*message*: the ``NetworkReady`` condition; *networks*:
+    the loaded networks as ``(name, (plugin types...))`` (loopback excluded);
+    *last_load*: the last config load status containerd reports.
+    """
+
+    ready: bool
+    reason: str
+    message: str
+    networks: tuple[tuple[str, tuple[str, ...]], ...]
+    last_load: str
+
+    @property
+    def plugin_types(self) -> tuple[str, ...]:
+        return tuple(t for _, types in self.networks for t in types)
+
+
+def cri_network_status(address: str, timeout: float = 5.0) -> CriNetworkStatus:
+    """Ask containerd's CRI ``RuntimeService/Status`` (verbose) over *address*."""
+    import grpc
+
+    with grpc.insecure_channel(f"unix://{address}") as channel:
+        call = channel.unary_unary(
+            "/runtime.v1.RuntimeService/Status",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        raw: bytes = call(b"\x08\x01", timeout=timeout)  # StatusRequest{verbose: true}
+    top = decode_protobuf(raw)
+    ready, reason, message = False, "", ""
+    for cond in decode_protobuf(top[1][0]).get(1, []) if 1 in top else []:
+        fields = decode_protobuf(cond)
+        if fields[1][0] == b"NetworkReady":
+            ready = bool(fields.get(2, [0])[0])
+            reason = fields.get(3, [b""])[0].decode()
+            message = fields.get(4, [b""])[0].decode()
+    info: dict[str, str] = {}
+    for entry in top.get(2, []):
+        fields = decode_protobuf(entry)
+        info[fields[1][0].decode()] = fields.get(2, [b""])[0].decode()
+    networks: list[tuple[str, tuple[str, ...]]] = []
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        for net in json.loads(info.get("cniconfig", "{}")).get("Networks") or []:
+            config = net["Config"]
+            if config["Name"] == "cni-loopback":
+                continue
+            types = tuple(str(p["Network"]["type"]) for p in config["Plugins"])
+            networks.append((str(config["Name"]), types))
+    return CriNetworkStatus(
+        ready, reason, message, tuple(networks), info.get("lastCNILoadStatus", "")
+    )
+
+
+def wait_cri_network(
+    address: str, predicate: Callable[[CriNetworkStatus], bool], timeout: float = 5.0
+) -> CriNetworkStatus:
+    """Poll :func:`cri_network_status` until *predicate* holds; return the last status.
+
+    containerd reloads the CNI config on inotify events, asynchronously, so
+    a test waits for the reload instead of sleeping a guessed time.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        status = cri_network_status(address)
+        if predicate(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.02)
