@@ -13,7 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
 __all__ = [
     "Capability",
     "cgroup_layout",
+    "cgroup_readonly",
+    "header_line",
+    "install_commands",
     "probe_all",
     "require",
     "require_command",
@@ -39,12 +44,18 @@ CNI_PLUGIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin", "/usr/libexec/cni")
 
 @dataclass(frozen=True)
 class Capability:
-    """One capability: whether the host has it, a detail, and how to get it."""
+    """One capability: whether the host has it, a detail, and how to get it.
+
+    *install* is what to type (``apt-get install X`` or ``pip install X``);
+    *needed_by* names the fixtures or families that skip without it.
+    """
 
     name: str
     ok: bool
     detail: str
     remedy: str = ""
+    needed_by: str = ""
+    header: bool = False  # shown in the pytest report header even when present
 
 
 def _version(argv: list[str]) -> str:
@@ -65,6 +76,17 @@ def cgroup_layout() -> str:
     return "v1"
 
 
+def cgroup_readonly() -> list[str]:
+    """``/sys/fs/cgroup`` and the mounts below it that are read-only (should be none)."""
+    from pytest_runtimefaults.leaks import mount_table
+
+    return sorted(
+        m.target
+        for m in mount_table()
+        if (m.target == "/sys/fs/cgroup" or m.target.startswith("/sys/fs/cgroup/")) and m.readonly
+    )
+
+
 def systemd_is_pid1() -> bool:
     """True if the host's PID 1 is systemd (sd_booted(3)'s test)."""
     return os.path.isdir("/run/systemd/system")
@@ -77,9 +99,30 @@ def cni_plugin_dir() -> Path | None:
     return None
 
 
+def _short_version(line: str) -> str:
+    """'D-Bus Message Bus Daemon 1.14.10' -> '1.14.10'; 'systemd 252 (252.39-1)' -> '252'."""
+    match = re.search(r"\b(\d+(?:\.\d+)*)\b", line)
+    return match.group(1) if match else line
+
+
+def _tool(name: str, package: str, needed_by: str, *, header: bool = False) -> Capability:
+    path = shutil.which(name)
+    return Capability(
+        name, path is not None, path or "not found", f"apt-get install {package}", needed_by, header
+    )
+
+
+def _module(module: str, pip: str, needed_by: str, extra: str = "") -> Capability:
+    found = importlib.util.find_spec(module) is not None
+    remedy = f"pip install {pip}" + (f" ({extra})" if extra else "")
+    return Capability(
+        f"python:{module}", found, "importable" if found else "not importable", remedy, needed_by
+    )
+
+
 @cache
 def probe_all() -> tuple[Capability, ...]:
-    """Probe everything once per process (a few fast subprocesses)."""
+    """Probe everything once per process (a few fast subprocesses, ~50 ms)."""
     caps: list[Capability] = []
     root = os.geteuid() == 0
     caps.append(
@@ -87,57 +130,130 @@ def probe_all() -> tuple[Capability, ...]:
             "root",
             root,
             "uid 0" if root else f"uid {os.geteuid()}",
-            "run as root (namespaces, cgroups and netns need it)",
+            "run the tests as root (namespaces, cgroups, netns and mounts need it)",
+            "systemd, cni, netns, runtime fixtures",
+            True,
         )
     )
     dbus = _version(["dbus-daemon", "--version"]) if shutil.which("dbus-daemon") else ""
     caps.append(
-        Capability("dbus-daemon", bool(dbus), dbus or "not found", "apt-get install dbus-daemon")
+        Capability(
+            "dbus-daemon",
+            bool(dbus),
+            _short_version(dbus) if dbus else "not found",
+            "apt-get install dbus-daemon",
+            "private bus, D-Bus proxy, systemd",
+            True,
+        )
     )
     sd = (
         _version(["/lib/systemd/systemd", "--version"])
         if os.path.exists("/lib/systemd/systemd")
         else ""
     )
+    if not sd:
+        where = "not installed"
+    elif systemd_is_pid1():
+        where = "PID 1"
+    else:
+        where = "sandboxable (own namespaces)" if root else "not PID 1; sandbox needs root"
     caps.append(
         Capability(
             "systemd",
-            bool(sd),
-            (sd or "not installed") + ("; PID 1" if systemd_is_pid1() else "; sandboxable"),
-            "apt-get install systemd",
+            bool(sd) and (root or systemd_is_pid1()),
+            f"{_short_version(sd)} {where}" if sd else where,
+            "apt-get install systemd" if not sd else "run as root to sandbox it",
+            "systemd fixtures, runc/crun --systemd-cgroup",
+            True,
         )
     )
-    caps.append(Capability("cgroups", True, cgroup_layout()))
+    readonly = cgroup_readonly()
+    caps.append(
+        Capability(
+            "cgroups",
+            not readonly,
+            cgroup_layout() + (f", READ-ONLY: {', '.join(readonly)}" if readonly else ""),
+            "find out what remounted it (findmnt -R /sys/fs/cgroup), then "
+            "mount -o remount,rw /sys/fs/cgroup, or reboot",
+            "every runtime test",
+            True,
+        )
+    )
     cni = cni_plugin_dir()
     plugins = sorted(p.name for p in cni.iterdir()) if cni else []
     caps.append(
         Capability(
             "cni",
             bool(plugins),
-            f"{cni}: {len(plugins)} plugins" if cni else "no CNI plugins",
+            f"{len(plugins)} plugins in {cni}" if cni else "no CNI plugins",
             "apt-get install containernetworking-plugins",
+            "cni fixtures",
+            True,
         )
     )
     found = [name for name in ("runc", "crun", "youki") if shutil.which(name)]
+    detail = " ".join(found) or "none"
+    if "crun" in found and cgroup_layout() == "hybrid":
+        detail += " (crun needs its own cgroup mounts on a hybrid host)"
     caps.append(
-        Capability("runtimes", bool(found), ", ".join(found) or "none", "apt-get install runc crun")
-    )
-    for tool, pkg in (
-        ("containerd", "containerd"),
-        ("podman", "podman"),
-        ("busybox", "busybox-static"),
-        ("tshark", "tshark"),
-        ("xdg-dbus-proxy", "xdg-dbus-proxy"),
-    ):
-        caps.append(
-            Capability(
-                tool,
-                shutil.which(tool) is not None,
-                shutil.which(tool) or "not found",
-                f"apt-get install {pkg}",
-            )
+        Capability(
+            "runtimes", bool(found), detail, "apt-get install runc crun", "runtime fixtures", True
         )
+    )
+    caps.extend(
+        [
+            _tool("containerd", "containerd", "containerd events, runtime fixture"),
+            _tool("podman", "podman", "podman events, CNI through podman"),
+            _tool("busybox", "busybox-static", "container rootfs"),
+            _tool("ip", "iproute2", "netns, links, cleanup of them"),
+            _tool("unshare", "util-linux", "systemd sandbox, private mounts"),
+            _tool("nsenter", "util-linux", "runc/crun inside the systemd sandbox"),
+            _tool("tshark", "tshark", "decoding D-Bus pcap files (optional)"),
+            _tool("xdg-dbus-proxy", "xdg-dbus-proxy", "proxy overhead benchmark (optional)"),
+            _module("pyroute2", "pyroute2", "netns, links"),
+            _module(
+                "pystemd",
+                "pystemd",
+                "systemd inspection helpers",
+                "builds against libsystemd: apt-get install libsystemd-dev pkg-config",
+            ),
+            _module("jeepney", "jeepney", "D-Bus clients in tests"),
+            _module("xdist", "pytest-xdist", "pytest -n N (optional)"),
+        ]
+    )
     return tuple(caps)
+
+
+def header_line() -> str:
+    """The capability line of the pytest report header."""
+    parts = []
+    for cap in probe_all():
+        if cap.header:
+            parts.append(f"{cap.name} {cap.detail}" if cap.ok else f"{cap.name} MISSING")
+    missing = [c.name for c in probe_all() if not c.ok and not c.header]
+    if missing:
+        parts.append(f"missing: {' '.join(missing)} (runtimefaults doctor says what to install)")
+    return ", ".join(parts)
+
+
+def install_commands(capabilities: tuple[Capability, ...] | None = None) -> list[str]:
+    """One ``apt-get install`` and one ``pip install`` line for everything missing."""
+    apt: list[str] = []
+    pip: list[str] = []
+    for cap in capabilities if capabilities is not None else probe_all():
+        if cap.ok:
+            continue
+        for prefix, bucket in (("apt-get install ", apt), ("pip install ", pip)):
+            if cap.remedy.startswith(prefix):
+                for pkg in cap.remedy[len(prefix) :].split(" (")[0].split():
+                    if pkg not in bucket:
+                        bucket.append(pkg)
+    lines = []
+    if apt:
+        lines.append("apt-get update && apt-get install -y " + " ".join(apt))
+    if pip:
+        lines.append("pip install " + " ".join(pip))
+    return lines
 
 
 def strict_key() -> pytest.StashKey[bool]:

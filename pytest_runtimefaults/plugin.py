@@ -151,12 +151,9 @@ def pytest_configure_node(node: object) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     seed = config.stash[SEED_KEY]
-    line = ", ".join(
-        f"{c.name}: {c.detail}" if c.ok else f"{c.name}: MISSING" for c in caps.probe_all()
-    )
     return [
         f"runtimefaults: seed {seed} (replay with --runtimefaults-seed={seed})",
-        f"runtimefaults: {line}",
+        f"runtimefaults: {caps.header_line()}",
     ]
 
 

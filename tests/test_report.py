@@ -118,8 +118,8 @@ def test_header_has_seed_and_capabilities(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             "runtimefaults: seed 7 (replay with --runtimefaults-seed=7)",
-            "runtimefaults: root: uid 0, dbus-daemon: *, systemd: *, cgroups: hybrid, "
-            "cni: /usr/lib/cni: * plugins, runtimes: runc, crun*",
+            "runtimefaults: root uid 0, dbus-daemon *, systemd * sandboxable *, cgroups hybrid, "
+            "cni * plugins in /usr/lib/cni, runtimes runc crun*",
         ]
     )
     # No summary section when nothing was injected or measured.

@@ -10,6 +10,9 @@ def register(subparsers: Any) -> None:
     doctor = subparsers.add_parser(
         "doctor", help="print what this host can do and what to install for the rest"
     )
+    doctor.add_argument(
+        "--strict", action="store_true", help="exit 1 if anything is missing (for CI set-up checks)"
+    )
     doctor.set_defaults(func=_doctor)
     cleanup = subparsers.add_parser(
         "cleanup", help="undo resources left by killed runs (journals of dead owners)"
@@ -22,16 +25,28 @@ def register(subparsers: Any) -> None:
 def _doctor(args: argparse.Namespace) -> int:
     from pytest_runtimefaults import caps
 
-    missing = 0
-    for cap in caps.probe_all():
+    capabilities = caps.probe_all()
+    width = max(len(c.name) for c in capabilities)
+    missing = [c for c in capabilities if not c.ok]
+    for cap in capabilities:
         mark = "ok" if cap.ok else "MISSING"
-        print(f"{mark:8} {cap.name:15} {cap.detail}")
+        print(f"{mark:8} {cap.name:{width}}  {cap.detail}")
         if not cap.ok:
-            missing += 1
-            if cap.remedy:
-                print(f"{'':8} {'':15} -> {cap.remedy}")
-    print(f"\n{missing} missing" if missing else "\neverything found")
-    return 0
+            print(f"{'':8} {'':{width}}  needed by: {cap.needed_by}")
+            print(f"{'':8} {'':{width}}  fix: {cap.remedy}")
+    if not missing:
+        print("\neverything found")
+        return 0
+    print(
+        f"\n{len(missing)} missing; tests that need them skip (or fail under "
+        "--runtimefaults-strict)."
+    )
+    commands = caps.install_commands(capabilities)
+    if commands:
+        print("To install what is missing:")
+        for command in commands:
+            print(f"  {command}")
+    return 1 if args.strict else 0
 
 
 def _cleanup(args: argparse.Namespace) -> int:

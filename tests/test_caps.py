@@ -1,0 +1,70 @@
+"""Capabilities: the header line, ``runtimefaults doctor`` and what it tells you to install."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pytest_runtimefaults import caps
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _doctor(*args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_runtimefaults", "doctor", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+
+
+def test_doctor_on_this_host_finds_the_tools() -> None:
+    out = _doctor().stdout
+    for line in ("ok       root", "ok       dbus-daemon", "ok       runtimes", "ok       cni"):
+        assert line in out, out
+
+
+def test_doctor_says_what_to_install_for_what_is_missing() -> None:
+    """With an empty PATH every command is missing: each gets its package, once."""
+    proc = _doctor(path="/nonexistent")
+    assert proc.returncode == 0
+    out = proc.stdout
+    assert "MISSING  dbus-daemon" in out
+    assert "fix: apt-get install dbus-daemon" in out
+    assert "needed by: private bus, D-Bus proxy, systemd" in out
+    install = next(line for line in out.splitlines() if "apt-get install -y" in line)
+    assert "dbus-daemon" in install
+    assert "runc crun" in install
+    assert install.count("util-linux") == 1
+    strict = _doctor("--strict", path="/nonexistent")
+    assert strict.returncode == 1
+
+
+def test_install_commands_split_apt_and_pip() -> None:
+    missing = (
+        caps.Capability("x", False, "", "apt-get install a b"),
+        caps.Capability("y", False, "", "apt-get install b"),
+        caps.Capability("python:z", False, "", "pip install z (needs apt-get install libz-dev)"),
+        caps.Capability("ok", True, "", "apt-get install never"),
+    )
+    assert caps.install_commands(missing) == [
+        "apt-get update && apt-get install -y a b",
+        "pip install z",
+    ]
+
+
+def test_header_line_reports_the_host() -> None:
+    line = caps.header_line()
+    assert line.startswith("root uid 0, dbus-daemon 1.14")
+    assert "cgroups hybrid" in line
+    assert "runtimes runc crun" in line
+    assert "systemd 252 sandboxable" in line
+    assert caps.cgroup_readonly() == []
