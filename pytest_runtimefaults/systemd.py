@@ -261,14 +261,22 @@ class SystemdSandbox:
 
     @property
     def bus_address(self) -> str:
-        """The sandbox's system bus, as reachable from the host."""
+        """The sandbox's system bus, as reachable from the host (and from inside)."""
         return f"unix:path={self.bus_path}"
 
     @property
     def bus_path(self) -> str:
+        """A socket of the sandbox's dbus-daemon in its work directory (under /tmp)."""
+        if self.workdir is None:
+            raise SandboxError("the sandbox is not running")
+        return str(self.workdir / "bus")
+
+    @property
+    def proc_bus_address(self) -> str:
+        """The bus's usual socket, ``/run/dbus/system_bus_socket``, seen through /proc."""
         if self.pid is None:
             raise SandboxError("the sandbox is not running")
-        return f"/proc/{self.pid}/root{INNER_BUS_PATH}"
+        return f"unix:path=/proc/{self.pid}/root{INNER_BUS_PATH}"
 
     inner_bus_address = f"unix:path={INNER_BUS_PATH}"
     """The bus as programs inside the sandbox see it (the default system bus there)."""
@@ -312,9 +320,13 @@ class SystemdSandbox:
             "[Unit]\nDescription=runtimefaults sandbox\nDefaultDependencies=no\n"
             "Wants=dbus.socket dbus.service\nAfter=dbus.socket dbus.service\n"
         )
+        # A second listening socket in the work directory: the host reaches the
+        # bus by a plain path (``/proc/PID/root/...`` would resolve, by realpath,
+        # to the host's own /run/dbus/system_bus_socket and scare safety checks).
         (units / "dbus.socket").write_text(
             "[Unit]\nDefaultDependencies=no\n[Socket]\n"
-            f"ListenStream={INNER_BUS_PATH}\nSocketMode=0666\n"
+            f"ListenStream={INNER_BUS_PATH}\nListenStream={self.workdir / 'bus'}\n"
+            "SocketMode=0666\n"
         )
         dbus_daemon = shutil.which("dbus-daemon") or "/usr/bin/dbus-daemon"
         (units / "dbus.service").write_text(
@@ -813,6 +825,6 @@ def describe(sandbox: SystemdSandbox) -> str:  # pragma: no cover - CLI helper
         f"""\
         systemd PID {sandbox.pid} (layout {sandbox.layout}), booted in {sandbox.boot_seconds:.3f} s
         bus (host side): {sandbox.bus_address}
-        run inside:      {" ".join(sandbox.command(["CMD"]))}
+        run inside:      nsenter -t {sandbox.pid} -m -p -C -- CMD  (after joining its cgroups)
         """
     )

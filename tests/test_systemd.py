@@ -84,7 +84,9 @@ def test_boots_well_under_two_seconds_and_answers_on_its_bus(
         assert inspector.version().startswith("2")
         names = inspector.unit_names()
         assert {"init.scope", "dbus.service", "dbus.socket", "-.slice"} <= names
-        assert sd.bus_address == f"unix:path=/proc/{sd.pid}/root/run/dbus/system_bus_socket"
+        assert sd.bus_address == f"unix:path={sd.workdir}/bus"
+        assert sd.proc_bus_address == f"unix:path=/proc/{sd.pid}/root/run/dbus/system_bus_socket"
+        assert SystemdInspector(sd.proc_bus_address).system_state() == inspector.system_state()
         # It is PID 1 of its own PID namespace.
         status = Path(f"/proc/{sd.pid}/status").read_text()
         assert f"NSpid:\t{sd.pid}\t1\n" in status

@@ -1,0 +1,120 @@
+"""The systemd family through pytest: fixtures, options and their errors (pytester)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+from pytest_runtimefaults import caps
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.skipif(shutil.which("runc") is None, reason="apt-get install runc"),
+    pytest.mark.timeout(120),
+]
+
+USES_FIXTURES = """
+import pytest
+
+def test_runtime_in_sandbox(runtime, oci_bundle, systemd, runtimefaults_faults, request):
+    assert runtime.name == request.config.getoption("--runtimefaults-runtime")
+    assert runtime.cgroup_driver == "systemd"
+    assert runtime.sandbox is systemd
+    steps = runtime.full_lifecycle(oci_bundle)
+    assert all(r.ok for r in steps.values()), {k: r.stderr for k, r in steps.items()}
+    assert "runtime" in runtimefaults_faults.probes
+    assert runtimefaults_faults.probes["runtime"]() is True
+    assert {"units:systemd", "processes:runtime"} <= set(runtimefaults_faults.leak_checks)
+    for check in runtimefaults_faults.leak_checks.values():
+        assert check.leaked() == set(), check.name
+
+def test_make_oci_bundle(runtime, make_oci_bundle):
+    bundle = make_oci_bundle(["/bin/echo", "from-bundle"])
+    result = runtime.run("rf-echo", bundle)
+    assert result.ok, result.stderr
+    assert result.stdout.strip() == "from-bundle"
+"""
+
+
+@pytest.mark.parametrize("name", [r for r in ("runc", "crun") if shutil.which(r)])
+def test_fixtures_run_the_chosen_runtime(pytester: pytest.Pytester, name: str) -> None:
+    pytester.makepyfile(USES_FIXTURES)
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", f"--runtimefaults-runtime={name}", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_runtime_by_path_and_cgroupfs_driver(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_it(runtime, oci_bundle):
+            assert runtime.binary == "{}"
+            assert runtime.cgroup_driver == "cgroupfs"
+            assert runtime.root == "/run/rf-custom-root"
+            assert runtime.lifecycle(oci_bundle).ok
+        """.format(shutil.which("runc"))
+    )
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "runtimefaults",
+        f"--runtimefaults-runtime={shutil.which('runc')}",
+        "--runtimefaults-cgroup-driver=cgroupfs",
+        "--runtimefaults-runtime-root=/run/rf-custom-root",
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_bad_cgroup_driver_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-cgroup-driver=v3"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--runtimefaults-cgroup-driver must be systemd or cgroupfs*"])
+
+
+def test_missing_runtime_skips_with_the_package(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(runtime): pass")
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-runtime=/nonexistent/runtime", "-rs"
+    )
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*OCI runtime '/nonexistent/runtime' not found*"])
+    strict = pytester.runpytest_subprocess(
+        "-p",
+        "runtimefaults",
+        "--runtimefaults-runtime=/nonexistent/runtime",
+        "--runtimefaults-strict",
+    )
+    strict.assert_outcomes(errors=1)
+
+
+@pytest.mark.skipif(caps.systemd_is_pid1(), reason="this host runs systemd as PID 1")
+def test_host_systemd_opt_in_skips_where_systemd_is_not_pid1(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(systemd): pass")
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-host-systemd", "-rs"
+    )
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*systemd is not PID 1 on this host*"])
+
+
+def test_cli_boots_runs_a_command_and_checks_the_host(pytester: pytest.Pytester) -> None:
+    result = pytester.run(
+        sys.executable,
+        "-m",
+        "pytest_runtimefaults",
+        "systemd",
+        "--",
+        "sh",
+        "-c",
+        "echo inside; ls /run/systemd/system && echo sd",
+    )
+    assert result.ret == 0, result.stderr.str()
+    result.stdout.fnmatch_lines(
+        ["systemd PID * booted in *", "inside", "sd", "host cgroup mounts: unchanged"]
+    )
