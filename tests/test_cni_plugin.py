@@ -1,0 +1,94 @@
+"""The cni fixtures through the plugin (pytester): faults lifted by ``recovers``,
+the ``cni-configs`` probe, and leak checks that catch what a runtime left."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    pytest.mark.timeout(120),
+]
+
+
+def test_fixtures_are_listed_with_their_docstrings(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("-p", "runtimefaults", "--fixtures")
+    text = result.stdout.str()
+    for name in (
+        "cni_dir",
+        "cni_sandbox",
+        "cni_half_written",
+        "cni_held_half_written",
+        "cni_delete_recreate",
+        "cni_racing_writer",
+        "cni_parallel_adds",
+        "cni_torn_write_watcher",
+        "cni_podman",
+        "cni_containerd",
+    ):
+        assert f"{name} -- " in text or f"{name} [" in text or name in text, name
+    assert (
+        "--runtimefaults-cni-plugin-dir"
+        in pytester.runpytest_subprocess("-p", "runtimefaults", "--help").stdout.str()
+    )
+
+
+def test_recovers_lifts_cni_faults_and_catches_leaks(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.recovers(within=5, probe="cni-configs")
+        def test_whole_after_lift(cni_dir, cni_half_written, cni_held_half_written):
+            cni_half_written("10-a.conflist", cni_dir.bridge(), mode="nul")
+            cni_held_half_written("20-b.conflist", cni_dir.bridge())
+            assert set(cni_dir.broken_files()) == {"10-a.conflist", "20-b.conflist"}
+
+        @pytest.mark.recovers(within=5, probe="cni-configs")
+        def test_runtime_that_never_deletes(cni_dir, cni_sandbox):
+            conf = cni_dir.bridge()
+            cni_dir.write(conf)
+            ns = cni_sandbox.container()
+            cni_sandbox.add(conf, ns, container_id="leaky")   # and no DEL
+
+        @pytest.mark.recovers(within=5, probe="cni-configs")
+        def test_runtime_that_deletes(cni_dir, cni_sandbox):
+            conf = cni_dir.bridge()
+            ns = cni_sandbox.container()
+            cni_sandbox.add(conf, ns, container_id="tidy")
+            cni_sandbox.delete(conf, ns, container_id="tidy")
+            cni_sandbox.remove_container(ns)
+
+        def test_broken_probe_without_lift(cni_dir, runtimefaults_faults):
+            (cni_dir.conf_dir / "10-x.conflist").write_text('{"name": "x", "pl')
+            with pytest.raises(AssertionError, match="10-x.conflist"):
+                runtimefaults_faults.probes["cni-configs"]()
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "runtimefaults", "-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, failed=1)
+    out = result.stdout.str()
+    failed = out[out.index("test_runtime_that_never_deletes") :]
+    for kind in ("netns:cni", "links:cni", "ipam:cni"):
+        assert kind in failed, out
+    assert "leaky" in failed  # the IPAM reservation names the container
+
+
+def test_option_sets_the_plugin_dir(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_dir(cni_dir):
+            assert str(cni_dir.plugin_dir) == "/usr/lib/cni"
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-cni-plugin-dir=/usr/lib/cni"
+    )
+    result.assert_outcomes(passed=1)
+    missing = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-cni-plugin-dir=/nonexistent/cni", "-rs"
+    )
+    missing.assert_outcomes(skipped=1)
+    assert "no CNI plugins" in missing.stdout.str()
