@@ -276,6 +276,14 @@ def wilson_interval(failures: int, runs: int, z: float = 1.959964) -> tuple[floa
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _elide(text: str, limit: int) -> str:
+    """Keep the start and the end: a command's error is often at the end of its message."""
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return f"{text[:head]} ... {text[-(limit - head - 5) :]}"
+
+
 @dataclass
 class BudgetResult:
     """N runs judged against a maximum failure rate."""
@@ -293,9 +301,8 @@ class BudgetResult:
             return
         self.failures += 1
         if len(self.first_failures) < self.keep:
-            text = f"{type(error).__name__}: {error}".strip().splitlines()
-            first = text[0] if text else type(error).__name__
-            self.first_failures.append(f"run {run}: {first[:300]}")
+            text = " ".join(f"{type(error).__name__}: {error}".split())
+            self.first_failures.append(f"run {run}: {_elide(text, 400)}")
 
     @property
     def rate(self) -> float:

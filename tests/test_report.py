@@ -171,6 +171,14 @@ def test_budget_result_and_figures_roundtrip() -> None:
     for run in range(1, 11):
         result.record(run, RuntimeError(f"boom {run}\nsecond line") if run in (3, 7) else None)
     assert not result.passed
-    assert result.first_failures == ["run 3: RuntimeError: boom 3", "run 7: RuntimeError: boom 7"]
+    assert result.first_failures == [
+        "run 3: RuntimeError: boom 3 second line",
+        "run 7: RuntimeError: boom 7 second line",
+    ]
+    long = BudgetResult(runs=1, max_rate=0.0)
+    long.record(1, RuntimeError("runc --root " + "x" * 1000 + " failed: not a directory"))
+    assert len(long.first_failures[0]) < 420
+    assert long.first_failures[0].endswith("failed: not a directory")
+    assert " ... " in long.first_failures[0]
     figures = TestFigures(budget=result.as_dict())
     assert TestFigures.from_properties(figures.properties()) == figures
