@@ -43,6 +43,7 @@ __all__ = [
     "RecoversSpec",
     "RecoveryResult",
     "RegisteredProbe",
+    "RunContext",
     "UnixSocketProbe",
     "parse_budget",
     "parse_recovers",
@@ -342,6 +343,45 @@ class BudgetResult:
             "passed": self.passed,
             "first_failures": self.first_failures,
         }
+
+
+class RunContext:
+    """Per-run state of a test repeated by ``failure_budget``.
+
+    Fixtures are set up once per item; what must be fresh for every run is
+    created in the test body and handed to :meth:`defer`, which undoes it
+    after that run (newest first), whether the run passed or not.  A failing
+    cleanup fails its run.
+
+    Example::
+
+        @pytest.mark.failure_budget(runs=100, max_rate=0.01)
+        def test_run_rm(runtime, oci_bundle, runtimefaults_run):
+            cid = f"c{runtimefaults_run.index}"
+            runtimefaults_run.defer(lambda: runtime.delete(cid, force=True))
+            runtime.run(cid, oci_bundle).check()
+    """
+
+    def __init__(self, runs: int = 1) -> None:
+        self.runs = runs
+        self.index = 1
+        self._deferred: list[Callable[[], object]] = []
+
+    def defer(self, fn: Callable[[], object]) -> None:
+        """Call *fn* after the current run (or at teardown outside a budget)."""
+        self._deferred.append(fn)
+
+    def finish(self) -> None:
+        """Run the deferred calls, newest first; re-raise the first error after all ran."""
+        first: BaseException | None = None
+        while self._deferred:
+            fn = self._deferred.pop()
+            try:
+                fn()
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
 
 # --- marker arguments ---------------------------------------------------------

@@ -433,3 +433,37 @@ def test_bad_marker_under_xdist_is_an_error_naming_the_test(pytester: pytest.Pyt
         ["UsageError: *::test_bad_args: bad @pytest.mark.recovers: within must be a number*"]
     )
     result.stdout.no_fnmatch_line("*INTERNALERROR*")
+
+
+def test_runtimefaults_run_gives_fresh_per_run_resources(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os, shutil, tempfile
+        import pytest
+
+        BASE = tempfile.mkdtemp(prefix="rfrun", dir="/tmp")
+        SEEN = []
+
+        @pytest.mark.failure_budget(runs=20, max_rate=0.0)
+        def test_fresh(runtimefaults_run):
+            assert os.listdir(BASE) == [], "the previous run's directory was not removed"
+            d = os.path.join(BASE, f"run{runtimefaults_run.index}")
+            os.mkdir(d)
+            runtimefaults_run.defer(lambda: os.rmdir(d))
+            SEEN.append((runtimefaults_run.index, runtimefaults_run.runs))
+
+        def test_after():
+            assert SEEN == [(i, 20) for i in range(1, 21)]
+            os.rmdir(BASE)
+
+        @pytest.mark.failure_budget(runs=10, max_rate=0.0)
+        def test_failing_cleanup_fails_its_run(runtimefaults_run):
+            if runtimefaults_run.index == 4:
+                runtimefaults_run.defer(lambda: os.rmdir("/nonexistent/rf"))
+        """
+    )
+    result = pytester.runpytest("-p", "runtimefaults", "-p", "no:randomly")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*1 of 10 runs failed*", "  run 4: FileNotFoundError: *No such file or directory*"]
+    )
