@@ -1,0 +1,163 @@
+"""The proxy's record of every message it relayed, and of every fault it applied.
+
+Recording must cost almost nothing on the relay's hot path, so an entry keeps
+the :class:`~pytest_runtimefaults.dbus.wire.Message` itself and decodes header
+fields only when someone reads them (a failing test's report, a rule's test,
+the pcap writer).
+
+Example::
+
+    for entry in proxy.trace.entries():
+        print(entry.direction, entry.type, entry.serial, entry.member, entry.fault)
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+from pytest_runtimefaults.dbus.wire import Message, WireError
+
+__all__ = ["TO_BUS", "TO_CLIENT", "Trace", "TraceEntry", "write_pcap"]
+
+TO_BUS = "to_bus"  # from the client, towards the bus
+TO_CLIENT = "to_client"  # from the bus, towards the client
+LINKTYPE_DBUS = 231
+
+
+class TraceEntry:
+    """One message seen (or one fault applied) by the proxy."""
+
+    __slots__ = ("conn", "direction", "fault", "message", "monotonic", "wall")
+
+    def __init__(
+        self, conn: int, direction: str, message: Message | None, fault: str | None = None
+    ) -> None:
+        self.monotonic = time.monotonic()
+        self.wall = time.time()
+        self.conn = conn
+        self.direction = direction
+        self.message = message
+        self.fault = fault
+
+    def _get(self, name: str) -> object:
+        if self.message is None:
+            return None
+        try:
+            return getattr(self.message, name)
+        except WireError:
+            return None
+
+    type = property(lambda self: self.message.type_name if self.message else None)
+    serial = property(lambda self: self.message.serial if self.message else None)
+    size = property(lambda self: self.message.size if self.message else 0)
+    reply_serial = property(lambda self: self._get("reply_serial"))
+    path = property(lambda self: self._get("path"))
+    interface = property(lambda self: self._get("interface"))
+    member = property(lambda self: self._get("member"))
+    error_name = property(lambda self: self._get("error_name"))
+    sender = property(lambda self: self._get("sender"))
+    destination = property(lambda self: self._get("destination"))
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "time": self.wall,
+            "conn": self.conn,
+            "direction": self.direction,
+            "type": self.type,
+            "serial": self.serial,
+            "reply_serial": self.reply_serial,
+            "path": self.path,
+            "interface": self.interface,
+            "member": self.member,
+            "error_name": self.error_name,
+            "sender": self.sender,
+            "destination": self.destination,
+            "size": self.size,
+            "fault": self.fault,
+        }
+
+    def format(self, t0: float = 0.0) -> str:
+        arrow = "->bus" if self.direction == TO_BUS else "<-bus"
+        if self.message is None:
+            return f"{self.monotonic - t0:9.4f} #{self.conn} {arrow} FAULT {self.fault}"
+        what = ".".join(x for x in (self.interface, self.member) if x) or self.error_name or ""
+        extra = f" reply_serial={self.reply_serial}" if self.reply_serial is not None else ""
+        fault = f"  [fault: {self.fault}]" if self.fault else ""
+        return (
+            f"{self.monotonic - t0:9.4f} #{self.conn} {arrow} {self.type} "
+            f"serial={self.serial}{extra} {what} "
+            f"{self.sender or ''}->{self.destination or ''} {self.size}B{fault}"
+        )
+
+
+class Trace:
+    """A bounded, thread-safe log of :class:`TraceEntry` (oldest dropped first)."""
+
+    def __init__(self, maxlen: int | None = 100_000) -> None:
+        self._entries: deque[TraceEntry] = deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self.enabled = True
+
+    def record(
+        self, conn: int, direction: str, message: Message | None, fault: str | None = None
+    ) -> TraceEntry:
+        entry = TraceEntry(conn, direction, message, fault)
+        if self.enabled:
+            self._entries.append(entry)  # deque.append is atomic under the GIL
+        return entry
+
+    def entries(self) -> list[TraceEntry]:
+        with self._lock:
+            return list(self._entries)
+
+    def messages(self, direction: str | None = None) -> list[TraceEntry]:
+        return [
+            e
+            for e in self.entries()
+            if e.message is not None and (direction is None or e.direction == direction)
+        ]
+
+    def faults(self) -> list[TraceEntry]:
+        return [e for e in self.entries() if e.fault]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def tail(self, n: int = 40) -> str:
+        entries = self.entries()[-n:]
+        return "\n".join(e.format(self.started) for e in entries)
+
+    def __iter__(self) -> Iterator[TraceEntry]:
+        return iter(self.entries())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def write_pcap(self, path: str | Path) -> int:
+        return write_pcap(path, self.entries())
+
+
+def write_pcap(path: str | Path, entries: list[TraceEntry]) -> int:
+    """Write the messages of *entries* as a pcap file (LINKTYPE_DBUS); return the count.
+
+    Each record is one whole D-Bus message, as ``tshark -r FILE`` decodes them.
+    """
+    count = 0
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 2**27, LINKTYPE_DBUS))
+        for entry in entries:
+            if entry.message is None:
+                continue
+            raw = entry.message.raw
+            sec = int(entry.wall)
+            usec = int((entry.wall - sec) * 1_000_000)
+            f.write(struct.pack("<IIII", sec, usec, len(raw), len(raw)))
+            f.write(raw)
+            count += 1
+    return count

@@ -1,0 +1,374 @@
+"""DBusFaultProxy with no fault: real clients work through it, it is byte-exact,
+it records a trace that tshark decodes, and it leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dbus_helpers import NAME, PATH, run, service
+from jeepney import DBusAddress, new_method_call
+from jeepney.io.blocking import open_dbus_connection
+from jeepney.low_level import Endianness
+
+from pytest_runtimefaults.dbus.bus import PrivateBus
+from pytest_runtimefaults.dbus.proxy import DBusFaultProxy, ProxyError, parse_address
+
+pytestmark = pytest.mark.timeout(120)
+
+SERVICE_ADDR = DBusAddress(PATH, NAME, NAME)
+
+
+@pytest.fixture
+def bus() -> Iterator[PrivateBus]:
+    with PrivateBus() as b:
+        yield b
+
+
+@pytest.fixture
+def proxy(bus: PrivateBus) -> Iterator[DBusFaultProxy]:
+    with DBusFaultProxy(upstream=bus.address) as p:
+        yield p
+
+
+@pytest.fixture
+def svc(bus: PrivateBus) -> Iterator[None]:
+    with service(bus.address):
+        yield
+
+
+# -- real clients ---------------------------------------------------------------------
+
+
+def test_busctl_sd_bus(proxy: DBusFaultProxy, svc: None) -> None:
+    r = run(["busctl", "--address", proxy.address, "call", NAME, PATH, NAME, "Ping"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == 's "pong"'
+    names = run(["busctl", "--address", proxy.address, "list", "--no-pager"])
+    assert NAME in names.stdout
+    members = {e.member for e in proxy.trace.messages()}
+    assert {"Hello", "Ping", "ListNames"} <= members
+
+
+def test_gdbus(proxy: DBusFaultProxy, svc: None) -> None:
+    r = run(["gdbus", "call", "--address", proxy.address, "--dest", NAME, "--object-path", PATH,
+             "--method", f"{NAME}.Echo", "[byte 1, 2, 3]"])
+    assert r.returncode == 0, r.stderr
+    assert "[byte 0x01, 0x02, 0x03]" in r.stdout
+
+
+def test_dbus_send_libdbus(proxy: DBusFaultProxy, svc: None) -> None:
+    r = run(["dbus-send", f"--bus={proxy.address}", "--print-reply", f"--dest={NAME}", PATH,
+             f"{NAME}.Ping"])
+    assert r.returncode == 0, r.stderr
+    assert 'string "pong"' in r.stdout
+
+
+def test_pystemd(proxy: DBusFaultProxy, svc: None) -> None:
+    # pystemd blocks in C holding the GIL, so it runs in its own process (as a runtime would).
+    code = (
+        "import sys\n"
+        "from pystemd.dbuslib import DBusAddress\n"
+        "with DBusAddress(sys.argv[1].encode()) as bus:\n"
+        f"    r = bus.call_method(b'{NAME}', b'{PATH}', b'{NAME}', b'Ping', [])\n"
+        "    print(r.body.decode() if isinstance(r.body, bytes) else r.body)\n"
+    )
+    r = run([sys.executable, "-c", code, proxy.address])
+    assert r.returncode == 0, r.stderr
+    assert "pong" in r.stdout
+
+
+def test_jeepney_passes_a_unix_fd(proxy: DBusFaultProxy, svc: None) -> None:
+    rfd, wfd = os.pipe()
+    os.write(wfd, b"through the proxy")
+    os.close(wfd)
+    conn = open_dbus_connection(bus=proxy.address, enable_fds=True)
+    try:
+        reply = conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "ReadFd", "h", (rfd,)),
+                                        timeout=10)
+    finally:
+        conn.close()
+        os.close(rfd)
+    assert reply.body == ("through the proxy",)
+    (call,) = [e for e in proxy.trace.messages() if e.member == "ReadFd"]
+    assert call.message is not None and call.message.unix_fds == 1
+
+
+def test_many_fds_in_a_row(proxy: DBusFaultProxy, svc: None) -> None:
+    conn = open_dbus_connection(bus=proxy.address, enable_fds=True)
+    try:
+        for i in range(30):
+            rfd, wfd = os.pipe()
+            os.write(wfd, str(i).encode())
+            os.close(wfd)
+            reply = conn.send_and_get_reply(
+                new_method_call(SERVICE_ADDR, "ReadFd", "h", (rfd,)), timeout=10)
+            os.close(rfd)
+            assert reply.body == (str(i),)
+    finally:
+        conn.close()
+
+
+# -- byte-exactness ---------------------------------------------------------------------
+
+
+class RecordingEcho:
+    """The upstream for byte-exactness: answers SASL like a bus, then records every
+    byte it receives and echoes it back.  The proxy is the thing under test here; this
+    peer lets us compare bytes at both ends, which a real bus (that rewrites headers)
+    cannot."""
+
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(64)
+        self.received: dict[int, bytearray] = {}
+        self.threads: list[threading.Thread] = []
+        self.accepting = threading.Thread(target=self._accept, daemon=True)
+        self.accepting.start()
+
+    def _accept(self) -> None:
+        n = 0
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            n += 1
+            t = threading.Thread(target=self._serve, args=(conn, n), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _serve(self, conn: socket.socket, n: int) -> None:
+        buf = b""
+        while b"BEGIN\r\n" not in buf:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            buf += chunk
+            while b"\r\n" in buf and not buf.startswith(b"BEGIN"):
+                line, buf = buf.split(b"\r\n", 1)
+                line = line.lstrip(b"\0")
+                if line.startswith(b"AUTH"):
+                    conn.sendall(b"OK 0123456789abcdef0123456789abcdef\r\n")
+                elif line.startswith(b"NEGOTIATE_UNIX_FD"):
+                    conn.sendall(b"AGREE_UNIX_FD\r\n")
+        rest = buf.split(b"BEGIN\r\n", 1)[1]
+        got = self.received.setdefault(n, bytearray())
+        got += rest
+        if rest:
+            conn.sendall(rest)
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+            conn.sendall(chunk)
+        conn.close()
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+def _random_messages(rng: random.Random, n: int, max_size: int) -> list[bytes]:
+    out = []
+    for i in range(n):
+        msg = new_method_call(SERVICE_ADDR, "Echo", "ay",
+                              (rng.randbytes(rng.choice([0, 10, 1000, 70000, max_size])),))
+        if rng.random() < 0.5:
+            msg.header.endianness = Endianness.big
+        out.append(bytes(msg.serialise(serial=i + 1)))
+    return out
+
+
+def test_byte_exact_under_random_traffic(tmp_path: Path, runtimefaults_rng: random.Random) -> None:
+    echo = RecordingEcho(str(tmp_path / "echo"))
+    clients = 8
+    sent: dict[int, bytes] = {}
+    echoed: dict[int, bytes] = {}
+    try:
+        with DBusFaultProxy(upstream=f"unix:path={tmp_path / 'echo'}") as proxy:
+
+            def client(k: int, seed: int) -> None:
+                rng = random.Random(seed)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(proxy.socket_path))
+                s.sendall(b"\0AUTH EXTERNAL 30\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n")
+                payload = b"".join(_random_messages(rng, 12, 3 * 2**20))
+                sent[k] = payload
+                got = bytearray()
+                reader_done = threading.Event()
+
+                def reader() -> None:
+                    buf = b""
+                    while b"AGREE_UNIX_FD\r\n" not in buf:
+                        buf += s.recv(4096)
+                    got.extend(buf.split(b"AGREE_UNIX_FD\r\n", 1)[1])
+                    while len(got) < len(payload):
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            break
+                        got.extend(chunk)
+                    reader_done.set()
+
+                threading.Thread(target=reader, daemon=True).start()
+                pos = 0
+                while pos < len(payload):  # random chunking on the way in
+                    step = rng.choice([1, 3, 100, 4096, 65536, 1 << 20])
+                    s.sendall(payload[pos : pos + step])
+                    pos += step
+                assert reader_done.wait(60)
+                echoed[k] = bytes(got)
+                s.close()
+
+            threads = [threading.Thread(target=client, args=(k, runtimefaults_rng.random()))
+                       for k in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(90)
+            assert proxy.errors == []
+            total = sum(len(v) for v in sent.values())
+            assert len(proxy.trace.messages()) == 2 * clients * 12
+    finally:
+        echo.close()
+    assert len(sent) == len(echoed) == clients
+    # Upstream received exactly what each client sent, and each client got it back.
+    assert sorted(bytes(v) for v in echo.received.values()) == sorted(sent.values())
+    for k in sent:
+        assert echoed[k] == sent[k]
+    assert total > 10 * 2**20
+
+
+# -- trace and pcap ---------------------------------------------------------------------
+
+
+def test_trace_and_pcap_decode_in_tshark(bus: PrivateBus, svc: None, tmp_path: Path) -> None:
+    if not shutil.which("tshark"):
+        pytest.skip("tshark not found (apt-get install tshark)")
+    pcap = tmp_path / "trace.pcap"
+    with DBusFaultProxy(upstream=bus.address, pcap=pcap) as proxy:
+        for _ in range(3):
+            assert run(["busctl", "--address", proxy.address, "call", NAME, PATH, NAME,
+                        "Ping"]).returncode == 0
+        expected = [(e.serial, e.member or "") for e in proxy.trace.messages()]
+        entry = next(e for e in proxy.trace.messages() if e.member == "Ping")
+        assert (entry.direction, entry.type, entry.interface, entry.destination) == (
+            "to_bus", "method_call", NAME, NAME)
+        assert entry.size == entry.message.size > 0  # type: ignore[union-attr]
+    r = run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "dbus.serial", "-e", "dbus.member"])
+    assert r.returncode == 0, r.stderr
+    decoded = [tuple(line.split("\t")) for line in r.stdout.splitlines()]
+    assert [(int(s), m) for s, m in decoded] == expected
+    assert sum(1 for _, m in decoded if m == "Ping") == 3
+
+
+# -- lifecycle, errors, cleanup -------------------------------------------------------------
+
+
+def test_stop_leaves_no_thread_no_directory(bus: PrivateBus, svc: None) -> None:
+    before = set(threading.enumerate())
+    proxy = DBusFaultProxy(upstream=bus.address).start()
+    directory = proxy.dir
+    conn = open_dbus_connection(bus=proxy.address)  # a client still connected at stop
+    conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"), timeout=10)
+    assert proxy.threads
+    proxy.stop()
+    proxy.stop()  # idempotent
+    conn.close()
+    assert directory is not None and not directory.exists()
+    time.sleep(0.05)
+    assert set(threading.enumerate()) - before == set()
+
+
+def test_refuses_the_host_system_bus() -> None:
+    with pytest.raises(ProxyError, match="refusing to proxy the host's system bus"):
+        DBusFaultProxy(upstream="unix:path=/run/dbus/system_bus_socket")
+    DBusFaultProxy(upstream="unix:path=/run/dbus/system_bus_socket", allow_host_bus=True)
+
+
+def test_parse_address() -> None:
+    assert parse_address("unix:path=/a/b,guid=1") == (socket.AF_UNIX, "/a/b")
+    assert parse_address("tcp:host=x;unix:abstract=foo")[1] == b"\0foo"
+    assert parse_address("unix:path=/a%20b")[1] == "/a b"
+    with pytest.raises(ProxyError, match="no unix:path"):
+        parse_address("tcp:host=localhost,port=1")
+
+
+def test_dead_upstream_disconnects_the_client_with_a_clear_error(tmp_path: Path) -> None:
+    with DBusFaultProxy(upstream=f"unix:path={tmp_path}/nobody") as proxy:
+        r = run(["busctl", "--address", proxy.address, "list"])
+        assert r.returncode != 0
+        assert proxy.errors and "cannot reach the bus" in proxy.errors[0]
+        assert "is it running?" in proxy.errors[0]
+
+
+def test_client_and_bus_vanishing_at_any_byte(bus: PrivateBus, svc: None) -> None:
+    with DBusFaultProxy(upstream=bus.address) as proxy:
+        call = bytes(new_method_call(SERVICE_ADDR, "Echo", "ay", (b"z" * 5000,))
+                     .serialise(serial=2))
+        for cut in (1, 16, 100, len(call) - 1):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(proxy.socket_path))
+            s.sendall(b"\0AUTH EXTERNAL 30\r\nBEGIN\r\n" + call[:cut])
+            s.close()
+        time.sleep(0.2)
+        # The proxy still serves new clients, and saw no malformed data.
+        conn = open_dbus_connection(bus=proxy.address)
+        assert conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"),
+                                       timeout=10).body == ("pong",)
+        conn.close()
+        assert proxy.errors == []
+    # The bus going away mid-conversation: clients see the connection close.
+    with DBusFaultProxy(upstream=bus.address) as proxy:
+        conn = open_dbus_connection(bus=proxy.address)
+        bus.stop()
+        with pytest.raises((ConnectionError, OSError, TimeoutError)):
+            conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"), timeout=5)
+        conn.close()
+
+
+def test_malformed_message_is_named_and_other_clients_go_on(bus: PrivateBus, svc: None) -> None:
+    with DBusFaultProxy(upstream=bus.address) as proxy:
+        good = open_dbus_connection(bus=proxy.address)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(proxy.socket_path))
+        s.sendall(b"\0AUTH EXTERNAL 30\r\nBEGIN\r\n" + b"X" + b"\0" * 15)
+        deadline = time.monotonic() + 5
+        while not proxy.errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "bad endianness byte 0x58" in proxy.errors[0]
+        assert "malformed data from the client" in proxy.errors[0]
+        assert good.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"),
+                                       timeout=10).body == ("pong",)
+        good.close()
+        s.close()
+
+
+def test_many_clients_in_parallel(proxy: DBusFaultProxy, svc: None) -> None:
+    def worker(results: list[bool]) -> None:
+        conn = open_dbus_connection(bus=proxy.address)
+        for _ in range(50):
+            results.append(conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"),
+                                                   timeout=10).body == ("pong",))
+        conn.close()
+
+    results: list[bool] = []
+    threads = [threading.Thread(target=worker, args=(results,)) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results.count(True) == 500
+
+
