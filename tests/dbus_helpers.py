@@ -16,8 +16,12 @@ PATH = "/org/example/RuntimeFaults"
 @contextlib.contextmanager
 def service(address: str, name: str = NAME) -> Iterator[subprocess.Popen[str]]:
     """Run tests/dbus_service.py on *address* until the block ends (killed by PID)."""
-    proc = subprocess.Popen([sys.executable, SERVICE, address, name], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, SERVICE, address, name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

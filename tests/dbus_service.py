@@ -68,8 +68,9 @@ def main() -> None:
             conn.send(new_method_return(msg))
             os._exit(0)
         else:
-            reply = new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod", "s",
-                              (f"no method {member}",))
+            reply = new_error(
+                msg, "org.freedesktop.DBus.Error.UnknownMethod", "s", (f"no method {member}",)
+            )
         with lock:
             conn.send(reply)
 

@@ -11,12 +11,19 @@ HELLO = b"l\x01\x00\x01" + b"\x00" * 12  # only the first bytes of a message mat
 
 def test_sd_bus_pipelined_handshake_and_first_message() -> None:
     relay = SaslRelay()
-    text, binary = relay.client_data(b"\0AUTH EXTERNAL 30\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n" + HELLO)
-    assert text.endswith(b"BEGIN\r\n") and binary == HELLO
-    assert relay.client_done and not relay.server_done
+    text, binary = relay.client_data(
+        b"\0AUTH EXTERNAL 30\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n" + HELLO
+    )
+    assert text.endswith(b"BEGIN\r\n")
+    assert binary == HELLO
+    assert relay.client_done
+    assert not relay.server_done
     text, binary = relay.server_data(b"OK 1234\r\nAGREE_UNIX_FD\r\n" + b"l\x02")
-    assert text == b"OK 1234\r\nAGREE_UNIX_FD\r\n" and binary == b"l\x02"
-    assert relay.server_done and relay.unix_fds_agreed and relay.authenticated
+    assert text == b"OK 1234\r\nAGREE_UNIX_FD\r\n"
+    assert binary == b"l\x02"
+    assert relay.server_done
+    assert relay.unix_fds_agreed
+    assert relay.authenticated
     assert relay.mechanisms == ["EXTERNAL"]
 
 
@@ -30,10 +37,12 @@ def test_byte_by_byte_with_data_exchange() -> None:
     for ch in server[0]:
         assert relay.server_data(bytes([ch]))[1] == b""
     rest = client[len(b"\0AUTH EXTERNAL\r\n") :]
-    text, binary = relay.client_data(rest)
-    assert binary == b"" and relay.client_done
-    text, binary = relay.server_data(server[1] + HELLO)
-    assert binary == HELLO and relay.server_done
+    _text, binary = relay.client_data(rest)
+    assert binary == b""
+    assert relay.client_done
+    _text, binary = relay.server_data(server[1] + HELLO)
+    assert binary == HELLO
+    assert relay.server_done
 
 
 def test_rejected_then_retry() -> None:

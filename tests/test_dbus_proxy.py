@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -60,15 +59,36 @@ def test_busctl_sd_bus(proxy: DBusFaultProxy, svc: None) -> None:
 
 
 def test_gdbus(proxy: DBusFaultProxy, svc: None) -> None:
-    r = run(["gdbus", "call", "--address", proxy.address, "--dest", NAME, "--object-path", PATH,
-             "--method", f"{NAME}.Echo", "[byte 1, 2, 3]"])
+    r = run(
+        [
+            "gdbus",
+            "call",
+            "--address",
+            proxy.address,
+            "--dest",
+            NAME,
+            "--object-path",
+            PATH,
+            "--method",
+            f"{NAME}.Echo",
+            "[byte 1, 2, 3]",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     assert "[byte 0x01, 0x02, 0x03]" in r.stdout
 
 
 def test_dbus_send_libdbus(proxy: DBusFaultProxy, svc: None) -> None:
-    r = run(["dbus-send", f"--bus={proxy.address}", "--print-reply", f"--dest={NAME}", PATH,
-             f"{NAME}.Ping"])
+    r = run(
+        [
+            "dbus-send",
+            f"--bus={proxy.address}",
+            "--print-reply",
+            f"--dest={NAME}",
+            PATH,
+            f"{NAME}.Ping",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     assert 'string "pong"' in r.stdout
 
@@ -93,14 +113,16 @@ def test_jeepney_passes_a_unix_fd(proxy: DBusFaultProxy, svc: None) -> None:
     os.close(wfd)
     conn = open_dbus_connection(bus=proxy.address, enable_fds=True)
     try:
-        reply = conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "ReadFd", "h", (rfd,)),
-                                        timeout=10)
+        reply = conn.send_and_get_reply(
+            new_method_call(SERVICE_ADDR, "ReadFd", "h", (rfd,)), timeout=10
+        )
     finally:
         conn.close()
         os.close(rfd)
     assert reply.body == ("through the proxy",)
     (call,) = [e for e in proxy.trace.messages() if e.member == "ReadFd"]
-    assert call.message is not None and call.message.unix_fds == 1
+    assert call.message is not None
+    assert call.message.unix_fds == 1
 
 
 def test_many_fds_in_a_row(proxy: DBusFaultProxy, svc: None) -> None:
@@ -111,7 +133,8 @@ def test_many_fds_in_a_row(proxy: DBusFaultProxy, svc: None) -> None:
             os.write(wfd, str(i).encode())
             os.close(wfd)
             reply = conn.send_and_get_reply(
-                new_method_call(SERVICE_ADDR, "ReadFd", "h", (rfd,)), timeout=10)
+                new_method_call(SERVICE_ADDR, "ReadFd", "h", (rfd,)), timeout=10
+            )
             os.close(rfd)
             assert reply.body == (str(i),)
     finally:
@@ -183,8 +206,9 @@ class RecordingEcho:
 def _random_messages(rng: random.Random, n: int, max_size: int) -> list[bytes]:
     out = []
     for i in range(n):
-        msg = new_method_call(SERVICE_ADDR, "Echo", "ay",
-                              (rng.randbytes(rng.choice([0, 10, 1000, 70000, max_size])),))
+        msg = new_method_call(
+            SERVICE_ADDR, "Echo", "ay", (rng.randbytes(rng.choice([0, 10, 1000, 70000, max_size])),)
+        )
         if rng.random() < 0.5:
             msg.header.endianness = Endianness.big
         out.append(bytes(msg.serialise(serial=i + 1)))
@@ -231,8 +255,10 @@ def test_byte_exact_under_random_traffic(tmp_path: Path, runtimefaults_rng: rand
                 echoed[k] = bytes(got)
                 s.close()
 
-            threads = [threading.Thread(target=client, args=(k, runtimefaults_rng.random()))
-                       for k in range(clients)]
+            threads = [
+                threading.Thread(target=client, args=(k, runtimefaults_rng.random()))
+                for k in range(clients)
+            ]
             for t in threads:
                 t.start()
             for t in threads:
@@ -259,12 +285,20 @@ def test_trace_and_pcap_decode_in_tshark(bus: PrivateBus, svc: None, tmp_path: P
     pcap = tmp_path / "trace.pcap"
     with DBusFaultProxy(upstream=bus.address, pcap=pcap) as proxy:
         for _ in range(3):
-            assert run(["busctl", "--address", proxy.address, "call", NAME, PATH, NAME,
-                        "Ping"]).returncode == 0
+            assert (
+                run(
+                    ["busctl", "--address", proxy.address, "call", NAME, PATH, NAME, "Ping"]
+                ).returncode
+                == 0
+            )
         expected = [(e.serial, e.member or "") for e in proxy.trace.messages()]
         entry = next(e for e in proxy.trace.messages() if e.member == "Ping")
         assert (entry.direction, entry.type, entry.interface, entry.destination) == (
-            "to_bus", "method_call", NAME, NAME)
+            "to_bus",
+            "method_call",
+            NAME,
+            NAME,
+        )
         assert entry.size == entry.message.size > 0  # type: ignore[union-attr]
     r = run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "dbus.serial", "-e", "dbus.member"])
     assert r.returncode == 0, r.stderr
@@ -286,7 +320,8 @@ def test_stop_leaves_no_thread_no_directory(bus: PrivateBus, svc: None) -> None:
     proxy.stop()
     proxy.stop()  # idempotent
     conn.close()
-    assert directory is not None and not directory.exists()
+    assert directory is not None
+    assert not directory.exists()
     time.sleep(0.05)
     assert set(threading.enumerate()) - before == set()
 
@@ -309,14 +344,16 @@ def test_dead_upstream_disconnects_the_client_with_a_clear_error(tmp_path: Path)
     with DBusFaultProxy(upstream=f"unix:path={tmp_path}/nobody") as proxy:
         r = run(["busctl", "--address", proxy.address, "list"])
         assert r.returncode != 0
-        assert proxy.errors and "cannot reach the bus" in proxy.errors[0]
+        assert proxy.errors
+        assert "cannot reach the bus" in proxy.errors[0]
         assert "is it running?" in proxy.errors[0]
 
 
 def test_client_and_bus_vanishing_at_any_byte(bus: PrivateBus, svc: None) -> None:
     with DBusFaultProxy(upstream=bus.address) as proxy:
-        call = bytes(new_method_call(SERVICE_ADDR, "Echo", "ay", (b"z" * 5000,))
-                     .serialise(serial=2))
+        call = bytes(
+            new_method_call(SERVICE_ADDR, "Echo", "ay", (b"z" * 5000,)).serialise(serial=2)
+        )
         for cut in (1, 16, 100, len(call) - 1):
             s = socket.socket(socket.AF_UNIX)
             s.connect(str(proxy.socket_path))
@@ -325,8 +362,9 @@ def test_client_and_bus_vanishing_at_any_byte(bus: PrivateBus, svc: None) -> Non
         time.sleep(0.2)
         # The proxy still serves new clients, and saw no malformed data.
         conn = open_dbus_connection(bus=proxy.address)
-        assert conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"),
-                                       timeout=10).body == ("pong",)
+        assert conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"), timeout=10).body == (
+            "pong",
+        )
         conn.close()
         assert proxy.errors == []
     # The bus going away mid-conversation: clients see the connection close.
@@ -349,8 +387,9 @@ def test_malformed_message_is_named_and_other_clients_go_on(bus: PrivateBus, svc
             time.sleep(0.01)
         assert "bad endianness byte 0x58" in proxy.errors[0]
         assert "malformed data from the client" in proxy.errors[0]
-        assert good.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"),
-                                       timeout=10).body == ("pong",)
+        assert good.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"), timeout=10).body == (
+            "pong",
+        )
         good.close()
         s.close()
 
@@ -359,8 +398,10 @@ def test_many_clients_in_parallel(proxy: DBusFaultProxy, svc: None) -> None:
     def worker(results: list[bool]) -> None:
         conn = open_dbus_connection(bus=proxy.address)
         for _ in range(50):
-            results.append(conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"),
-                                                   timeout=10).body == ("pong",))
+            results.append(
+                conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"), timeout=10).body
+                == ("pong",)
+            )
         conn.close()
 
     results: list[bool] = []
@@ -370,5 +411,3 @@ def test_many_clients_in_parallel(proxy: DBusFaultProxy, svc: None) -> None:
     for t in threads:
         t.join(60)
     assert results.count(True) == 500
-
-

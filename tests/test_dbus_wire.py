@@ -25,8 +25,9 @@ from pytest_runtimefaults.dbus.wire import (
     flip_byte_order,
 )
 
-TARGET = DBusAddress("/org/freedesktop/systemd1", "org.freedesktop.systemd1",
-                     "org.freedesktop.systemd1.Manager")
+TARGET = DBusAddress(
+    "/org/freedesktop/systemd1", "org.freedesktop.systemd1", "org.freedesktop.systemd1.Manager"
+)
 
 
 def call(serial: int = 7, big: bool = False, payload: bytes = b"x") -> bytes:
@@ -37,8 +38,10 @@ def call(serial: int = 7, big: bool = False, payload: bytes = b"x") -> bytes:
 
 
 def stream(rng: random.Random, n: int) -> tuple[bytes, list[bytes]]:
-    raws = [call(serial=i + 1, big=rng.random() < 0.5, payload=rng.randbytes(rng.randrange(0, 5000)))
-            for i in range(n)]
+    raws = [
+        call(serial=i + 1, big=rng.random() < 0.5, payload=rng.randbytes(rng.randrange(0, 5000)))
+        for i in range(n)
+    ]
     return b"".join(raws), raws
 
 
@@ -78,7 +81,8 @@ def test_with_serials_rewrites_in_place_and_keeps_the_body() -> None:
     reply = build_method_return(41, "s", ("hello",), serial=9)
     moved = reply.with_serials(serial=0xFFFFFFFF, reply_serial=0x80000000)
     assert (moved.serial, moved.reply_serial) == (0xFFFFFFFF, 0x80000000)
-    assert moved.body == reply.body and moved.size == reply.size
+    assert moved.body == reply.body
+    assert moved.size == reply.size
     parsed = JMessage.from_buffer(moved.raw)
     assert parsed.header.serial == 0xFFFFFFFF
     assert parsed.header.fields[HeaderFields.reply_serial] == 0x80000000
@@ -90,21 +94,36 @@ def test_with_serials_rewrites_in_place_and_keeps_the_body() -> None:
 
 
 def test_built_messages_decode_with_jeepney() -> None:
-    sig = build_signal("/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager",
-                       "JobRemoved", "uoss", (5, "/org/freedesktop/systemd1/job/5", "a.scope",
-                                              "done"), serial=3, big_endian=True)
-    assert sig.big_endian and sig.member == "JobRemoved"
-    assert JMessage.from_buffer(sig.raw).body == (5, "/org/freedesktop/systemd1/job/5",
-                                                  "a.scope", "done")
+    sig = build_signal(
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "JobRemoved",
+        "uoss",
+        (5, "/org/freedesktop/systemd1/job/5", "a.scope", "done"),
+        serial=3,
+        big_endian=True,
+    )
+    assert sig.big_endian
+    assert sig.member == "JobRemoved"
+    assert JMessage.from_buffer(sig.raw).body == (
+        5,
+        "/org/freedesktop/systemd1/job/5",
+        "a.scope",
+        "done",
+    )
     err = build_error(12, "org.freedesktop.DBus.Error.Failed", "nope", serial=4)
-    assert (err.type, err.reply_serial, err.error_name) == (MessageType.ERROR, 12,
-                                                            "org.freedesktop.DBus.Error.Failed")
+    assert (err.type, err.reply_serial, err.error_name) == (
+        MessageType.ERROR,
+        12,
+        "org.freedesktop.DBus.Error.Failed",
+    )
 
 
 def test_flip_byte_order_round_trips() -> None:
     msg = Message(call(payload=b"abc" * 100))
     flipped = flip_byte_order(msg)
-    assert flipped.big_endian and not msg.big_endian
+    assert flipped.big_endian
+    assert not msg.big_endian
     assert flipped.raw != msg.raw
     assert (flipped.serial, flipped.member) == (msg.serial, msg.member)
     assert JMessage.from_buffer(flipped.raw).body == JMessage.from_buffer(msg.raw).body
@@ -155,7 +174,8 @@ def test_unknown_header_fields_are_skipped_as_the_spec_says() -> None:
     head = raw[:12] + struct.pack("<I", len(new_fields)) + new_fields
     head += b"\0" * ((8 - len(head) % 8) % 8)
     msg = Message(head)
-    assert msg.member == "M" and msg.fields[42] == ["x"]
+    assert msg.member == "M"
+    assert msg.fields[42] == ["x"]
 
 
 def test_truncated_stream_stays_pending() -> None:
