@@ -92,3 +92,51 @@ def test_option_sets_the_plugin_dir(pytester: pytest.Pytester) -> None:
     )
     missing.assert_outcomes(skipped=1)
     assert "no CNI plugins" in missing.stdout.str()
+
+
+def _rf_namespaces() -> set[str]:
+    try:
+        names = set(os.listdir("/var/run/netns"))
+    except FileNotFoundError:
+        return set()
+    return {n for n in names if n.startswith(("rfh", "rfc", "cni-"))}
+
+
+def test_nothing_left_after_failures_errors_and_timeouts(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import time
+        import pytest
+
+        def test_fails_mid_add(cni_dir, cni_sandbox, cni_racing_writer, cni_held_half_written):
+            conf = cni_dir.bridge()
+            cni_racing_writer({"10-a.conflist": conf})
+            cni_held_half_written("20-b.conflist", cni_dir.bridge())
+            ns = cni_sandbox.container()
+            cni_sandbox.add(conf, ns, container_id="x")
+            raise RuntimeError("the runtime crashed here")
+
+        def test_error_in_podman(cni_dir, cni_podman, cni_delete_recreate):
+            conf = cni_dir.bridge()
+            cni_delete_recreate(cni_dir.filename(conf), conf)
+            cni_podman.run(conf["name"], "true")
+            assert False, "podman test failed"
+
+        @pytest.mark.timeout(1, method="signal")
+        def test_times_out(cni_dir, cni_parallel_adds):
+            ops = cni_parallel_adds(cni_dir.bridge(), n=5)
+            ops.add_all()
+            time.sleep(5)
+        """
+    )
+    state = pytester.path / "state"
+    before = _rf_namespaces()
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "-p", "no:cacheprovider", f"--runtimefaults-state-dir={state}"
+    )
+    result.assert_outcomes(failed=3)
+    assert _rf_namespaces() - before == set()
+    # Every namespace, directory and process journaled was released: the
+    # journal files are deleted when their last resource is.
+    leftovers = {p.name: p.read_text() for p in state.glob("*.jsonl")} if state.exists() else {}
+    assert leftovers == {}
