@@ -225,14 +225,15 @@ def wait_until_healthy(
     within: float,
     *,
     interval: float = 0.02,
-    max_interval: float = 0.25,
+    max_interval: float = 0.1,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RecoveryResult:
     """Run every probe until all pass in one round, or *within* seconds passed.
 
     The poll interval starts at *interval* and doubles up to *max_interval*,
-    so a fast recovery is measured finely and a slow one does not busy-loop.
+    so a fast recovery is measured finely (to within about 0.1 s plus one
+    probe's own time) and a slow one does not busy-loop.
     At least one round always runs, even with ``within=0``.
     """
     start = clock()
