@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import itertools
 import json
 import os
@@ -62,9 +63,32 @@ _REAPERS: dict[str, Reaper] = {}
 _instances = itertools.count(1)
 
 
+_REAPER_MODULES: dict[str, str] = {}
+
+
 def register_reaper(kind: str, reaper: Reaper) -> None:
-    """Teach the journal how to undo resources of *kind* (``reaper(record)``)."""
+    """Teach the journal how to undo resources of *kind* (``reaper(record)``).
+
+    The reaper's module is written into each record of that kind, so that a
+    process that never imported it (``runtimefaults cleanup``) imports it
+    before reaping.
+    """
     _REAPERS[kind] = reaper
+    if reaper.__module__ != __name__:
+        _REAPER_MODULES[kind] = reaper.__module__
+
+
+def _reaper_for(record: dict[str, Any]) -> Reaper | None:
+    kind = record.get("kind", "")
+    reaper = _REAPERS.get(kind)
+    module = record.get("reaper_module")
+    if reaper is None and isinstance(module, str) and module.startswith("pytest_runtimefaults."):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return None
+        reaper = _REAPERS.get(kind)
+    return reaper
 
 
 def default_state_dir() -> Path:
@@ -139,6 +163,8 @@ class Journal:
         with self._lock:
             rid = next(self._ids)
             record = {"op": "add", "id": rid, "kind": kind, **fields}
+            if kind in _REAPER_MODULES:
+                record["reaper_module"] = _REAPER_MODULES[kind]
             self._live[rid] = record
             self._append(record)
             return rid
@@ -229,7 +255,7 @@ def _reap_one(path: Path, result: ReapResult, dry_run: bool) -> None:
         return
     result.journals += 1
     for record in _read_journal(path):
-        reaper = _REAPERS.get(record["kind"])
+        reaper = _reaper_for(record)
         if reaper is None:
             result.errors.append(f"{path.name}: no reaper for kind {record['kind']!r}")
             continue

@@ -196,3 +196,32 @@ def test_unknown_start_time_never_kills_a_recycled_pid(tmp_path: Path) -> None:
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_cleanup_imports_the_module_that_knows_a_kind(tmp_path: Path) -> None:
+    """A kind registered by another module (``daemon``) is reaped by the CLI, which never
+    imported that module: the record names it."""
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        writer = (
+            "import sys, pytest_runtimefaults.daemon\n"
+            "from pytest_runtimefaults.journal import Journal, process_starttime\n"
+            f"j = Journal({str(tmp_path)!r})\n"
+            f"j.add('daemon', pid={victim.pid}, starttime=process_starttime({victim.pid}))\n"
+        )
+        subprocess.run([sys.executable, "-c", writer], check=True, timeout=60)
+        [journal] = tmp_path.glob("*.jsonl")
+        assert '"reaper_module": "pytest_runtimefaults.daemon"' in journal.read_text()
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest_runtimefaults", "cleanup", f"--state-dir={tmp_path}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout
+        assert "reaped daemon" in done.stdout
+        assert victim.wait(timeout=10) == -9
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
