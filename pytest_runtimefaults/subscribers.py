@@ -288,6 +288,7 @@ class Problem:
     connection: int
     kind: str
     detail: str
+    keys: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         who = "witness" if self.subscriber < 0 else f"subscriber {self.subscriber}"
@@ -738,7 +739,7 @@ class Swarm:
             positions: list[int] = []
             for k, t in zip(conn.keys, conn.times, strict=True):
                 if k in seen:
-                    yield Problem(rec.index, ci, "duplicate", f"{k!r}")
+                    yield Problem(rec.index, ci, "duplicate", f"{k!r}", (k,))
                     continue
                 seen.add(k)
                 pos = index.get(k)
@@ -746,7 +747,9 @@ class Swarm:
                     # Only a defect if the witness was listening at that moment
                     # (it may itself be reconnecting after a daemon restart).
                     if any(a + self.grace <= t <= b for a, b in windows):
-                        yield Problem(rec.index, ci, "unknown", f"{k!r} never reached the witness")
+                        yield Problem(
+                            rec.index, ci, "unknown", f"{k!r} never reached the witness", (k,)
+                        )
                     continue
                 if positions and pos < positions[-1]:
                     yield Problem(
@@ -754,6 +757,7 @@ class Swarm:
                         ci,
                         "order",
                         f"{k!r} (#{pos}) after #{positions[-1]}",
+                        (k,),
                     )
                 positions.append(pos)
             if not positions:
@@ -779,6 +783,7 @@ class Swarm:
                     "gap",
                     f"missed {len(missing)} of events #{first}..#{last}, "
                     f"first {reference[missing[0]]!r}",
+                    tuple(reference[i] for i in missing),
                 )
             head = [
                 i
@@ -791,6 +796,7 @@ class Swarm:
                     ci,
                     "head",
                     f"missed {len(head)} events broadcast after it opened, before its first",
+                    tuple(reference[i] for i in head),
                 )
             if conn.end == "stop" and last < len(reference) - 1:
                 tail = len(reference) - 1 - last
@@ -800,6 +806,7 @@ class Swarm:
                     "tail",
                     f"open to the end but missed the last {tail} events "
                     f"(from {reference[last + 1]!r})",
+                    tuple(reference[last + 1 :]),
                 )
 
 
