@@ -372,6 +372,9 @@ class Daemon:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as log:
                 log.write(f"--- runtimefaults: {self.name} run {number} ---\n".encode())
+                # Flushed before the child writes to the same file, or the
+                # header would land after its first lines.
+                log.flush()
                 offset = log.tell()
                 argv = (_pdeathsig_argv() if self.die_with_parent else []) + self.argv
                 proc = subprocess.Popen(

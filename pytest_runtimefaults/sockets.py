@@ -423,7 +423,7 @@ class StaleSocket:
             self.stop()
             raise
         if self.registry is not None:
-            self.registry.add(f"stale_socket {self.variant} at {self.path}", lift=self.remove)
+            self.registry.add(f"stale_socket {self.variant}", lift=self.remove)
         return self
 
     def _plant(self) -> None:

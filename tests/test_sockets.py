@@ -179,7 +179,7 @@ def test_unknown_variant_names_the_choices() -> None:
 def test_registry_lift_removes_what_was_planted_but_not_a_daemon_socket() -> None:
     registry = FaultRegistry()
     with StaleSocket(variant="file", registry=registry) as s:
-        assert [r.name for r in registry.active] == [f"stale_socket file at {s.path}"]
+        assert [r.name for r in registry.active] == ["stale_socket file"]
         registry.lift_all()
         assert not os.path.exists(s.path)
     with StaleSocket(variant="stale") as s:
@@ -214,7 +214,7 @@ def test_it(stale_socket, daemon, runtimefaults_faults, variant):
     d = daemon(demo_daemon_argv(s.path, "correct"), ready_log="^ready", start=False)
     verdict = s.judge(d)
     assert verdict.ok, verdict
-    assert f"stale_socket {variant} at {s.path}" in [r.name for r in runtimefaults_faults.records]
+    assert f"stale_socket {variant}" in [r.name for r in runtimefaults_faults.records]
 """
 
 
