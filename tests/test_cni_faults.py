@@ -50,11 +50,21 @@ def host_unchanged() -> Iterator[None]:
         return
     before = (own_namespaces(), snapshot_links(None))
     yield
+    deadline = time.monotonic() + 3
+    while (own_namespaces(), snapshot_links(None)) != before and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert (own_namespaces(), snapshot_links(None)) == before
 
 
-def assert_no_leaks(registry: FaultRegistry) -> None:
-    leaks = {name: check.leaked() for name, check in registry.leak_checks.items()}
+def assert_no_leaks(registry: FaultRegistry, settle: float = 3.0) -> None:
+    """No leak check finds anything left, allowing *settle* seconds: another
+    xdist worker's podman may own a ``cni-*`` namespace for a moment."""
+    deadline = time.monotonic() + settle
+    while True:
+        leaks = {name: check.leaked() for name, check in registry.leak_checks.items()}
+        if not any(leaks.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert not any(leaks.values()), leaks
 
 

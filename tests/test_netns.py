@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def host_unchanged() -> Iterator[None]:
     """Every test leaves the host's namespaces and root links as it found them."""
     before = (own_namespaces(), snapshot_links(None))
     yield
+    deadline = time.monotonic() + 3  # another worker's podman may own a cni-* netns briefly
+    while (own_namespaces(), snapshot_links(None)) != before and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert (own_namespaces(), snapshot_links(None)) == before
 
 
