@@ -518,9 +518,13 @@ class Daemon:
         return proc.returncode
 
     def revive(self) -> None:
-        """Start the daemon again if it is down (the lift of a kill fault)."""
+        """Start the daemon again if it is down (the lift of a kill fault).
+
+        Does not wait for it to serve: that wait is the recovery time the
+        ``recovers`` marker measures with the probe ``daemon <name>``.
+        """
         if not self._closed and not self.running:
-            self.start()
+            self.start(wait=False)
 
     def restart(self, *, timeout: float | None = None) -> float:
         """Stop the current instance (gracefully) if running, start again, wait.

@@ -211,7 +211,8 @@ def test_registry_probe_and_kill_fault_lifted_by_restart(tmp_path: Path) -> None
             probe()
         assert [r.name for r in registry.active] == ["SIGKILL toy"]
         registry.lift_all()
-        assert d.running
+        assert d.running  # started again; the lift does not wait for it to serve
+        d.wait_ready()
         assert probe()
 
 

@@ -222,3 +222,26 @@ def test_fixtures_through_the_plugin(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(PLUGIN_TEST)
     result = pytester.runpytest_subprocess("-p", "runtimefaults", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+RECOVERS_TEST = """
+import os
+import pytest
+from pytest_runtimefaults.sockets import demo_daemon_argv
+
+@pytest.mark.recovers(within=2, probe="daemon demo")
+@pytest.mark.parametrize("policy", ["naive", "correct"])
+def test_oom_kill(stale_socket, daemon, policy):
+    path = stale_socket(variant="stale").path
+    os.unlink(path)  # a fresh path: the first start binds
+    d = daemon(demo_daemon_argv(path, policy), socket_path=path, name="demo")
+    d.kill()  # leaves a real stale socket; the lift restarts the daemon over it
+"""
+
+
+def test_recovers_marker_catches_the_naive_daemon(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(RECOVERS_TEST)
+    result = pytester.runpytest_subprocess("-p", "runtimefaults", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*test_oom_kill?naive?*"])
+    assert "Address already in use" in result.stdout.str()

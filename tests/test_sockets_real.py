@@ -174,7 +174,7 @@ def test_containerd_sigkill_during_ctr_run(
             # the same id and "file exists".  Nothing through ctr removes it.
             pytest.xfail(f"containerd left an overlayfs snapshot directory: {exc.stderr}")
     print("left behind by interrupted runs:", sorted(seen) or "nothing")
-    assert runtimefaults_faults.leak_checks["containerd orphans"].leaked() == set()
+    assert runtimefaults_faults.leak_checks["containerd:orphans"].leaked() == set()
     assert containerd.fatal_errors() == []
 
 
