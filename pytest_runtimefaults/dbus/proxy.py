@@ -486,6 +486,8 @@ class DBusFaultProxy:
             self.trace.record(conn, direction, msg, fault=fault)
 
     def _write(self, outputs: list[Output], conn_hint: _Connection | None = None) -> None:
+        if not outputs:
+            return
         # The common case: plain messages for one connection and direction, written
         # as one batch like the fast path does.
         first = outputs[0]

@@ -499,7 +499,8 @@ class StrayReply(Action):
     """Before the real reply, deliver a METHOD_RETURN nobody is waiting for.
 
     ``answer="earlier"`` replies again to the client's previous, already answered
-    call; ``answer="none"`` uses a reply_serial no call had.  youki even after
+    call (the latest seen while the rule was active, else the serial just below
+    the real call's); ``answer="none"`` uses a reply_serial no call had.  youki even after
     PR 3557 never compares reply_serial, so it takes the stray reply as its answer.
     """
 
@@ -517,6 +518,10 @@ class StrayReply(Action):
         earlier = [s for s in ctx.conn.answered if s != real]
         if self.answer == "earlier" and earlier:
             stray_to = earlier[-1]
+        elif self.answer == "earlier" and real > 1:
+            # No answered call seen while the rule was active: clients number their
+            # calls upwards, so the serial just below is an earlier message of theirs.
+            stray_to = real - 1
         else:
             stray_to = (real + 0x10000) & 0xFFFFFFFF or 1
         stray = build_method_return(
@@ -753,17 +758,32 @@ def parse_rule(text: str) -> Rule:
         SignalBeforeReply('JobRemoved') reply_to.member=StartTransientUnit times=1
         Serials(0xfffffff0, on_overflow='stall') direction=to_client sender=org.freedesktop.systemd1
     """
+    stripped = text.strip()
+    if not stripped:
+        raise RuleError("empty rule")
+    # The action may hold spaces and quotes inside its parentheses: cut it at the
+    # parenthesis that closes the first one, and split only the rest like a shell.
+    head_end = len(stripped.split(None, 1)[0])
+    paren = stripped.find("(")
+    if 0 <= paren < head_end:
+        depth = 0
+        for i, ch in enumerate(stripped[paren:], paren):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                head_end = i + 1
+                break
+        else:
+            raise RuleError(f"rule {text!r}: unbalanced parentheses in the action")
     try:
-        words = shlex.split(text)
+        words = shlex.split(stripped[head_end:])
     except ValueError as exc:
         raise RuleError(f"rule {text!r}: {exc}") from None
-    if not words:
-        raise RuleError("empty rule")
-    action = _parse_action(words[0], text)
+    action = _parse_action(stripped[:head_end], text)
     match: dict[str, Any] = {}
     reply: dict[str, Any] = {}
     rule_opts: dict[str, Any] = {}
-    for word in words[1:]:
+    for word in words:
         key, sep, value = word.partition("=")
         if not sep:
             raise RuleError(f"rule {text!r}: expected FIELD=VALUE, got {word!r}")
@@ -922,10 +942,13 @@ class FaultEngine:
             return released
 
     def _update_idle(self) -> None:
-        self.idle = not self.rules and not any(
-            lane.queue or lane.side or conn.serials or conn.calls
-            for conn in self._conns.values()
-            for lane in conn.lanes.values()
+        self.holding = any(
+            lane.queue or lane.side for conn in self._conns.values() for lane in conn.lanes.values()
+        )
+        self.idle = (
+            not self.rules
+            and not self.holding
+            and not any(conn.serials or conn.calls for conn in self._conns.values())
         )
 
     def next_synth_serial(self) -> int:
@@ -959,15 +982,16 @@ class FaultEngine:
                 conn = self._conns[conn_id] = _Conn()
             ctx = Context(self, conn_id, conn, direction, now)
             lane = conn.lanes[direction]
+            waiting = list(lane.side)  # holds made by this very message do not count it
             outputs = self._decide(ctx, msg, fds)
             if not (lane.side or lane.queue or self.holding):
                 return outputs
             # Count-based holds: this message passed; release those whose turn came.
             released: list[Output] = []
-            if lane.side:
+            if waiting:
                 keep = []
                 for held in lane.side:
-                    if held.after is not None:
+                    if held.after is not None and any(held is w for w in waiting):
                         held.after -= 1
                         if held.after <= 0:
                             released += held.outputs
@@ -991,9 +1015,13 @@ class FaultEngine:
             self.last_signal[ctx.conn_id] = msg
         # Replies: find the rules whose reply_to matched the call, note answered serials.
         reply_rules: list[Rule] = []
+        note: str | None = None  # how serial rewriting changed the message, for the trace
         if msg.type in (MessageType.METHOD_RETURN, MessageType.ERROR):
             # Serial rewriting maps fake reply_serials back before anything else looks.
+            original = msg
             msg = self._unmap_reply(ctx, msg)
+            if msg is not original:
+                note = f"Serials: reply_serial {original.reply_serial} -> {msg.reply_serial}"
             rs = msg.reply_serial
             if rs is not None:
                 call_dir = TO_BUS if direction == TO_CLIENT else TO_CLIENT
@@ -1018,6 +1046,7 @@ class FaultEngine:
                 if rewritten is None:
                     _close_fds(fds)
                     return []
+                note = f"Serials: serial {msg.serial} -> {rewritten.serial}"
                 msg = rewritten
         for rule in self.rules:
             if isinstance(rule.action, Serials):
@@ -1031,13 +1060,13 @@ class FaultEngine:
             rule.hits += 1
             if rule.limit is not None and rule.applied >= rule.limit:
                 continue
-            if (rule.hits - 1) % rule.nth:
+            if rule.hits % rule.nth:
                 continue
             if rule.chance < 1.0 and self.rng.random() >= rule.chance:
                 continue
             rule.applied += 1
             return rule.action.apply(ctx, msg, fds)
-        return [ctx.out(msg, fds)]
+        return [ctx.out(msg, fds, fault=note)]
 
     def _rewrite_serial(self, ctx: Context, rule: Rule, msg: Message) -> Message | None:
         action = rule.action

@@ -1,0 +1,135 @@
+"""The fault engine as pure code: rule text, validation, counts, and replay by seed."""
+
+from __future__ import annotations
+
+import pytest
+from jeepney import DBusAddress, new_method_call
+
+from pytest_runtimefaults.dbus.rules import (
+    Delay,
+    Drop,
+    FaultEngine,
+    Match,
+    Reorder,
+    RuleError,
+    Serials,
+    SignalBeforeReply,
+    SplitMessage,
+    parse_rule,
+)
+from pytest_runtimefaults.dbus.trace import TO_BUS, TO_CLIENT
+from pytest_runtimefaults.dbus.wire import Message, build_method_return
+
+T = DBusAddress(
+    "/org/freedesktop/systemd1", "org.freedesktop.systemd1", "org.freedesktop.systemd1.Manager"
+)
+
+
+def call(member: str, serial: int) -> Message:
+    return Message(bytes(new_method_call(T, member).serialise(serial=serial)))
+
+
+def test_parse_rule_text_forms() -> None:
+    rule = parse_rule("Delay(0.5) reply_to=StartTransientUnit times=2")
+    assert isinstance(rule.action, Delay)
+    assert rule.action.seconds == 0.5
+    assert rule.match.reply_to == Match(member="StartTransientUnit")
+    assert rule.limit == 2
+    rule = parse_rule("Serials(0xfffffff0, on_overflow='cycle') direction=to_client sender=:1.5")
+    assert isinstance(rule.action, Serials)
+    assert (rule.action.start, rule.action.on_overflow) == (0xFFFFFFF0, "cycle")
+    assert rule.match.direction == TO_CLIENT
+    assert parse_rule("Drop direction=in member=JobRemoved every=3").nth == 3
+    assert "Delay(seconds=0.5" in parse_rule("Delay(0.5) member=X").describe()
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("Dealy(1)", "unknown action 'Dealy'"),
+        ("Delay(-1)", "seconds must be a number >= 0"),
+        ("Delay(1) membr=X", "match fields are"),
+        ("Delay(1) member", "expected FIELD=VALUE"),
+        ("Delay(1) direction=sideways", "use 'to_bus' or 'to_client'"),
+        ("Delay(1) type=reply", "message type 'reply'"),
+        ("Serials(on_overflow='explode')", "on_overflow 'explode'"),
+        ("Delay(__import__('os'))", "arguments must be literals"),
+        ("Delay(1) times=x", "times needs an integer"),
+        ("SignalBeforeReply('Nope')", "use 'copy' or one of"),
+        ("", "empty rule"),
+    ],
+)
+def test_bad_rules_say_what_is_wrong(text: str, error: str) -> None:
+    with pytest.raises(RuleError, match=error):
+        parse_rule(text)
+
+
+def test_times_and_every_limit_application() -> None:
+    engine = FaultEngine([Drop().on(member="Ping").every(2).times(2)])
+    kept = [bool(engine.on_message(1, TO_BUS, call("Ping", s), [], 0.0)) for s in range(1, 9)]
+    # every 2nd match dropped, but only the first 2 such: matches 1,3 kept; 2,4 dropped; rest kept
+    assert kept == [True, False, True, False, True, True, True, True]
+
+
+def test_prefilter_never_bypasses_a_matching_message() -> None:
+    engine = FaultEngine([Delay(1).on(member=f"M{i}") for i in range(20)])
+    assert engine.bypass(TO_BUS, call("Other", 1))
+    assert not engine.bypass(TO_BUS, call("M7", 2))
+    engine.add(Delay(1).on_reply(member="Watched"))
+    assert not engine.bypass(TO_BUS, call("Watched", 3))
+    engine.on_message(1, TO_BUS, call("Watched", 3), [], 0.0)
+    reply = build_method_return(3, serial=10)
+    assert not engine.bypass(TO_CLIENT, reply)  # a call is awaiting its reply
+
+
+def test_ordered_delay_holds_the_lane_and_reorder_swaps() -> None:
+    engine = FaultEngine([Delay(1.0).on(member="A")])
+    assert engine.on_message(1, TO_BUS, call("A", 1), [], 0.0) == []
+    assert engine.on_message(1, TO_BUS, call("B", 2), [], 0.1) == []  # waits behind A
+    assert engine.next_deadline() == 1.0
+    released = engine.tick(1.0)
+    assert [Message(o.data).member for o in released] == ["A", "B"]
+
+    engine = FaultEngine([Reorder().on(member="A")])
+    assert engine.on_message(1, TO_BUS, call("A", 1), [], 0.0) == []
+    out = engine.on_message(1, TO_BUS, call("B", 2), [], 0.0)
+    assert [Message(o.data).member for o in out] == ["B", "A"]
+
+
+def test_clear_releases_held_messages() -> None:
+    engine = FaultEngine([Delay(10).on(member="A")])
+    engine.on_message(1, TO_BUS, call("A", 1), [], 0.0)
+    assert [Message(o.data).member for o in engine.clear()] == ["A"]
+    assert engine.idle
+
+
+def _run(seed: int) -> list[tuple[str, int, float]]:
+    engine = FaultEngine(
+        [
+            SplitMessage(parts=3, random=True).on(member="Ping"),
+            Delay(0.01).on(member="Ping").probability(0.5),
+        ],
+        seed=seed,
+    )
+    out = []
+    for s in range(1, 40):
+        for o in engine.on_message(1, TO_BUS, call("Ping", s), [], 0.0):
+            out.append((o.fault or "", len(o.data), o.pause_after))
+        for o in engine.tick(1.0):
+            out.append((o.fault or "", len(o.data), o.pause_after))
+    return out
+
+
+def test_same_seed_same_decisions() -> None:
+    assert _run(7) == _run(7)
+    assert _run(7) != _run(8)
+
+
+def test_synthesized_signals_decode() -> None:
+    engine = FaultEngine([SignalBeforeReply("JobRemoved").on(type="method_return")])
+    out = engine.on_message(1, TO_CLIENT, build_method_return(4, serial=9), [], 0.0)
+    signal, reply = (Message(o.data) for o in out)
+    assert signal.member == "JobRemoved"
+    assert signal.interface == "org.freedesktop.systemd1.Manager"
+    assert reply.reply_serial == 4
+    assert out[0].pause_after > 0
