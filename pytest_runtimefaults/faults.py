@@ -75,10 +75,19 @@ class FaultRegistry:
         self.probes[name] = probe
 
     def add_leak_check(self, name: str, snapshot: Callable[[], set[str]]) -> LeakCheck:
-        """Register a leak check and take its baseline now."""
-        check = LeakCheck(name, snapshot)
+        """Register a leak check and take its baseline now.
+
+        *name* is ``KIND`` or ``KIND:DETAIL`` (see :mod:`pytest_runtimefaults.leaks`);
+        a name already taken (two fixtures of one kind in a test) gets ``#2``,
+        ``#3``... so that no check replaces another.
+        """
+        unique, n = name, 1
+        while unique in self.leak_checks:
+            n += 1
+            unique = f"{name}#{n}"
+        check = LeakCheck(unique, snapshot)
         check.start()
-        self.leak_checks[name] = check
+        self.leak_checks[unique] = check
         return check
 
     def add(self, name: str, lift: Callable[[], None] | None = None) -> FaultRecord:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -112,16 +113,24 @@ def test_leak_check_baseline_is_taken_at_registration() -> None:
     assert check.leaked() == {"b"}
 
 
+def test_a_second_check_of_the_same_name_does_not_replace_the_first() -> None:
+    registry = FaultRegistry()
+    first = registry.add_leak_check("processes:runtime", set)
+    second = registry.add_leak_check("processes:runtime", set)
+    assert (first.name, second.name) == ("processes:runtime", "processes:runtime#2")
+    assert set(registry.leak_checks) == {"processes:runtime", "processes:runtime#2"}
+    assert not LeakFilter.parse("-processes:runtime").enabled(second.name)
+    assert LeakFilter.parse("all").enabled(second.name, marker=("processes:runtime",))
+
+
 def test_child_and_descendant_processes_and_by_exe() -> None:
     sh = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
     try:
-        grand = set()
-        for _ in range(200):
+        grand: set[str] = set()
+        deadline = time.monotonic() + 10
+        # Between fork and exec the child is still called "sh": wait for "sleep".
+        while not any(e.endswith(" sleep") for e in grand) and time.monotonic() < deadline:
             grand = leaks.child_processes(sh.pid)
-            if grand:
-                break
-            import time
-
             time.sleep(0.01)
         assert any(entry.endswith(" sleep") for entry in grand)
         assert f"{sh.pid} sh" in leaks.child_processes(os.getpid())
