@@ -169,3 +169,43 @@ def test_unique_names_differ_between_processes_and_fit_an_ifname() -> None:
     assert all(naming.process_tag() in n for n in mine)
     with pytest.raises(ValueError):
         naming.unique_name("a-very-long-prefix")
+
+
+def test_xdist_worker_that_dies_is_reaped_by_the_controller_at_the_end(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import os, pathlib, subprocess
+        import pytest
+
+        @pytest.fixture
+        def child(runtimefaults_journal):
+            p = subprocess.Popen(["sleep", "300"], start_new_session=True)
+            runtimefaults_journal.add_process(p.pid)
+            pathlib.Path("child.pid").write_text(str(p.pid))
+            yield p
+
+        def test_worker_dies(child):
+            os._exit(3)
+
+        def test_other():
+            pass
+        """
+    )
+    state = pytester.path / "state"
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "-n", "2", f"--runtimefaults-state-dir={state}"
+    )
+    pid = int((pytester.path / "child.pid").read_text())
+    starttime = process_starttime(pid)
+    try:
+        result.assert_outcomes(passed=1, failed=1)
+        result.stdout.fnmatch_lines(
+            ["runtimefaults: reaped 1 resource(s) left by 1 dead worker(s)"]
+        )
+        assert not _alive(pid)
+        assert list(state.glob("*.jsonl")) == []
+    finally:
+        if _alive(pid) and process_starttime(pid) == starttime:
+            os.kill(pid, signal.SIGKILL)
