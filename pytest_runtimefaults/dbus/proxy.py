@@ -32,7 +32,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -308,7 +308,11 @@ class DBusFaultProxy:
         self._upstream_target = target
         self._listen = Path(listen) if listen else None
         self._parent = directory
-        self.engine = FaultEngine(rules, seed=seed)
+        self.engine = FaultEngine(seed=seed)
+        #: callables told of every rule added (the pytest fixture registers faults so)
+        self.on_add: list[Callable[[Rule], object]] = []
+        for rule in rules:
+            self.engine.add(rule)
         self.trace = Trace(trace_maxlen)
         self.pcap = pcap
         self.journal = journal
@@ -427,11 +431,19 @@ class DBusFaultProxy:
 
     # -- rules -----------------------------------------------------------------------
     def add(self, rule: Rule | Action | str) -> Rule:
-        """Add a fault rule (a Rule, an Action for every message, or its text form)."""
-        return self.engine.add(rule)
+        """Add a fault rule (a Rule, an Action for every message, or its text form).
+
+        It takes effect for the next message.  Returns the :class:`Rule`, whose
+        ``hits`` and ``applied`` counts tell what it did.
+        """
+        added = self.engine.add(rule)
+        for callback in self.on_add:
+            callback(added)
+        return added
 
     def remove(self, rule: Rule) -> None:
-        self.engine.remove(rule)
+        """Remove *rule*; when it was the last, held messages are released now."""
+        self._write(self.engine.remove(rule))
 
     def clear(self) -> None:
         """Remove every rule and release every held message now."""

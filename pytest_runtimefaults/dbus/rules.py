@@ -924,11 +924,15 @@ class FaultEngine:
                     return False
         return True
 
-    def remove(self, rule: Rule) -> None:
+    def remove(self, rule: Rule) -> list[Output]:
+        """Remove *rule*; once no rule is left, held messages are released (returned)."""
         with self._lock:
             self.rules = [r for r in self.rules if r is not rule]
             self._index()
+            if not self.rules:
+                return self.clear()
             self._update_idle()
+            return []
 
     def clear(self) -> list[Output]:
         """Remove every rule and release every held message now (returned as outputs)."""

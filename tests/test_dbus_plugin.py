@@ -1,0 +1,257 @@
+"""The D-Bus fixtures, marker and commands as a user meets them (pytester, subprocess)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_fixtures_give_a_private_bus_and_a_proxy_with_env(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os, subprocess
+
+        def test_env(dbus_bus, dbus_proxy):
+            assert dbus_proxy.upstream == dbus_bus.address
+            assert dbus_proxy.env["DBUS_SYSTEM_BUS_ADDRESS"] == dbus_proxy.address
+            r = subprocess.run(["busctl", "--system", "list"], capture_output=True, text=True,
+                               env={**os.environ, **dbus_proxy.env})
+            assert r.returncode == 0, r.stderr
+            assert "org.freedesktop.DBus" in r.stdout
+            assert os.stat(dbus_proxy.dir).st_mode & 0o777 == 0o700
+            open("dirs", "w").write(f"{dbus_bus.dir}\\n{dbus_proxy.dir}\\n{dbus_bus.pid}")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "runtimefaults")
+    result.assert_outcomes(passed=1)
+    bus_dir, proxy_dir, pid = (pytester.path / "dirs").read_text().split()
+    assert not Path(bus_dir).exists()
+    assert not Path(proxy_dir).exists()
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_failing_test_shows_the_trace_and_still_cleans_up(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import subprocess, pytest
+
+        @pytest.mark.dbus_faults("Delay(0.05) reply_to=ListNames")
+        def test_fails(dbus_proxy):
+            subprocess.run(["busctl", "--address", dbus_proxy.address, "list"], check=True,
+                           capture_output=True)
+            open("dirs", "w").write(str(dbus_proxy.dir))
+            assert False, "the runtime did not recover"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "runtimefaults")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*runtimefaults D-Bus trace (call)*",
+            "*->bus method_call*org.freedesktop.DBus.ListNames*",
+            "*fault: Delay(seconds=0.05*",
+        ]
+    )
+    assert not Path((pytester.path / "dirs").read_text()).exists()
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ('"Dealy(1) member=X"', "unknown action 'Dealy'"),
+        ('"Delay(1) membr=X"', "match fields are"),
+        ("42", "is not a rule"),
+        ('rule="Delay(1)"', "positional arguments"),
+    ],
+)
+def test_bad_marker_is_a_usage_error_naming_the_test(
+    pytester: pytest.Pytester, marker: str, message: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.dbus_faults({marker})
+        def test_typo(dbus_proxy):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "runtimefaults")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "*test_bad_marker*::test_typo: bad dbus_faults marker*"
+            if "positional" not in message
+            else "*test_typo*"
+        ]
+    )
+    assert message in result.stderr.str()
+
+
+def test_marker_accepts_rule_objects_and_counts_per_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import subprocess, pytest
+        from pytest_runtimefaults.dbus.rules import ErrorReply
+
+        RULE = ErrorReply("org.example.Injected", "no").on(member="ListNames").times(1)
+
+        @pytest.mark.parametrize("n", [1, 2])
+        @pytest.mark.dbus_faults(RULE)
+        def test_error(dbus_proxy, n):
+            r = subprocess.run(["busctl", "--address", dbus_proxy.address, "call",
+                                "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                "org.freedesktop.DBus", "ListNames"],
+                               capture_output=True, text=True)
+            assert r.returncode != 0
+            assert "no" in r.stderr
+            assert dbus_proxy.rules[0].applied == 1
+        """
+    )
+    pytester.runpytest_subprocess("-p", "runtimefaults").assert_outcomes(passed=2)
+
+
+def test_malformed_data_fails_the_test_unless_acknowledged(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import socket, time
+
+        def _garbage(proxy):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(proxy.socket_path))
+            s.sendall(b"\\0AUTH EXTERNAL 30\\r\\nBEGIN\\r\\n" + b"Q" * 16)
+            for _ in range(200):
+                if proxy.errors:
+                    break
+                time.sleep(0.01)
+            s.close()
+
+        def test_unacknowledged(dbus_proxy):
+            _garbage(dbus_proxy)
+
+        def test_acknowledged(dbus_proxy):
+            _garbage(dbus_proxy)
+            assert "bad endianness byte 0x51" in dbus_proxy.errors[0]
+            dbus_proxy.errors.clear()
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "runtimefaults")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*dbus_proxy met malformed D-Bus data*",
+            "*malformed data from the client: bad endianness byte 0x51*",
+        ]
+    )
+
+
+def test_pcap_dir_option(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(
+        """
+        import subprocess
+
+        def test_one(dbus_proxy):
+            subprocess.run(["busctl", "--address", dbus_proxy.address, "list"], check=True,
+                           capture_output=True)
+        """
+    )
+    pytester.runpytest_subprocess(
+        "-p", "runtimefaults", f"--runtimefaults-pcap-dir={tmp_path}"
+    ).assert_outcomes(passed=1)
+    (pcap,) = tmp_path.glob("*.pcap")
+    assert "test_one" in pcap.name
+    assert pcap.stat().st_size > 100
+
+
+def test_host_bus_upstream_is_refused_without_consent(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(dbus_proxy):\n    pass\n")
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-dbus-upstream=unix:path=/run/dbus/system_bus_socket"
+    )
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*refusing to proxy the host's system bus*"])
+
+
+def _spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest_runtimefaults", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def test_cli_bus_and_proxy_by_hand(tmp_path: Path) -> None:
+    bus, bus_address = _spawn("bus")
+    pcap = tmp_path / "t.pcap"
+    proxy, proxy_address = _spawn(
+        "proxy",
+        "--upstream",
+        bus_address,
+        "--pcap",
+        str(pcap),
+        "--rule",
+        "Delay(0.2) reply_to=ListNames",
+    )
+    try:
+        assert proxy_address.startswith("unix:path=")
+        t = time.monotonic()
+        r = subprocess.run(
+            ["busctl", "--address", proxy_address, "list"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - t >= 0.2
+    finally:
+        for p in (proxy, bus):
+            p.send_signal(signal.SIGINT)
+        _, err = proxy.communicate(timeout=20)
+        bus.communicate(timeout=20)
+    assert proxy.returncode == 0
+    assert "applied 1 faults" in err
+    assert pcap.stat().st_size > 0
+    assert "rule: Delay(seconds=0.2" in err
+
+
+def test_cli_proxy_bad_rule_says_what_is_wrong() -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest_runtimefaults",
+            "proxy",
+            "--upstream",
+            "unix:path=/nonexistent",
+            "--rule",
+            "Delay(1) membr=X",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert "match fields are" in r.stderr
+
+
+def test_cli_proxy_help_shows_the_rule_syntax() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest_runtimefaults", "proxy", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "SignalBeforeReply" in r.stdout
+    assert "reply_to=MEMBER" in r.stdout
+    assert os.path.basename(sys.executable)  # the command ran under this interpreter
