@@ -35,6 +35,7 @@ import json
 import os
 import random
 import select
+import shlex
 import shutil
 import struct
 import tempfile
@@ -57,6 +58,8 @@ __all__ = [
     "CniDir",
     "CniPodman",
     "CriNetworkStatus",
+    "CriPod",
+    "CriPods",
     "DeleteRecreate",
     "HalfWritten",
     "HeldHalfWritten",
@@ -66,6 +69,7 @@ __all__ = [
     "TornWriteWatcher",
     "broken_bytes",
     "busybox_rootfs",
+    "containerd_in_sandbox",
     "cri_network_status",
     "decode_protobuf",
     "next_subnet",
@@ -920,6 +924,21 @@ def busybox_rootfs(directory: Path | str, busybox: str = "/bin/busybox") -> Path
     return root
 
 
+def private_state_argv(netns_path: Path | str) -> list[str]:
+    """An argv prefix: a private mount namespace with a tmpfs on ``/var/lib``,
+    then network namespace *netns_path*, then the command that follows.
+
+    libcni (in podman and in containerd's CRI) caches every ADD result under
+    ``/var/lib/cni/results`` on the host, with no option to move it; in this
+    mount namespace that cache, and anything else a runtime writes under
+    ``/var/lib``, lives in memory and vanishes with the runtime.  Mounts the
+    runtime makes (network namespaces, rootfs) stay in it too (``slave``
+    propagation: the host's mounts come in, none go out).
+    """
+    script = 'mount -t tmpfs -o mode=0755 rfvarlib /var/lib && exec nsenter --net="$0" "$@"'
+    return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script, str(netns_path)]
+
+
 class CniPodman:
     """podman with the CNI backend on a :class:`CniDir`, in private storage.
 
@@ -999,8 +1018,7 @@ class CniPodman:
     def argv(self, *args: str) -> list[str]:
         d = self.directory
         return [
-            "nsenter",
-            f"--net={self.sandbox.host.path}",
+            *private_state_argv(self.sandbox.host.path),
             self.binary,
             "--root",
             str(d / "root"),
@@ -1160,3 +1178,184 @@ def wait_cri_network(
         if predicate(status) or time.monotonic() > deadline:
             return status
         time.sleep(0.02)
+
+
+def _pb_field(number: int, payload: bytes | str) -> bytes:
+    """One length-delimited protobuf field (strings and sub-messages)."""
+    data = payload.encode() if isinstance(payload, str) else payload
+    out = bytearray([(number << 3) | 2])
+    length = len(data)
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out) + data
+
+
+@dataclass(frozen=True)
+class CriPod:
+    """A pod sandbox created through CRI: its id, IP and network namespace.
+
+    *netns* is the path containerd gave it; *netns_path* the same namespace
+    as this process can open it (through ``/proc/PID/root`` when containerd
+    runs in its own mount namespace), for :func:`~pytest_runtimefaults.netns.link_kind`.
+    """
+
+    id: str
+    ip: str
+    netns: str
+    netns_path: str
+
+
+class CriPods:
+    """``RunPodSandbox``/``StopPodSandbox``/``RemovePodSandbox`` over CRI's gRPC socket.
+
+    What a kubelet does to give a pod its network, with no CRI stubs: the few
+    fields needed are encoded by hand.  Each pod is a sandbox only (no
+    containers), which is where CNI ADD and DEL happen.
+    """
+
+    def __init__(
+        self, address: str, *, mount_pid: int | None = None, timeout: float = 30.0
+    ) -> None:
+        self.address = address
+        self.mount_pid = mount_pid
+        self.timeout = timeout
+        self.pods: list[str] = []
+
+    def _reach(self, path: str) -> str:
+        if not path or self.mount_pid is None:
+            return path
+        # /var/run is a symlink to /run: an absolute symlink met under
+        # /proc/PID/root resolves against *our* root, so resolve it first.
+        return f"/proc/{self.mount_pid}/root{os.path.realpath(path)}"
+
+    def _call(self, method: str, request: bytes) -> bytes:
+        import grpc
+
+        with grpc.insecure_channel(f"unix://{self.address}") as channel:
+            stub = channel.unary_unary(
+                f"/runtime.v1.RuntimeService/{method}",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            response: bytes = stub(request, timeout=self.timeout)
+            return response
+
+    def run(self, name: str | None = None, log_dir: str = "/tmp") -> CriPod:
+        """Create a pod sandbox; raises ``grpc.RpcError`` with containerd's message."""
+        name = name or naming.unique_name("rfpod", maxlen=40)
+        metadata = _pb_field(1, name) + _pb_field(2, f"uid-{name}") + _pb_field(3, "rf")
+        config = _pb_field(1, metadata) + _pb_field(2, name[:63]) + _pb_field(3, log_dir)
+        pod_id = decode_protobuf(self._call("RunPodSandbox", _pb_field(1, config)))[1][0].decode()
+        self.pods.append(pod_id)
+        return self.status(pod_id)
+
+    def status(self, pod_id: str) -> CriPod:
+        raw = self._call("PodSandboxStatus", _pb_field(1, pod_id) + b"\x10\x01")  # verbose
+        top = decode_protobuf(raw)
+        status = decode_protobuf(top[1][0])
+        ip = ""
+        if 5 in status:  # PodSandboxStatus.network -> PodSandboxNetworkStatus.ip
+            ip = decode_protobuf(status[5][0]).get(1, [b""])[0].decode()
+        netns = ""
+        for entry in top.get(2, []):
+            fields = decode_protobuf(entry)
+            if fields[1][0] == b"info":
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    spec = json.loads(fields[2][0])["runtimeSpec"]
+                    for ns in spec["linux"]["namespaces"]:
+                        if ns["type"] == "network":
+                            netns = str(ns.get("path", ""))
+        return CriPod(pod_id, ip, netns, self._reach(netns))
+
+    def remove(self, pod_id: str) -> None:
+        """Stop (CNI DEL) and remove a pod sandbox."""
+        self._call("StopPodSandbox", _pb_field(1, pod_id))
+        self._call("RemovePodSandbox", _pb_field(1, pod_id))
+        if pod_id in self.pods:
+            self.pods.remove(pod_id)
+
+    def list_ids(self) -> list[str]:
+        """Ids of every pod sandbox CRI knows, ready or not (failed runs included)."""
+        top = decode_protobuf(self._call("ListPodSandbox", b""))
+        return [decode_protobuf(item)[1][0].decode() for item in top.get(1, [])]
+
+    def remove_all(self) -> list[str]:
+        """Stop and remove every pod CRI lists, and delete a pod's network
+        namespace if containerd left it; returns the namespaces it had to delete."""
+        left: list[str] = []
+        for pod_id in self.list_ids():
+            netns = ""
+            with contextlib.suppress(Exception):
+                netns = self.status(pod_id).netns
+            with contextlib.suppress(Exception):
+                self.remove(pod_id)
+            if netns and os.path.exists(self._reach(netns)):
+                import subprocess
+
+                enter = ["nsenter", "-t", str(self.mount_pid), "-m"] if self.mount_pid else []
+                subprocess.run(
+                    [*enter, "ip", "netns", "delete", os.path.basename(netns)],
+                    check=False,
+                    capture_output=True,
+                    timeout=30,
+                )
+                left.append(os.path.basename(netns))
+        return left
+
+
+def containerd_in_sandbox(
+    cni: CniDir,
+    sandbox: CniSandbox,
+    *,
+    journal: Journal | None = None,
+    registry: Any = None,
+) -> Any:
+    """A private containerd with CRI on *cni*'s conf dir, running inside *sandbox*.
+
+    The CRI plugin runs the CNI plugins from containerd's own network
+    namespace, so containerd is started through :func:`private_state_argv`
+    (a two-line wrapper script): pod bridges and veths stay in the sandbox,
+    libcni's result cache and the pods' namespace mounts in containerd's own
+    mount namespace (reach them with ``CriPods(address, mount_pid=ctd.pid)``).
+    Its ``sandbox_image`` is a busybox-static image (``sleep``) imported
+    into the private store, so pods need no registry.  Returns a started
+    :class:`~pytest_runtimefaults.containerd.Containerd`; :func:`CriPods`
+    talks to it.
+    """
+    from pytest_runtimefaults.containerd import Containerd
+    from pytest_runtimefaults.rootfs import build_image_tar, build_rootfs
+
+    ref = "localhost/runtimefaults/pause:latest"
+    wrapper = cni.root / f"containerd-in-{sandbox.host.name}"
+    prefix = " ".join(shlex.quote(a) for a in private_state_argv(sandbox.host.path))
+    wrapper.write_text(f'#!/bin/sh\nexec {prefix} containerd "$@"\n')
+    wrapper.chmod(0o755)
+    ctd = Containerd(
+        binary=str(wrapper),
+        cri=True,
+        cni_conf_dir=cni.conf_dir,
+        cni_bin_dir=cni.plugin_dir,
+        namespace="k8s.io",
+        log_level="info",
+        # restrict_oom_score_adj: the sandbox's -998 needs CAP_SYS_RESOURCE,
+        # which root lacks on this kind of host (runc init dies otherwise).
+        cri_config=f'enable_cdi = false\nrestrict_oom_score_adj = true\nsandbox_image = "{ref}"',
+        journal=journal,
+        registry=registry,
+    )
+    try:
+        ctd.start()
+        build_rootfs(ctd.directory / "pause-rootfs")
+        tar = build_image_tar(
+            ctd.directory / "pause-rootfs",
+            ctd.directory / "pause.tar",
+            ref=ref,
+            cmd=("/bin/sleep", "86400"),
+        )
+        ctd.ctr("image", "import", str(tar))
+    except BaseException:
+        ctd.stop()
+        raise
+    return ctd
