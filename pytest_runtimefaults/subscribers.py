@@ -423,6 +423,12 @@ class Swarm:
     closes everything; ``report()`` judges.  As a context manager, the block
     runs between ``start()`` and ``stop()``.
 
+    *witness*: a transport for the witness alone (default: *transport*), so
+    that the reference can come straight from the daemon while the swarm
+    goes through a fault proxy.  *grace*: seconds after a connection opened
+    before a missed event counts against it (subscriptions without an
+    acknowledgement are not in place at once).
+
     Background errors (a subscriber thread that died) are re-raised by
     ``stop()`` and ``report()``, in the test that caused them.
     """
@@ -437,10 +443,14 @@ class Swarm:
         rng: random.Random | None = None,
         grace: float = 1.0,
         poll: float = 0.05,
+        witness: Transport | None = None,
     ) -> None:
         if subscribers < 1:
             raise ValueError("a swarm needs at least one subscriber")
         self.transport = transport
+        # The reference may come another way than the swarm's own streams: straight
+        # from the daemon while the subscribers go through a fault proxy.
+        self.witness_transport = witness or transport
         self.n = subscribers
         self.churn = churn or Churn()
         if rng is None:
@@ -532,6 +542,7 @@ class Swarm:
 
     def _subscriber(self, rec: SubscriberRecord, rng: random.Random) -> None:
         churn = self.churn
+        transport = self.witness_transport if rec.index < 0 else self.transport
         live = self._live[rec.index]
         failures = 0
         while not self._stopping.is_set():
@@ -539,7 +550,7 @@ class Swarm:
             with self._lock:
                 rec.connections.append(conn)
             try:
-                sub = self.transport.subscribe()
+                sub = transport.subscribe()
             except SubscriptionError as exc:
                 conn.closed, conn.end, conn.error = time.monotonic(), "connect", str(exc)
                 failures += 1
