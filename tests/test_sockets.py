@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -154,12 +155,14 @@ def _host_mounts() -> str:
 
 
 def test_bind_mount_lives_only_in_a_private_mount_namespace() -> None:
-    before = _host_mounts()
     with StaleSocket(variant="bind-mount") as s:
+        private = os.path.dirname(s.path)
         assert s.client_view is not None
         assert s.client_view.startswith("/proc/")
-        view_on_host = s.client_view.split("/root", 1)[1]
-        assert view_on_host not in _host_mounts()  # not a mount point on the host
+        # Mounted in the holder's namespace, not in ours (the host's).
+        assert private not in _host_mounts()
+        holder = s.client_view.split("/")[2]
+        assert private in Path(f"/proc/{holder}/mountinfo").read_text()
         assert connect_error(s.client_view) == "ECONNREFUSED"
         # A daemon replaces the stale socket: the client's mount keeps the old inode.
         os.unlink(s.path)
@@ -168,7 +171,8 @@ def test_bind_mount_lives_only_in_a_private_mount_namespace() -> None:
             server.listen()
             assert connect_error(s.path) is None
             assert connect_error(s.client_view) == "ECONNREFUSED"
-    assert _host_mounts() == before
+    assert private not in _host_mounts()
+    assert not os.path.exists(f"/proc/{holder}")
 
 
 def test_unknown_variant_names_the_choices() -> None:
