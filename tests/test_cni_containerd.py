@@ -14,14 +14,28 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_runtimefaults.cni import CniDir, CriNetworkStatus, cri_network_status, wait_cri_network
+from pytest_runtimefaults.cni import (
+    CniDir,
+    CriNetworkStatus,
+    CriPods,
+    cri_network_status,
+    wait_cri_network,
+)
 from pytest_runtimefaults.containerd import Containerd
 from pytest_runtimefaults.faults import FaultRegistry
-from pytest_runtimefaults.netns import CniSandbox, own_namespaces, snapshot_links
+from pytest_runtimefaults.netns import (
+    CniSandbox,
+    link_kind,
+    own_namespaces,
+    snapshot_ipam,
+    snapshot_links,
+)
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -31,12 +45,19 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def host_unchanged() -> Iterator[None]:
-    before = (own_namespaces(), snapshot_links(None))
+    before = host_state()
     yield
     deadline = time.monotonic() + 3  # another worker's podman may own a cni-* netns briefly
-    while (own_namespaces(), snapshot_links(None)) != before and time.monotonic() < deadline:
+    while host_state() != before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert (own_namespaces(), snapshot_links(None)) == before
+    assert host_state() == before
+
+
+def host_state() -> tuple[set[str], set[str], set[str]]:
+    """Namespaces, root links, and libcni's host cache (which must stay untouched)."""
+    cache = Path("/var/lib/cni")
+    files = {str(p) for p in cache.rglob("*")} if cache.exists() else set()
+    return own_namespaces(), snapshot_links(None), files
 
 
 def ready_with(name: str) -> Any:
@@ -167,3 +188,105 @@ def test_containerd_delete_and_recreate_brings_macvlan_up_as_bridge(
     status = wait_cri_network(cni_containerd.address, lambda s: s.plugin_types == ("macvlan",))
     assert isinstance(status, CriNetworkStatus)
     assert status.ready
+
+
+# --- real pods (RunPodSandbox: CNI ADD; StopPodSandbox: CNI DEL) -------------------
+
+
+def test_containerd_pod_gets_the_network_then_frees_it(
+    cni_dir: CniDir, cni_cri_pods: CriPods, cni_containerd: Containerd
+) -> None:
+    conf = cni_dir.bridge()
+    cni_dir.write(conf)
+    assert wait_cri_network(cni_containerd.address, ready_with(conf["name"])).ready
+    pod = cni_cri_pods.run()
+    assert pod.ip.startswith(str(conf["plugins"][0]["ipam"]["subnet"]).rsplit(".", 1)[0])
+    assert link_kind(pod.netns_path, "eth0") == "veth"
+    assert len(snapshot_ipam(cni_dir.ipam_dir)) == 1
+    cni_cri_pods.remove(pod.id)
+    assert snapshot_ipam(cni_dir.ipam_dir) == set()
+
+
+def test_containerd_pod_fails_without_naming_the_broken_file(
+    cni_dir: CniDir,
+    cni_cri_pods: CriPods,
+    cni_containerd: Containerd,
+    cni_half_written: Any,
+    runtimefaults_faults: FaultRegistry,
+) -> None:
+    import grpc
+
+    good = cni_dir.bridge()
+    cni_dir.write(good, priority=10)
+    assert wait_cri_network(cni_containerd.address, ready_with(good["name"])).ready
+    fault = cni_half_written("05-broken.conflist", cni_dir.bridge(), restore=False)
+    wait_cri_network(cni_containerd.address, lambda s: not s.ready)
+    with pytest.raises(grpc.RpcError) as info:
+        cni_cri_pods.run()
+    details = info.value.details()  # type: ignore[attr-defined]
+    assert "failed to setup network for sandbox" in details
+    assert "cni plugin not initialized" in details
+    assert fault.path.name not in details  # the pod's error does not say which file
+    # The failed sandbox stays listed (NotReady) with its namespace until removed.
+    assert len(cni_cri_pods.list_ids()) == 1
+    runtimefaults_faults.lift_all()
+    assert wait_cri_network(cni_containerd.address, ready_with(good["name"])).ready
+    pod = cni_cri_pods.run()
+    assert link_kind(pod.netns_path, "eth0") == "veth"
+
+
+def test_containerd_pods_come_up_as_bridge_while_the_macvlan_file_is_recreated(
+    cni_dir: CniDir,
+    cni_sandbox: CniSandbox,
+    cni_cri_pods: CriPods,
+    cni_containerd: Containerd,
+    cni_delete_recreate: Any,
+) -> None:
+    mac = cni_dir.macvlan(cni_sandbox.master_link())
+    cni_dir.write(cni_dir.bridge(), "20-bridge.conflist")
+    cni_dir.write(mac, "10-mac.conflist")
+    assert wait_cri_network(cni_containerd.address, lambda s: s.plugin_types == ("macvlan",))
+    cni_delete_recreate("10-mac.conflist", mac, gap=0.02, period=(0.005, 0.02))
+    kinds: Counter[str | None] = Counter()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum(kinds.values()) < 30 and not kinds["veth"]:
+        pod = cni_cri_pods.run()
+        kinds[link_kind(pod.netns_path, "eth0")] += 1
+    # The incident, with real pods: the macvlan network's pods get a veth on
+    # the bridge network while its file is briefly absent.
+    assert kinds["veth"] >= 1, kinds
+
+
+def test_containerd_del_after_the_default_network_changed_leaks_the_reservation(
+    cni_dir: CniDir,
+    cni_sandbox: CniSandbox,
+    cni_cri_pods: CriPods,
+    cni_containerd: Containerd,
+    runtimefaults_faults: FaultRegistry,
+) -> None:
+    mac = cni_dir.macvlan(cni_sandbox.master_link())
+    cni_dir.write(cni_dir.bridge(), "20-bridge.conflist")
+    cni_dir.write(mac, "10-mac.conflist")
+    assert wait_cri_network(cni_containerd.address, lambda s: s.plugin_types == ("macvlan",))
+    pod = cni_cri_pods.run()
+    assert link_kind(pod.netns_path, "eth0") == "macvlan"
+    cni_dir.remove("10-mac.conflist")  # the pod's network file vanishes while it runs
+    assert wait_cri_network(cni_containerd.address, lambda s: s.plugin_types == ("bridge",))
+    cni_cri_pods.remove(pod.id)  # DEL goes to the bridge network, not the pod's
+    leaked = runtimefaults_faults.leak_checks["ipam:cni"].leaked()
+    assert leaked == {f"ipam:{mac['name']}/{pod.ip}={pod.id}"}
+
+
+def test_containerd_ten_concurrent_pods_get_distinct_addresses(
+    cni_dir: CniDir, cni_cri_pods: CriPods, cni_containerd: Containerd
+) -> None:
+    conf = cni_dir.bridge()
+    cni_dir.write(conf)
+    assert wait_cri_network(cni_containerd.address, ready_with(conf["name"])).ready
+    with ThreadPoolExecutor(10) as pool:
+        pods = list(pool.map(lambda i: cni_cri_pods.run(f"rfpar{i}"), range(10)))
+    assert len({p.ip for p in pods}) == 10
+    assert len(snapshot_ipam(cni_dir.ipam_dir)) == 10
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(lambda p: cni_cri_pods.remove(p.id), pods))
+    assert snapshot_ipam(cni_dir.ipam_dir) == set()

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,12 +43,19 @@ REASONS = {
 
 @pytest.fixture(autouse=True)
 def host_unchanged() -> Iterator[None]:
-    before = (own_namespaces(), snapshot_links(None))
+    before = host_state()
     yield
     deadline = time.monotonic() + 3
-    while (own_namespaces(), snapshot_links(None)) != before and time.monotonic() < deadline:
+    while host_state() != before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert (own_namespaces(), snapshot_links(None)) == before
+    assert host_state() == before
+
+
+def host_state() -> tuple[set[str], set[str], set[str]]:
+    """Namespaces, root links, and libcni's host cache (which must stay untouched)."""
+    cache = Path("/var/lib/cni")
+    files = {str(p) for p in cache.rglob("*")} if cache.exists() else set()
+    return own_namespaces(), snapshot_links(None), files
 
 
 def assert_no_leaks(registry: FaultRegistry, settle: float = 3.0) -> None:
