@@ -110,6 +110,8 @@ class ReportCollector:
         self.seed = seed
         self.tests: dict[str, _TestEntry] = {}
         self.started = time.time()
+        #: more top-level keys of the JSON report (version, capabilities...)
+        self.extra: dict[str, Any] = {}
 
     def add(self, report: Any) -> None:
         """Feed one ``TestReport`` (any phase), as ``pytest_runtest_logreport`` sees it."""
@@ -162,6 +164,7 @@ class ReportCollector:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            **self.extra,
             "seed": self.seed,
             "created": self.started,
             "summary": self.summary(),

@@ -383,6 +383,21 @@ def test_bad_marker_arguments_are_usage_errors_naming_the_test(
     result.stderr.fnmatch_lines([f"ERROR: *::test_bad_args: bad @pytest.mark.{name}: *{message}*"])
 
 
+def test_budget_on_an_async_test_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.failure_budget(runs=2, max_rate=0.1)
+        async def test_async():
+            pass
+        """
+    )
+    result = pytester.runpytest("-p", "runtimefaults")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: *::test_async: *cannot repeat an async test function*"])
+
+
 def test_markers_are_documented_with_their_signatures(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-p", "runtimefaults", "--markers")
     result.stdout.fnmatch_lines(

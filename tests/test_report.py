@@ -78,6 +78,8 @@ def test_json_and_junit_report(pytester: pytest.Pytester, xdist: list[str]) -> N
     )
     report = json.loads((pytester.path / "out" / "report.json").read_text())
     assert report["seed"] == 4242
+    assert report["capabilities"]["root"] == {"ok": True, "detail": "uid 0"}
+    assert report["version"]
     tests = {t["nodeid"].split("::")[1]: t for t in report["tests"]}
     assert len(tests) == 7, "every test is in the report"
     recovered = tests["test_recovers"]
