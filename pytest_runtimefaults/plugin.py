@@ -159,7 +159,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 @pytest.fixture(scope="session")
 def runtimefaults_seed(pytestconfig: pytest.Config) -> int:
-    """The run's seed (session scope).  Printed in the report header."""
+    """The run's seed, an ``int`` (session scope, no dependencies).
+
+    Printed in the report header; set it with ``--runtimefaults-seed`` or the
+    ini key ``runtimefaults_seed``; pytest-xdist workers get the controller's.
+    """
     return pytestconfig.stash[SEED_KEY]
 
 
@@ -167,19 +171,22 @@ def runtimefaults_seed(pytestconfig: pytest.Config) -> int:
 def runtimefaults_rng(request: pytest.FixtureRequest, runtimefaults_seed: int) -> random.Random:
     """A ``random.Random`` seeded from the run's seed and the test's node id.
 
-    Function scope.  Every random choice a fault makes comes from here, so a
-    test replays identically with the same ``--runtimefaults-seed`` whatever
-    else runs, in whatever order.
+    Function scope; depends on ``runtimefaults_seed``.  Every random choice a
+    fault makes comes from here, so a test replays identically with the same
+    ``--runtimefaults-seed`` whatever else runs, in whatever order.
     """
     return random.Random(f"{runtimefaults_seed}:{request.node.nodeid}")
 
 
 @pytest.fixture
 def runtimefaults_faults(request: pytest.FixtureRequest) -> Iterator[FaultRegistry]:
-    """The registry of faults active in this test (function scope).
+    """The test's :class:`~pytest_runtimefaults.faults.FaultRegistry` (function scope).
 
-    Fault fixtures register what they inject here; the ``recovers`` marker lifts
-    them all before probing the runtime; the report lists them.
+    Fault fixtures register what they inject (``add(name, lift=fn)``), the
+    health probes they offer (``add_probe(name, fn)``) and their leak checks
+    (``add_leak_check(name, snapshot)``).  The ``recovers`` marker lifts every
+    fault before probing; the report lists them; faults still active at
+    teardown are lifted.  No dependencies.
     """
     registry = request.node.stash.setdefault(FAULTS_KEY, FaultRegistry())
     yield registry
@@ -188,5 +195,12 @@ def runtimefaults_faults(request: pytest.FixtureRequest) -> Iterator[FaultRegist
 
 @pytest.fixture(scope="session")
 def runtimefaults_journal(pytestconfig: pytest.Config) -> Journal:
-    """The crash-safe journal of created resources (session scope)."""
+    """The crash-safe :class:`~pytest_runtimefaults.journal.Journal` (session scope).
+
+    Record each resource as you create it (``rid = journal.add("path",
+    path=...)``, ``journal.add_process(pid)``) and ``journal.release(rid)``
+    once removed: what a killed pytest leaves is reaped by the next run or by
+    ``runtimefaults cleanup``.  One journal per process (xdist worker); no
+    dependencies.
+    """
     return pytestconfig.stash[JOURNAL_KEY]

@@ -184,3 +184,23 @@ def test_budget_result_and_figures_roundtrip() -> None:
     assert " ... " in long.first_failures[0]
     figures = TestFigures(budget=result.as_dict())
     assert TestFigures.from_properties(figures.properties()) == figures
+
+
+def test_xdist_workers_use_the_controllers_random_seed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("i", range(6))
+        def test_seed(i, runtimefaults_seed, record_property):
+            record_property("seed", runtimefaults_seed)
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "-n", "2", "--junitxml=j.xml", "--runtimefaults-report=r.json"
+    )
+    result.assert_outcomes(passed=6)
+    seed = json.loads((pytester.path / "r.json").read_text())["seed"]
+    seeds = {p["seed"] for p in _properties(str(pytester.path / "j.xml")).values()}
+    assert seeds == {str(seed)}
+    result.stdout.fnmatch_lines([f"runtimefaults: seed {seed} (replay with *"])
