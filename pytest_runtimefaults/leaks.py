@@ -40,6 +40,7 @@ __all__ = [
     "netns_names",
     "open_fds",
     "processes_by_exe",
+    "processes_with_arg",
     "socket_files",
     "systemd_units",
 ]
@@ -187,6 +188,31 @@ def processes_by_exe(name: str, *, include_zombies: bool = False) -> set[str]:
             include_zombies or not _zombie(entry)
         ):
             found.add(f"{entry} {name}")
+    return found
+
+
+def processes_with_arg(text: str, *, include_zombies: bool = False) -> set[str]:
+    """Processes with *text* in their command line, as ``"PID ARGV0"``.
+
+    Host-wide checks such as :func:`processes_by_exe` see every pytest-xdist
+    worker's runc; matching a string only this test uses (the runtime's
+    unique ``--root``, a container id, a socket path) keeps the check to the
+    test's own processes.
+    """
+    needle = text.encode()
+    me = os.getpid()
+    found: set[str] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if needle in cmdline and (include_zombies or not _zombie(entry)):
+            argv0 = cmdline.split(b"\0", 1)[0].decode(errors="replace")
+            found.add(f"{entry} {os.path.basename(argv0)}")
     return found
 
 

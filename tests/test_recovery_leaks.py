@@ -142,6 +142,18 @@ def test_child_and_descendant_processes_and_by_exe() -> None:
         sh.wait()
 
 
+def test_processes_with_arg_finds_only_the_tests_own() -> None:
+    mine = subprocess.Popen(["sleep", "30.123456"])
+    other = subprocess.Popen(["sleep", "30.654321"])
+    try:
+        assert leaks.processes_with_arg("30.123456") == {f"{mine.pid} sleep"}
+    finally:
+        for p in (mine, other):
+            p.kill()
+            p.wait()
+    assert leaks.processes_with_arg("30.123456") == set()
+
+
 def test_open_fds_sees_a_new_socket_and_raises_for_a_dead_process() -> None:
     before = leaks.open_fds(os.getpid())
     s = socket.socket(socket.AF_UNIX)
