@@ -71,6 +71,7 @@ __all__ = [
     "UnitInfo",
     "cgroup_mounts",
     "host_cgroup_state",
+    "thaw",
 ]
 
 SYSTEMD = "/lib/systemd/systemd"
@@ -575,9 +576,12 @@ class SystemdSandbox:
         errors: list[str] = []
         if launcher is not None:
             if self.pid is not None and process_starttime(self.pid) is not None:
-                # SIGKILL to a PID namespace's init kills the whole namespace.
+                # SIGKILL to a PID namespace's init kills the whole namespace...
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
+                # ... once frozen processes thaw: runc freezes a container while it
+                # sets unit properties, and a runc killed then leaves it frozen.
+                thaw(self._cgroup_dirs)
             else:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(launcher.pid, signal.SIGKILL)
@@ -605,8 +609,30 @@ class SystemdSandbox:
             raise SandboxError("; ".join(errors))
 
 
+def thaw(roots: Iterable[Path | str]) -> list[str]:
+    """Thaw every frozen cgroup under *roots* (v1 ``freezer.state``, v2 ``cgroup.freeze``).
+
+    A frozen process does not die of SIGKILL until thawed.  Returns the cgroups thawed.
+    """
+    thawed: list[str] = []
+    for root in map(Path, roots):
+        if not root.is_dir():
+            continue
+        for knob, frozen, value in (
+            ("freezer.state", ("FROZEN", "FREEZING"), "THAWED"),
+            ("cgroup.freeze", ("1",), "0"),
+        ):
+            for path in root.rglob(knob):
+                with contextlib.suppress(OSError):
+                    if path.read_text().strip() in frozen:
+                        path.write_text(value)
+                        thawed.append(str(path.parent))
+    return thawed
+
+
 def _reap_sandbox_cgroups(record: dict[str, Any]) -> None:
     """Journal reaper: remove a dead sandbox's cgroups (its processes were killed first)."""
+    thaw(record.get("cgroups", []))
     left = [p for p in record.get("cgroups", []) if not _rmdir_tree(Path(p), timeout=10)]
     if left:
         raise SandboxError(f"cgroups still busy: {left}")
@@ -651,6 +677,12 @@ class UnitInfo:
         return self.name.rsplit(".", 1)[-1]
 
 
+def _typed(signature: bytes, args: Sequence[Any]) -> list[Any]:
+    from pystemd.dbuslib import apply_signature
+
+    return list(apply_signature(signature, list(args))) if signature else []
+
+
 def _s(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -685,15 +717,26 @@ class SystemdInspector:
             yield bus
 
     def _call(self, method: bytes, signature: bytes = b"", args: Sequence[Any] = ()) -> Any:
-        from pystemd.dbuslib import apply_signature
-
-        typed = apply_signature(signature, list(args)) if signature else []
+        typed = _typed(signature, args)
         with self._bus() as bus:
             return bus.call_method(self.DESTINATION, self.PATH, self.MANAGER, method, typed).body
 
     def _get(self, prop: bytes, rtype: bytes = b"s") -> Any:
         with self._bus() as bus:
             return bus.get_property(self.DESTINATION, self.PATH, self.MANAGER, prop, rtype)
+
+    def unique_name(self) -> str:
+        """systemd's unique connection name on the bus (``:1.0``): the ``sender`` of
+        its messages, for fault rules aimed at systemd alone."""
+        with self._bus() as bus:
+            reply = bus.call_method(
+                b"org.freedesktop.DBus",
+                b"/org/freedesktop/DBus",
+                b"org.freedesktop.DBus",
+                b"GetNameOwner",
+                _typed(b"s", [self.DESTINATION]),
+            ).body
+        return _s(reply[0] if isinstance(reply, (tuple, list)) else reply)
 
     def system_state(self) -> str:
         """``initializing``, ``starting``, ``running``, ``degraded``..."""

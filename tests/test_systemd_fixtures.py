@@ -118,3 +118,25 @@ def test_cli_boots_runs_a_command_and_checks_the_host(pytester: pytest.Pytester)
     result.stdout.fnmatch_lines(
         ["systemd PID * booted in *", "inside", "sd", "host cgroup mounts: unchanged"]
     )
+
+
+def test_runtime_goes_through_systemd_dbus_proxy_with_marker_rules(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.dbus_faults("Delay(0.5) reply_to=StartTransientUnit")
+        @pytest.mark.recovers(within=10)
+        def test_it(runtime, systemd_dbus_proxy, oci_bundle, runtimefaults_faults):
+            assert runtime.dbus_address == systemd_dbus_proxy.address
+            result = runtime.lifecycle(oci_bundle)
+            assert result.ok, result.stderr
+            assert result.extra["create"] >= 0.5
+            assert [e for e in systemd_dbus_proxy.trace.entries() if e.fault]
+            assert any("Delay" in r.name for r in runtimefaults_faults.active)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "runtimefaults", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
