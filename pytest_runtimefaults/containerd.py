@@ -385,7 +385,12 @@ class Containerd:
     # -- lifecycle -----------------------------------------------------------------
 
     def __enter__(self) -> Containerd:
-        self.start()
+        # __exit__ is not called when __enter__ raises: clean up here.
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

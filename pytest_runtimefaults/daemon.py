@@ -272,6 +272,9 @@ class Daemon:
             self._own_dir = tempfile.mkdtemp(prefix=f"rfd-{self.name[:12]}-")
             log_path = os.path.join(self._own_dir, "daemon.log")
         self.log_path = Path(log_path)
+        self._dir_journal_id: int | None = None
+        if self._own_dir is not None and journal is not None:
+            self._dir_journal_id = journal.add("path", path=self._own_dir)
         self.runs: list[Run] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._journal_ids: dict[int, int] = {}  # pid -> journal id
@@ -283,7 +286,12 @@ class Daemon:
     # -- context manager -----------------------------------------------------
 
     def __enter__(self) -> Daemon:
-        self.start()
+        # __exit__ is not called when __enter__ raises: clean up here.
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -625,6 +633,9 @@ class Daemon:
                     self._release(run.pid)
                 if self._own_dir is not None and not self.keep_logs:
                     shutil.rmtree(self._own_dir, ignore_errors=True)
+                if self._dir_journal_id is not None and self.journal is not None:
+                    self.journal.release(self._dir_journal_id)
+                    self._dir_journal_id = None
 
     @contextlib.contextmanager
     def down(self) -> Iterator[None]:

@@ -220,9 +220,9 @@ def test_registry_probe_and_kill_fault_lifted_by_restart(tmp_path: Path) -> None
 def test_journal_records_each_instance_and_reaps_a_dead_owner(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "state")
     with server(tmp_path, journal=journal) as d:
-        assert [r["kind"] for r in journal.live()] == ["daemon"]
+        assert [r["kind"] for r in journal.live()] == ["path", "daemon"]  # logs, process
         d.crash_restart()
-        assert [r["pid"] for r in journal.live()] == [d.pid]
+        assert [r.get("pid") for r in journal.live()] == [None, d.pid]
     assert journal.live() == []
     # A journal whose owner is dead: its daemon (and session) is reaped.
     owner = subprocess.Popen(["sleep", "0"])
@@ -294,5 +294,8 @@ def test_no_process_left_when_pytest_timeout_fires_during_restart(
     if method == "thread":
         # pytest died in os._exit: its journal is left for the next run to reap.
         assert list(state.glob("*.jsonl"))
-        reap_dead_owners(state)
+        result = reap_dead_owners(state)
         assert not list(state.glob("*.jsonl"))
+        logs = [r["path"] for r in result.reaped if r["kind"] == "path"]
+        assert logs  # the harness's private log directory was journaled...
+        assert not any(os.path.exists(p) for p in logs)  # ...and is gone
