@@ -278,7 +278,8 @@ class Containerd:
 
     *log_level* is containerd's (``debug`` shows every event and CNI reload).
     *namespace*: the containerd namespace ``ctr`` uses (default: a unique
-    name, so runc's cgroups ``/<namespace>/<id>`` are ours to remove).
+    name, so runc's cgroups ``/<namespace>/<id>`` are ours to remove; with a
+    name given, its cgroups are left alone).
     :meth:`import_busybox` and :meth:`run` give a test containers to run.
     *ready_timeout*, *journal*, *registry*: as for
     :class:`~pytest_runtimefaults.daemon.Daemon` (:attr:`daemon`).
@@ -318,6 +319,8 @@ class Containerd:
         # A namespace of our own: runc's cgroups are /<namespace>/<id>, so a
         # unique name keeps them apart from anyone else's and easy to remove.
         self.namespace = namespace or unique_name("rfns")
+        # Only a name we made up is ours: "k8s.io" cgroups may be a host's.
+        self._own_namespace = namespace is None
         self.journal = journal
         self._journal_id: int | None = None
         self.root = self.directory / "root"
@@ -405,7 +408,9 @@ class Containerd:
         if self._journal_id is None and self.journal is not None:
             # Recorded first, reaped last: after the daemon itself.
             self._journal_id = self.journal.add(
-                "containerd", dir=str(self.directory), namespace=self.namespace
+                "containerd",
+                dir=str(self.directory),
+                namespace=self.namespace if self._own_namespace else "",
             )
         for d in (self.directory, self.root, self.state, self.cni_conf_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -435,7 +440,8 @@ class Containerd:
             self.daemon.stop()
         finally:
             cleanup_containerd_dir(str(self.directory), remove=self._own_dir)
-            remove_namespace_cgroups(self.namespace)
+            if self._own_namespace:
+                remove_namespace_cgroups(self.namespace)
             if self._journal_id is not None and self.journal is not None:
                 self.journal.release(self._journal_id)
                 self._journal_id = None
