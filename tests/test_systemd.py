@@ -240,3 +240,42 @@ def test_legacy_layout_on_a_hybrid_host_has_no_cgroup2() -> None:
         mounts = sd.run(["cat", "/proc/self/mountinfo"], check=True).stdout.decode()
         assert " - cgroup2 " not in mounts
         assert sd.inspector().system_state() in ("running", "degraded")
+
+
+@pytest.mark.skipif(
+    not any("freezer" in m.options.split(",") for m in cgroup_mounts()),
+    reason="no cgroup v1 freezer on this host",
+)
+def test_stop_thaws_a_frozen_process_left_by_a_killed_runtime(
+    host_before: tuple[list[str], set[str]],
+) -> None:
+    """runc freezes a container around SetUnitProperties; killed then, it stays frozen."""
+    sd = SystemdSandbox()
+    sd.start()
+    try:
+        freezer = next(d for d in sd._cgroup_dirs if "/freezer/" in str(d))
+        proc = subprocess.Popen(
+            sd.command(
+                [
+                    "sh",
+                    "-c",
+                    "mkdir -p /sys/fs/cgroup/freezer/rf-frozen && "
+                    "echo $$ > /sys/fs/cgroup/freezer/rf-frozen/cgroup.procs && exec sleep 300",
+                ]
+            )
+        )
+        state = freezer / "rf-frozen" / "freezer.state"
+        deadline = time.monotonic() + 5
+        while not (state.exists() and (freezer / "rf-frozen" / "cgroup.procs").read_text()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        state.write_text("FROZEN")
+        while state.read_text().strip() != "FROZEN":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        t0 = time.monotonic()
+    finally:
+        sd.stop()
+    assert time.monotonic() - t0 < 5
+    proc.wait(timeout=5)
+    _assert_host_unchanged(host_before)
