@@ -64,6 +64,7 @@ __all__ = [
     "CtrError",
     "busybox_oci_tar",
     "cleanup_containerd_dir",
+    "kill_namespace_processes",
     "remove_namespace_cgroups",
 ]
 
@@ -143,6 +144,24 @@ def _children_of(pids: Sequence[int]) -> list[int]:
     return out
 
 
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _alive(pid: int) -> bool:
+    """True if *pid* exists and is not a zombie (dead, its parent not yet waiting)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 :].split()[0] != b"Z"
+
+
 def cleanup_containerd_dir(directory: str, *, remove: bool = True) -> list[int]:
     """End every process that names *directory* (shims) and its descendants
     (container processes), unmount what is mounted below it, remove it.
@@ -152,8 +171,8 @@ def cleanup_containerd_dir(directory: str, *, remove: bool = True) -> list[int]:
     """
     killed: list[int] = []
     for _ in range(3):  # a shim may spawn while we look; go round until none is left
-        shims = _pids_mentioning(directory)
-        victims = _children_of(shims) + shims
+        named = _pids_mentioning(directory)
+        victims = [p for p in [*_children_of(named), *named] if _alive(p)]
         if not victims:
             break
         for pid in victims:
@@ -163,7 +182,7 @@ def cleanup_containerd_dir(directory: str, *, remove: bool = True) -> list[int]:
         for pid in victims:
             # Wait (briefly) for each to go, so its mounts and files can be removed.
             for _wait in range(200):
-                if not os.path.exists(f"/proc/{pid}"):
+                if not _alive(pid):
                     break
                 time.sleep(0.005)
     for target in _mounts_under(directory):
@@ -173,19 +192,55 @@ def cleanup_containerd_dir(directory: str, *, remove: bool = True) -> list[int]:
     return killed
 
 
-def remove_namespace_cgroups(namespace: str) -> None:
-    """Remove the (empty) cgroups runc made for *namespace* (``/<namespace>/<id>``)
-    in every v1 hierarchy and in cgroup2; the namespace name is private to us."""
+def _namespace_cgroups(namespace: str) -> list[Path]:
     if not namespace or "/" in namespace or namespace in (".", ".."):
-        return
+        return []
+    found = []
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
         top = hierarchy / namespace
-        if not top.is_dir() or top.is_symlink():
-            continue
+        if top.is_dir() and not top.is_symlink():
+            found.append(top)
+    return found
+
+
+def kill_namespace_processes(namespace: str) -> list[int]:
+    """SIGKILL every process in runc's cgroups for *namespace* (``/<namespace>/...``).
+
+    Finds container processes whatever happened to their shim: after a shim
+    dies its containers are reparented to PID 1 and nothing else names them.
+    Only call it for a namespace name that is private to us.
+    """
+    pids: set[int] = set()
+    for top in _namespace_cgroups(namespace):
+        for procs in top.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                pids.update(int(p) for p in procs.read_text().split())
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        for _ in range(200):
+            if not _alive(pid):
+                break
+            time.sleep(0.005)
+    return sorted(pids)
+
+
+def remove_namespace_cgroups(namespace: str) -> None:
+    """Kill what is left in runc's cgroups for *namespace* and remove them, in
+    every v1 hierarchy and in cgroup2.  Only for a namespace name private to us."""
+    kill_namespace_processes(namespace)
+    for top in _namespace_cgroups(namespace):
         subs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
         for sub in [*subs, top]:
-            with contextlib.suppress(OSError):
-                sub.rmdir()
+            for _ in range(50):  # a killed task leaves its cgroup a moment later
+                try:
+                    sub.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
 
 
 def _reap_containerd(record: dict[str, Any]) -> None:
@@ -437,6 +492,12 @@ class Containerd:
             if self.daemon.running:
                 with contextlib.suppress(Exception):
                     self.remove_all_containers(timeout=10)
+            # Containers and shims first, while the shims are still their
+            # parents (the daemon's stop kills its session, shims included,
+            # and orphaned containers would be reparented out of reach).
+            if self._own_namespace:
+                kill_namespace_processes(self.namespace)
+            cleanup_containerd_dir(str(self.directory), remove=False)
             self.daemon.stop()
         finally:
             cleanup_containerd_dir(str(self.directory), remove=self._own_dir)
@@ -622,10 +683,15 @@ class Containerd:
 
     def orphans(self) -> set[str]:
         """Everything an interrupted operation left that containerd does not
-        clean up by itself: shims and bundles of unknown tasks, active snapshots
-        of no container.  Used as the containerd fixture's leak check."""
+        clean up by itself: shims, bundles and processes (in runc's cgroups) of
+        unknown tasks, active snapshots of no container.  Used as the
+        containerd fixture's leak check."""
         containers = set(self.ctr("containers", "ls", "-q").stdout.split())
         found = {f"shim of unknown task {t} (pid {p})" for t, p in self.orphan_shims().items()}
+        tasks = set(self.ctr("tasks", "ls", "-q").stdout.split())
+        for cid, pids in self.cgroup_processes().items():
+            if cid not in tasks:
+                found |= {f"process of unknown task {cid} (pid {p}: {_comm(p)})" for p in pids}
         found |= {f"task bundle without shim: {t}" for t in self.orphan_bundles()}
         for line in self.ctr("snapshots", "ls").stdout.splitlines()[1:]:
             fields = line.split()
@@ -636,9 +702,35 @@ class Containerd:
     def remove_orphans(self) -> None:
         """Remove all :meth:`orphans` (shims first, then bundles and snapshots)."""
         self.kill_orphan_shims()
+        self.kill_orphan_processes()
         time.sleep(0.1)  # containerd reaps a dead shim's task
         self.remove_orphan_bundles()
         self.remove_orphan_snapshots()
+
+    def cgroup_processes(self) -> dict[str, set[int]]:
+        """Container ID -> PIDs in runc's cgroups ``/<namespace>/<id>`` (all hierarchies)."""
+        found: dict[str, set[int]] = {}
+        for top in _namespace_cgroups(self.namespace):
+            for sub in top.iterdir():
+                if not sub.is_dir():
+                    continue
+                pids: set[int] = set()
+                for procs in sub.rglob("cgroup.procs"):
+                    with contextlib.suppress(OSError):
+                        pids.update(int(p) for p in procs.read_text().split())
+                if pids:
+                    found.setdefault(sub.name, set()).update(pids)
+        return found
+
+    def kill_orphan_processes(self) -> list[int]:
+        """SIGKILL processes in the cgroups of containers with no listed task
+        (a ``runc init`` left waiting by an interrupted create)."""
+        tasks = set(self.ctr("tasks", "ls", "-q").stdout.split())
+        victims = [p for cid, ps in self.cgroup_processes().items() if cid not in tasks for p in ps]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return victims
 
     def kill_orphan_shims(self) -> dict[str, int]:
         """SIGKILL :meth:`orphan_shims` (and their containers); returns what was killed."""

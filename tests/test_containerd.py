@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
-from pytest_runtimefaults.containerd import Containerd, CtrError
+from pytest_runtimefaults.containerd import Containerd, CtrError, _alive
 from pytest_runtimefaults.daemon import connect_error
 from pytest_runtimefaults.journal import Journal
 
@@ -77,3 +78,25 @@ def test_ctr_failure_names_stderr(containerd: Containerd) -> None:
     result = containerd.ctr("containers", "info", "no-such-container", check=False)
     assert result.returncode != 0
     assert isinstance(result, subprocess.CompletedProcess)
+
+
+def test_stop_leaves_nothing_on_the_host_after_a_crash_with_a_running_container() -> None:
+    ctd = Containerd()
+    try:
+        ctd.start()
+        image = ctd.import_busybox()
+        ctd.run(image, "left", "sleep", "600", detach=True)
+        shims = ctd.shim_pids()
+        assert shims
+        with open("/proc/self/mountinfo") as f:
+            assert str(ctd.directory) in f.read()  # the container's rootfs
+        ctd.kill()  # containerd gone, its shim and container live on
+        assert all(os.path.exists(f"/proc/{pid}") for pid in shims)
+    finally:
+        ctd.stop()
+    assert not ctd.directory.exists()
+    assert not any(_alive(pid) for pid in shims)
+    with open("/proc/self/mountinfo") as f:
+        assert str(ctd.directory) not in f.read()
+    cgroups = [p for p in Path("/sys/fs/cgroup").glob(f"*/{ctd.namespace}")]
+    assert cgroups == []
