@@ -39,7 +39,13 @@ from types import TracebackType
 from pytest_runtimefaults.dbus.auth import AuthError, SaslRelay
 from pytest_runtimefaults.dbus.rules import Action, FaultEngine, Output, Rule
 from pytest_runtimefaults.dbus.trace import TO_BUS, TO_CLIENT, Trace
-from pytest_runtimefaults.dbus.wire import Framer, Message, WireError
+from pytest_runtimefaults.dbus.wire import (
+    Framer,
+    Message,
+    WireError,
+    messages_at,
+    whole_messages,
+)
 from pytest_runtimefaults.journal import Journal
 
 __all__ = ["HOST_BUS_PATHS", "DBusFaultProxy", "ProxyError", "parse_address"]
@@ -139,6 +145,8 @@ class _Connection:
         handshake = relay.client_data if direction == TO_BUS else relay.server_data
         in_auth = True
         lock = self.locks[direction]
+        record = trace.record
+        ident = self.id
         # recvmsg_into a preallocated buffer: plain recvmsg allocates (and, past the
         # malloc mmap threshold, maps and unmaps) a buffer of the full size every call.
         buffer = bytearray(_RECV)
@@ -166,10 +174,21 @@ class _Connection:
                         in_auth = False
                     if not data:
                         continue
-                msgs = framer.feed(data)
+                engine = proxy.engine
+                spans = None
+                if not anc and not pending_fds and not framer.pending:
+                    spans = whole_messages(data)
+                    if spans is not None and engine.passthrough(data):
+                        # The hot path: whole messages no rule can concern go out
+                        # first; the trace is written while the peer works.
+                        with lock:
+                            dst.sendall(data)
+                        for msg in messages_at(data, spans):
+                            record(ident, direction, msg)
+                        continue
+                msgs = messages_at(data, spans) if spans is not None else framer.feed(data)
                 if not msgs:
                     continue
-                engine = proxy.engine
                 if engine.idle or all(engine.bypass(direction, m) for m in msgs):
                     self._forward_batch(msgs, pending_fds, direction, lock, dst)
                 else:

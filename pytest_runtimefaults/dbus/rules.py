@@ -28,6 +28,7 @@ import dataclasses
 import itertools
 import os
 import random
+import re
 import shlex
 import struct
 import threading
@@ -859,6 +860,7 @@ class FaultEngine:
         self._unkeyed: list[Rule] = []
         self._watch_by_member: dict[bytes, list[Rule]] = {}
         self._watch_unkeyed: list[Rule] = []
+        self._scan: re.Pattern[bytes] | None = None
         self._pending_calls = 0
         for rule in rules:
             self.add(rule)
@@ -898,6 +900,31 @@ class FaultEngine:
                 unkeyed.append(rule)
         self._by_member, self._unkeyed = by_member, unkeyed
         self._watch_by_member, self._watch_unkeyed = watch_by_member, watch_unkeyed
+        needles = [
+            bytes((HeaderField.MEMBER, 1, ord("s"), 0)) + struct.pack(e + "I", len(m)) + m + b"\0"
+            for m in (*by_member, *watch_by_member)
+            for e in "<>"
+        ]
+        self._scan = re.compile(b"|".join(re.escape(n) for n in needles)) if needles else None
+
+    def passthrough(self, data: bytes) -> bool:
+        """True if no rule can concern any message in *data* (whole messages).
+
+        The proxy then forwards *data* before it even frames it.  One regular
+        expression of every member a rule needs, searched over the chunk; a hit
+        (even in a body) only sends the chunk down the exact path.
+        """
+        if self.idle:
+            return True
+        if (
+            self.holding
+            or self._serial_rules
+            or self._unkeyed
+            or self._watch_unkeyed
+            or self._pending_calls
+        ):
+            return False
+        return self._scan is None or self._scan.search(data) is None
 
     def bypass(self, direction: str, msg: Message) -> bool:
         """True if no rule and no state can concern *msg*: forward it untouched.

@@ -27,6 +27,9 @@ __all__ = ["TO_BUS", "TO_CLIENT", "Trace", "TraceEntry", "write_pcap"]
 TO_BUS = "to_bus"  # from the client, towards the bus
 TO_CLIENT = "to_client"  # from the bus, towards the client
 LINKTYPE_DBUS = 231
+_now = time.monotonic
+# Wall-clock time of an entry = its monotonic time + this offset (one clock read per message).
+_WALL_OFFSET = time.time() - time.monotonic()
 
 
 class TraceEntry:
@@ -35,10 +38,15 @@ class TraceEntry:
     __slots__ = ("conn", "direction", "fault", "message", "monotonic", "wall")
 
     def __init__(
-        self, conn: int, direction: str, message: Message | None, fault: str | None = None
+        self,
+        conn: int,
+        direction: str,
+        message: Message | None,
+        fault: str | None = None,
+        monotonic: float | None = None,
     ) -> None:
-        self.monotonic = time.monotonic()
-        self.wall = time.time()
+        self.monotonic = time.monotonic() if monotonic is None else monotonic
+        self.wall = self.monotonic + _WALL_OFFSET
         self.conn = conn
         self.direction = direction
         self.message = message
@@ -99,22 +107,24 @@ class Trace:
     """A bounded, thread-safe log of :class:`TraceEntry` (oldest dropped first)."""
 
     def __init__(self, maxlen: int | None = 100_000) -> None:
-        self._entries: deque[TraceEntry] = deque(maxlen=maxlen)
+        self._entries: deque[tuple[float, int, str, Message | None, str | None]] = deque(
+            maxlen=maxlen
+        )
         self._lock = threading.Lock()
         self.started = time.monotonic()
         self.enabled = True
 
     def record(
         self, conn: int, direction: str, message: Message | None, fault: str | None = None
-    ) -> TraceEntry:
-        entry = TraceEntry(conn, direction, message, fault)
+    ) -> None:
+        # A tuple now, a TraceEntry when read: recording is on the relay's path.
         if self.enabled:
-            self._entries.append(entry)  # deque.append is atomic under the GIL
-        return entry
+            self._entries.append((_now(), conn, direction, message, fault))  # atomic (GIL)
 
     def entries(self) -> list[TraceEntry]:
         with self._lock:
-            return list(self._entries)
+            raw = list(self._entries)
+        return [TraceEntry(c, d, m, f, t) for t, c, d, m, f in raw]
 
     def messages(self, direction: str | None = None) -> list[TraceEntry]:
         return [

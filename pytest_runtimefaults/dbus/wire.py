@@ -45,6 +45,8 @@ __all__ = [
     "build_method_return",
     "build_signal",
     "flip_byte_order",
+    "messages_at",
+    "whole_messages",
 ]
 
 MAX_MESSAGE_LENGTH = 2**27  # 128 MiB, the spec's limit on a whole message
@@ -367,6 +369,31 @@ def _parse_fields(raw: bytes, e: str) -> _Fields:
     if pos > end:
         raise WireError(f"header fields overrun their declared length ({pos} > {end})")
     return _Fields(values, offsets)
+
+
+def whole_messages(data: bytes) -> list[tuple[str, int, int, int]] | None:
+    """``[(endian, serial, start, end), ...]`` if *data* is whole messages and nothing else.
+
+    Reads only the fixed headers (validating them), so the proxy can decide to
+    forward a chunk before framing it; :func:`messages_at` builds the messages
+    afterwards.  ``None`` if *data* ends inside a message.
+    """
+    n = len(data)
+    pos = 0
+    spans = []
+    while n - pos >= _FIXED:
+        e, total, serial = _fixed_header(data, pos)
+        spans.append((e, serial, pos, pos + total))
+        pos += total
+    return spans if pos == n else None
+
+
+def messages_at(data: bytes, spans: list[tuple[str, int, int, int]]) -> list[Message]:
+    """The messages of *data* at the *spans* :func:`whole_messages` returned."""
+    if len(spans) == 1:
+        e, serial, _, _ = spans[0]
+        return [Message(data, _endian=e, _serial=serial)]
+    return [Message(data[a:b], _endian=e, _serial=serial) for e, serial, a, b in spans]
 
 
 class Framer:
