@@ -7,8 +7,9 @@ every session checks, cheaply, from ``/proc`` and ``/sys`` only:
 
 * at start: ``/sys/fs/cgroup`` is not already read-only (else refuse to run);
 * at start and end (:func:`host_invariants`, session scope, autouse): the
-  ``/sys/fs/cgroup`` mounts and their ro/rw state, the named network
-  namespaces, the host's network links, and this process's child processes.
+  ``/sys/fs/cgroup`` mounts and their ro/rw state, the directories at the root
+  of each cgroup hierarchy, the named network namespaces, the host's network
+  links, and this process's child processes.
 
 Several pytest runs (xdist workers, other developers' runs) may share the host,
 so a namespace or link that *appeared* fails the session only when its name
@@ -55,11 +56,32 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+def _top_cgroups() -> set[str]:
+    """``hierarchy/name`` of the directories at the root of each cgroup hierarchy."""
+    found: set[str] = set()
+    try:
+        hierarchies = os.listdir(CGROUP_ROOT)
+    except OSError:
+        return found
+    for hierarchy in hierarchies:
+        path = os.path.join(CGROUP_ROOT, hierarchy)
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            found.update(
+                f"{hierarchy}/{d.name}" for d in os.scandir(path) if d.is_dir(follow_symlinks=False)
+            )
+        except OSError:
+            continue
+    return found
+
+
 @dataclass(frozen=True)
 class HostState:
     cgroup_mounts: frozenset[str]
     netns: frozenset[str]
     links: frozenset[str]
+    top_cgroups: frozenset[str]
 
     @classmethod
     def take(cls) -> HostState:
@@ -67,6 +89,7 @@ class HostState:
             frozenset(leaks.mounts(CGROUP_ROOT)),
             frozenset(leaks.netns_names()),
             frozenset(leaks.links()),
+            frozenset(_top_cgroups()),
         )
 
 
@@ -122,6 +145,18 @@ def host_invariants() -> Iterator[None]:
             f"new {sorted(after.cgroup_mounts - before.cgroup_mounts)}"
         )
     foreign: list[str] = []
+    # A systemd that shared the host's cgroup mounts creates init.scope and
+    # system.slice at the host's root: units there are never another run's.
+    units = sorted(
+        c
+        for c in after.top_cgroups - before.top_cgroups
+        if c.endswith((".scope", ".slice")) or _ours(c)
+    )
+    if units:
+        problems.append(f"cgroups created at the root of the host's hierarchies: {units}")
+    foreign += [
+        f"cgroup new: {c}" for c in sorted(after.top_cgroups - before.top_cgroups) if c not in units
+    ]
     for what, old, new in (
         ("network namespaces", before.netns, after.netns),
         ("host network links", before.links, after.links),

@@ -113,12 +113,22 @@ def test_host_check_catches_a_left_child_and_a_left_netns(pytester: pytest.Pytes
             name = naming.unique_name("rfhc")
             pathlib.Path("netns.name").write_text(name)
             subprocess.run(["ip", "netns", "add", name], check=True)
+
+        def test_leaves_a_unit_cgroup_at_the_host_root():
+            # What a systemd sharing the host's cgroup mounts does (init.scope).
+            path = pathlib.Path("/sys/fs/cgroup/pids", naming.unique_name("rfcg") + ".scope")
+            pathlib.Path("cgroup.path").write_text(str(path))
+            path.mkdir()
         """
     )
     result = pytester.runpytest_subprocess("-p", "runtimefaults")
     name = (pytester.path / "netns.name").read_text()
+    cgroup = Path((pytester.path / "cgroup.path").read_text())
     try:
-        result.assert_outcomes(passed=2, errors=1)
+        result.assert_outcomes(passed=3, errors=1)
+        result.stdout.fnmatch_lines(
+            [f"*cgroups created at the root of the host's hierarchies: ?'pids/{cgroup.name}'?"]
+        )
         result.stdout.fnmatch_lines(
             [
                 "*the test session changed the host:",
@@ -128,6 +138,8 @@ def test_host_check_catches_a_left_child_and_a_left_netns(pytester: pytest.Pytes
         )
     finally:
         subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+        if cgroup.exists():
+            cgroup.rmdir()
 
 
 def test_refuses_to_run_when_cgroup_is_read_only(pytester: pytest.Pytester) -> None:
