@@ -925,18 +925,35 @@ def busybox_rootfs(directory: Path | str, busybox: str = "/bin/busybox") -> Path
 
 
 def private_state_argv(netns_path: Path | str) -> list[str]:
-    """An argv prefix: a private mount namespace with a tmpfs on ``/var/lib``,
-    then network namespace *netns_path*, then the command that follows.
+    """An argv prefix: network namespace *netns_path*, then a private mount
+    namespace with a tmpfs on ``/var/lib`` and on ``/run/netns``, then the
+    command that follows.
 
     libcni (in podman and in containerd's CRI) caches every ADD result under
-    ``/var/lib/cni/results`` on the host, with no option to move it; in this
-    mount namespace that cache, and anything else a runtime writes under
-    ``/var/lib``, lives in memory and vanishes with the runtime.  Mounts the
-    runtime makes (network namespaces, rootfs) stay in it too (``slave``
-    propagation: the host's mounts come in, none go out).
+    ``/var/lib/cni/results`` on the host, with no option to move it; and the
+    runtimes mount their containers' network namespaces under
+    ``/run/netns``.  Here both live in memory, in a mount namespace that dies
+    with the runtime, so even a SIGKILLed run leaves neither on the host
+    (``slave`` propagation: the host's mounts come in, none go out).  Reach
+    such a namespace from outside through ``/proc/PID/root/run/netns/NAME``.
     """
-    script = 'mount -t tmpfs -o mode=0755 rfvarlib /var/lib && exec nsenter --net="$0" "$@"'
-    return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script, str(netns_path)]
+    script = (
+        "mount -t tmpfs -o mode=0755 rfvarlib /var/lib"
+        " && mount -t tmpfs -o mode=0755 rfnetns /run/netns"
+        ' && exec "$@"'
+    )
+    return [
+        "nsenter",
+        f"--net={netns_path}",
+        "unshare",
+        "--mount",
+        "--propagation",
+        "slave",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ]
 
 
 class CniPodman:
@@ -1275,6 +1292,15 @@ class CriPods:
         self._call("RemovePodSandbox", _pb_field(1, pod_id))
         if pod_id in self.pods:
             self.pods.remove(pod_id)
+
+    def namespaces(self) -> set[str]:
+        """Pod network namespaces containerd has mounted, as ``netns:cri/NAME``
+        (a leak check: ``registry.add_leak_check("netns:cri", pods.namespaces)``)."""
+        where = self._reach("/run/netns")
+        try:
+            return {f"netns:cri/{name}" for name in os.listdir(where)}
+        except OSError:
+            return set()
 
     def list_ids(self) -> list[str]:
         """Ids of every pod sandbox CRI knows, ready or not (failed runs included)."""

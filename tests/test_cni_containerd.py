@@ -229,6 +229,9 @@ def test_containerd_pod_fails_without_naming_the_broken_file(
     assert fault.path.name not in details  # the pod's error does not say which file
     # The failed sandbox stays listed (NotReady) with its namespace until removed.
     assert len(cni_cri_pods.list_ids()) == 1
+    assert len(runtimefaults_faults.leak_checks["netns:cri"].leaked()) == 1
+    cni_cri_pods.remove_all()
+    assert runtimefaults_faults.leak_checks["netns:cri"].leaked() == set()
     runtimefaults_faults.lift_all()
     assert wait_cri_network(cni_containerd.address, ready_with(good["name"])).ready
     pod = cni_cri_pods.run()
