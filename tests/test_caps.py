@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pytest_runtimefaults import caps
+from pytest_runtimefaults.journal import Journal
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,3 +70,21 @@ def test_header_line_reports_the_host() -> None:
     assert "runtimes runc crun" in line
     assert "systemd 252 sandboxable" in line
     assert caps.cgroup_readonly() == []
+
+
+def test_doctor_mentions_what_killed_runs_left(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    Journal(tmp_path, owner_pid=dead.pid).add("path", path=str(tmp_path / "gone"))
+    env = {**os.environ, "RUNTIMEFAULTS_STATE_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest_runtimefaults", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    ).stdout
+    assert (
+        f"1 resource(s) left by 1 killed run(s) in {tmp_path}: run `runtimefaults cleanup`" in out
+    )
+    assert list(tmp_path.glob("*.jsonl")), "doctor must not reap"

@@ -34,6 +34,14 @@ def _doctor(args: argparse.Namespace) -> int:
         if not cap.ok:
             print(f"{'':8} {'':{width}}  needed by: {cap.needed_by}")
             print(f"{'':8} {'':{width}}  fix: {cap.remedy}")
+    from pytest_runtimefaults.journal import default_state_dir, reap_dead_owners
+
+    pending = reap_dead_owners(dry_run=True)
+    if pending.reaped:
+        print(
+            f"\n{len(pending.reaped)} resource(s) left by {pending.journals} killed run(s) in "
+            f"{default_state_dir()}: run `runtimefaults cleanup` (or any pytest run) to undo them"
+        )
     if not missing:
         print("\neverything found")
         return 0
