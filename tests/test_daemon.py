@@ -299,3 +299,43 @@ def test_no_process_left_when_pytest_timeout_fires_during_restart(
         logs = [r["path"] for r in result.reaped if r["kind"] == "path"]
         assert logs  # the harness's private log directory was journaled...
         assert not any(os.path.exists(p) for p in logs)  # ...and is gone
+
+
+READY_TIMEOUT_TEST = """
+import sys
+import pytest
+from pytest_runtimefaults.daemon import DaemonNotReady
+
+def test_bound(daemon, tmp_path):
+    with pytest.raises(DaemonNotReady, match="not ready after 0.3 s"):
+        daemon([sys.executable, "-c", "import time; time.sleep(30)"],
+               socket_path=str(tmp_path / "never"))
+"""
+
+
+def test_ready_timeout_option_and_ini(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(READY_TIMEOUT_TEST)
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-daemon-ready-timeout=0.3"
+    )
+    result.assert_outcomes(passed=1)
+    pytester.makeini("[pytest]\nruntimefaults_daemon_ready_timeout = 0.3\n")
+    result = pytester.runpytest_subprocess("-p", "runtimefaults")
+    result.assert_outcomes(passed=1)
+    pytester.makeini("[pytest]\nruntimefaults_daemon_ready_timeout = soon\n")
+    result = pytester.runpytest_subprocess("-p", "runtimefaults")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "runtimefaults_daemon_ready_timeout must be a number of seconds" in result.stderr.str()
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-daemon-ready-timeout=0"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "must be a positive number" in result.stderr.str()
+
+
+def test_fixture_docstrings_are_shown(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("-p", "runtimefaults", "--fixtures")
+    out = result.stdout.str()
+    for name in ("daemon", "containerd", "stale_socket"):
+        assert f"\n{name} -- " in out or f"\n{name} [" in out or f"\n{name}\n" in out, name
+    assert "Factory starting daemons under test" in out
