@@ -73,11 +73,13 @@ __all__ = [
 
 #: Log lines that mean the daemon crashed or is about to: a Go panic, a Rust
 #: panic, a Go runtime fatal error (``fatal error: concurrent map writes``),
-#: logrus' ``level=fatal``.
+#: the Go runtime's dump on a crash signal (``SIGABRT: abort``, ``SIGSEGV:
+#: segmentation violation``), logrus' ``level=fatal``.
 DEFAULT_FATAL_PATTERNS: tuple[str, ...] = (
     r"^panic: ",
     r"panicked at",
     r"fatal error:",
+    r"^SIG(ABRT|BUS|FPE|ILL|QUIT|SEGV|SYS|TRAP): ",
     r"level=fatal\b",
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import uuid
 from pathlib import Path
@@ -100,3 +101,9 @@ def test_stop_leaves_nothing_on_the_host_after_a_crash_with_a_running_container(
         assert str(ctd.directory) not in f.read()
     cgroups = [p for p in Path("/sys/fs/cgroup").glob(f"*/{ctd.namespace}")]
     assert cgroups == []
+
+
+def test_a_go_crash_dump_is_a_fatal_error(containerd: Containerd) -> None:
+    assert containerd.fatal_errors() == []
+    assert containerd.kill(signal.SIGABRT) == 2  # the Go runtime dumps and exits 2
+    assert containerd.fatal_errors() == ["SIGABRT: abort"]

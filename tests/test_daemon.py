@@ -127,6 +127,7 @@ def test_exit_before_ready_raises_with_output_and_panic_is_detected(tmp_path: Pa
     [
         "thread 'main' panicked at src/main.rs:3:5:",
         "fatal error: concurrent map writes",
+        "SIGSEGV: segmentation violation",
         'time="x" level=fatal msg="failed to load plugin"',
     ],
 )
