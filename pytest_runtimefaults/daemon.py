@@ -11,7 +11,8 @@ module runs one such daemon and answers the questions a test asks:
 * what did it say?  (:attr:`Daemon.logs`: stdout and stderr of every run, in
   one file);
 * did it crash?  (:meth:`Daemon.fatal_errors`: Go ``panic:``, Rust
-  ``panicked at``, ``fatal error:``, logrus ``level=fatal``);
+  ``panicked at``, ``fatal error:``, a Go crash dump ``SIGABRT: abort``,
+  logrus ``level=fatal``);
 * how long did it take to serve again after a crash?
   (:meth:`Daemon.crash_restart` returns seconds from the kill to serving).
 
