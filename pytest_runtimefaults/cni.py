@@ -924,6 +924,70 @@ def busybox_rootfs(directory: Path | str, busybox: str = "/bin/busybox") -> Path
     return root
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_dirs(parent: str) -> list[Path]:
+    """*parent* (``/rfpodXYZ``) in every mounted hierarchy (v1 controllers, cgroup2)."""
+    rel = parent.strip("/")
+    out = []
+    with contextlib.suppress(OSError):
+        for hierarchy in sorted(CGROUP_ROOT.iterdir()):
+            if hierarchy.is_dir() and not hierarchy.is_symlink():
+                out.append(hierarchy / rel)
+    if (CGROUP_ROOT / "cgroup.controllers").exists():  # a pure cgroup2 host
+        out.append(CGROUP_ROOT / rel)
+    return [d for d in out if d.is_dir()]
+
+
+def kill_cgroup_tree(parent: str, timeout: float = 5.0) -> list[int]:
+    """SIGKILL every process under cgroup *parent* in every hierarchy, wait for
+    them to go, remove the cgroups (deepest first).  Returns the PIDs killed.
+
+    The runtimes under test put containers under a cgroup parent that the
+    fixtures name uniquely (``--cgroup-parent``, CRI ``cgroup_parent``), so
+    this ends exactly their processes: pause and container processes a
+    SIGKILLed run left behind, whose shims are gone.
+    """
+    import signal
+
+    killed: list[int] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        pids: set[int] = set()
+        for root in _cgroup_dirs(parent):
+            for procs in root.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    pids.update(int(x) for x in procs.read_text().split())
+        pids.discard(os.getpid())
+        if not pids or time.monotonic() > deadline:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.05)
+    for root in _cgroup_dirs(parent):
+        subs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for sub in [*subs, root]:
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+    return sorted(set(killed))
+
+
+def _reap_cgroup_tree(record: dict[str, Any]) -> None:
+    kill_cgroup_tree(str(record["parent"]))
+
+
+def _register_reaper() -> None:
+    from pytest_runtimefaults.journal import register_reaper
+
+    register_reaper("cgroup-tree", _reap_cgroup_tree)
+
+
+_register_reaper()
+
+
 def private_state_argv(netns_path: Path | str) -> list[str]:
     """An argv prefix: network namespace *netns_path*, then a private mount
     namespace with a tmpfs on ``/var/lib`` and on ``/run/netns``, then the
@@ -993,7 +1057,10 @@ class CniPodman:
         self.journal = journal
         self.timeout = timeout
         self.directory = Path("/nonexistent")
+        #: every container's cgroup goes under this unique parent (removed on stop)
+        self.cgroup_parent = "/" + naming.unique_name("rfpodcg", maxlen=40)
         self._rid: int | None = None
+        self._cg_rid: int | None = None
         self._started = False
 
     @property
@@ -1007,6 +1074,8 @@ class CniPodman:
         if self.journal is not None:
             # The containerd kind ends processes naming the dir, unmounts, removes.
             self._rid = self.journal.add("containerd", dir=str(self.directory))
+        if self.journal is not None:
+            self._cg_rid = self.journal.add("cgroup-tree", parent=self.cgroup_parent)
         for sub in ("root", "runroot", "tmp"):
             (self.directory / sub).mkdir()
         busybox_rootfs(self.rootfs)
@@ -1022,9 +1091,12 @@ class CniPodman:
         with contextlib.suppress(Exception):
             self.podman("rm", "--all", "--force", timeout=30)
         cleanup_containerd_dir(str(self.directory))
-        if self.journal is not None and self._rid is not None:
-            self.journal.release(self._rid)
-            self._rid = None
+        kill_cgroup_tree(self.cgroup_parent)
+        if self.journal is not None:
+            for rid in (self._rid, self._cg_rid):
+                if rid is not None:
+                    self.journal.release(rid)
+            self._rid = self._cg_rid = None
 
     def __enter__(self) -> CniPodman:
         return self.start()
@@ -1076,6 +1148,8 @@ class CniPodman:
             "run",
             "--rm",
             *self.ULIMITS,
+            "--cgroup-parent",
+            self.cgroup_parent,
             "--network",
             network,
             "--rootfs",
@@ -1233,12 +1307,23 @@ class CriPods:
     """
 
     def __init__(
-        self, address: str, *, mount_pid: int | None = None, timeout: float = 30.0
+        self,
+        address: str,
+        *,
+        mount_pid: int | None = None,
+        timeout: float = 30.0,
+        journal: Journal | None = None,
     ) -> None:
         self.address = address
         self.mount_pid = mount_pid
         self.timeout = timeout
         self.pods: list[str] = []
+        #: every pod's cgroups go under this unique parent (see :func:`kill_cgroup_tree`)
+        self.cgroup_parent = "/" + naming.unique_name("rfcricg", maxlen=40)
+        self.journal = journal
+        self._rid = (
+            journal.add("cgroup-tree", parent=self.cgroup_parent) if journal is not None else None
+        )
 
     def _reach(self, path: str) -> str:
         if not path or self.mount_pid is None:
@@ -1263,7 +1348,13 @@ class CriPods:
         """Create a pod sandbox; raises ``grpc.RpcError`` with containerd's message."""
         name = name or naming.unique_name("rfpod", maxlen=40)
         metadata = _pb_field(1, name) + _pb_field(2, f"uid-{name}") + _pb_field(3, "rf")
-        config = _pb_field(1, metadata) + _pb_field(2, name[:63]) + _pb_field(3, log_dir)
+        linux = _pb_field(1, self.cgroup_parent)  # LinuxPodSandboxConfig.cgroup_parent
+        config = (
+            _pb_field(1, metadata)
+            + _pb_field(2, name[:63])
+            + _pb_field(3, log_dir)
+            + _pb_field(8, linux)
+        )
         pod_id = decode_protobuf(self._call("RunPodSandbox", _pb_field(1, config)))[1][0].decode()
         self.pods.append(pod_id)
         return self.status(pod_id)
@@ -1328,6 +1419,10 @@ class CriPods:
                     timeout=30,
                 )
                 left.append(os.path.basename(netns))
+        kill_cgroup_tree(self.cgroup_parent)
+        if self.journal is not None and self._rid is not None:
+            self.journal.release(self._rid)
+            self._rid = None
         return left
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,87 @@ def test_nothing_left_after_failures_errors_and_timeouts(pytester: pytest.Pytest
     # journal files are deleted when their last resource is.
     leftovers = {p.name: p.read_text() for p in state.glob("*.jsonl")} if state.exists() else {}
     assert leftovers == {}
+
+
+def test_a_sigkilled_run_is_reaped_by_the_journal(pytester: pytest.Pytester) -> None:
+    """pytest SIGKILLed mid-test, with namespaces, podman's dir and a containerd
+    with a pod up: the journal's reaper removes all of it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pytest_runtimefaults.journal import reap_dead_owners
+
+    marker = pytester.path / "ready"
+    pytester.makepyfile(
+        f"""
+        import pathlib, time
+        from pytest_runtimefaults.cni import wait_cri_network
+
+        def test_hangs(cni_dir, cni_sandbox, cni_podman, cni_containerd, cni_cri_pods):
+            conf = cni_dir.bridge()
+            cni_dir.write(conf)
+            ns = cni_sandbox.container()
+            cni_sandbox.add(conf, ns, container_id="killed")
+            assert wait_cri_network(cni_containerd.address, lambda s: s.ready).ready
+            pod = cni_cri_pods.run()
+            pathlib.Path({str(marker)!r}).write_text(
+                "\\n".join([cni_dir.root.as_posix(), cni_podman.directory.as_posix(),
+                           cni_containerd.directory.as_posix(), str(cni_containerd.pid),
+                           cni_sandbox.host.name, ns.name, pod.id, cni_cri_pods.cgroup_parent])
+            )
+            time.sleep(120)
+        """
+    )
+    state = pytester.path / "state"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "runtimefaults",
+            "-p",
+            "no:cacheprovider",
+            f"--runtimefaults-state-dir={state}",
+            "-q",
+            str(pytester.path),
+        ],
+        cwd=pytester.path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert marker.exists(), "the inner test never got its resources up"
+        time.sleep(0.2)  # the marker is written in one go, but be sure it is complete
+    finally:
+        proc.send_signal(signal.SIGKILL)  # pytest only: its children are left as orphans
+        proc.wait(10)
+    fields = marker.read_text().split("\n")
+    cni_root, podman_dir, ctd_dir, ctd_pid, host_ns, container_ns, pod_id, cgroup = fields
+    result = reap_dead_owners(state)
+    assert result.errors == []
+    kinds = {r["kind"] for r in result.reaped}
+    assert {"netns", "path", "containerd", "cgroup-tree"} <= kinds, result.reaped
+    # The pod's pause process outlives its shim; it is found by its cgroup.
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                assert pod_id not in f.read(), f"pod process {pid} left running"
+        except OSError:
+            continue
+    assert not [p for p in Path("/sys/fs/cgroup").glob(f"*/{cgroup.strip('/')}")]
+    for path in (cni_root, podman_dir, ctd_dir):
+        assert not os.path.exists(path), path
+    for name in (host_ns, container_ns):
+        assert not os.path.exists(f"/var/run/netns/{name}"), name
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{ctd_pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{ctd_pid}")  # containerd died with its parent
+    assert not os.path.exists("/var/lib/cni") or "killed" not in str(list(os.walk("/var/lib/cni")))

@@ -51,11 +51,17 @@ def host_unchanged() -> Iterator[None]:
     assert host_state() == before
 
 
-def host_state() -> tuple[set[str], set[str], set[str]]:
-    """Namespaces, root links, and libcni's host cache (which must stay untouched)."""
+def host_state() -> tuple[set[str], set[str], set[str], set[str]]:
+    """Namespaces, root links, libcni's host cache and the runtimes' cgroup parents."""
     cache = Path("/var/lib/cni")
     files = {str(p) for p in cache.rglob("*")} if cache.exists() else set()
-    return own_namespaces(), snapshot_links(None), files
+    memory = Path("/sys/fs/cgroup/memory")
+    groups = {
+        p.name
+        for p in (memory.iterdir() if memory.is_dir() else [])
+        if p.name in ("libpod_parent", "k8s.io") or p.name.startswith(("rfpodcg", "rfcricg"))
+    }
+    return own_namespaces(), snapshot_links(None), files, groups
 
 
 def assert_no_leaks(registry: FaultRegistry, settle: float = 3.0) -> None:
