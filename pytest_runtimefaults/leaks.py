@@ -46,7 +46,17 @@ __all__ = [
 ]
 
 #: The standard kinds of leak check (the part of a check's name before ``:``).
-LEAK_KINDS = ("processes", "units", "mounts", "netns", "links", "sockets", "fds")
+LEAK_KINDS = (
+    "processes",
+    "units",
+    "mounts",
+    "netns",
+    "links",
+    "sockets",
+    "fds",
+    "addresses",
+    "ipam",
+)
 
 NETNS_DIR = Path("/run/netns")
 
