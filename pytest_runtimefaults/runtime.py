@@ -154,11 +154,14 @@ class Runtime:
         self.timeout = timeout
         self.journal = journal
         self._rid: int | None = None
+        # Inside a SystemdSandbox /run is the sandbox's own tmpfs: the state goes with it.
+        self._host_root = not getattr(sandbox, "private_run", False)
         if root is None:
-            # Inside a sandbox /run is the sandbox's own tmpfs: it goes with it.
             root = f"/run/runtimefaults-{unique_name('rt')}"
-            if sandbox is None and journal is not None:
+            if self._host_root and journal is not None:
                 self._rid = journal.add("path", path=root)
+        else:
+            self._host_root = False  # the user's directory: never removed
         self.root = root
 
     def __repr__(self) -> str:
@@ -310,7 +313,7 @@ class Runtime:
         """Delete leftover containers and the state directory (host runs)."""
         with contextlib.suppress(Exception):
             self.cleanup()
-        if self.sandbox is None:
+        if self._host_root:
             shutil.rmtree(self.root, ignore_errors=True)
         if self._rid is not None and self.journal is not None:
             self.journal.release(self._rid)

@@ -282,6 +282,9 @@ class SystemdSandbox:
     inner_bus_address = f"unix:path={INNER_BUS_PATH}"
     """The bus as programs inside the sandbox see it (the default system bus there)."""
 
+    private_run = True
+    """``/run`` inside is the sandbox's own tmpfs: state kept there goes with it."""
+
     def _track(self, kind: str, **fields: Any) -> None:
         if self.journal is not None:
             self._rids.append(self.journal.add(kind, **fields))

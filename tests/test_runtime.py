@@ -157,3 +157,28 @@ def test_any_runtime_by_path_and_bad_arguments(tmp_path: Path) -> None:
         or os.environ["DBUS_SYSTEM_BUS_ADDRESS"] != "unix:path=/tmp/x"
     )
     assert rt.argv("state", "x")[-3:] == ["--systemd-cgroup", "state", "x"]
+
+
+def test_state_dir_on_the_host_is_journaled_and_removed(tmp_path: Path) -> None:
+    from pytest_runtimefaults.journal import Journal
+
+    journal = Journal(tmp_path / "journal")
+    rt = Runtime(RUNTIMES[0], journal=journal)
+    assert rt.root.startswith("/run/runtimefaults-")
+    assert [r["path"] for r in journal.live()] == [rt.root]
+    os.makedirs(rt.root)
+    rt.close()
+    assert not os.path.exists(rt.root)
+    assert journal.live() == []
+    # A directory the user chose is the user's: never removed.
+    own = tmp_path / "own-root"
+    own.mkdir()
+    Runtime(RUNTIMES[0], root=str(own), journal=journal).close()
+    assert own.is_dir()
+
+
+def test_state_dir_in_a_sandbox_goes_with_it(sandbox: SystemdSandbox) -> None:
+    rt = Runtime(RUNTIMES[0], sandbox=sandbox)
+    assert sandbox.run(["mkdir", "-p", rt.root]).returncode == 0
+    assert not os.path.exists(rt.root)  # /run inside is the sandbox's own tmpfs
+    assert sandbox.run(["test", "-d", rt.root]).returncode == 0
