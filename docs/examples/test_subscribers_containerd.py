@@ -1,0 +1,37 @@
+"""A private containerd under 30 churning gRPC subscribers and real container lifecycles."""
+
+import shutil
+
+import pytest
+
+from pytest_runtimefaults.naming import unique_name
+from pytest_runtimefaults.subscribers import Churn, first_events
+from pytest_runtimefaults.transports.containerd import ContainerdEvents
+
+
+@pytest.fixture
+def rootfs(tmp_path):
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(shutil.which("busybox"), root / "bin" / "busybox")
+    (root / "bin" / "true").symlink_to("busybox")
+    return root
+
+
+def test_containerd_keeps_broadcasting(containerd, subscribers, rootfs):
+    events = ContainerdEvents(containerd.address)
+    watch = subscribers.watch(containerd.pid, containerd.directory / "containerd.log")
+    swarm = subscribers(events, 30, churn=Churn(max_events=20, max_life=1.0, steady=5))
+    swarm.prime(events.publish)  # every steady subscriber is listening
+    for _ in range(15):  # 6 events each: /containers/create ... /containers/delete
+        containerd.ctr("run", "--rm", "--rootfs", str(rootfs), unique_name("doc"), "/bin/true")
+    swarm.drain()
+    report = swarm.report()
+    print(report.summary())
+    # containerd 1.6 (docker/go-events) may skip or double a single event for a
+    # subscriber next to one that is leaving: see "What we found".  Nothing else.
+    assert {p.kind for p in report.problems} <= {"gap", "duplicate"}
+    events.close()  # the publishing connection too
+    watch.check()  # alive, no panic, fds back to the baseline
+    assert first_events(events, events.publish)  # a newcomer is served
+    events.close()
