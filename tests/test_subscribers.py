@@ -196,6 +196,18 @@ def test_fixed_broadcaster_survives_the_swarm(seed: int) -> None:
         assert len(events) == 2
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_remove_while_ranging_broadcaster_loses_and_doubles_events(seed: int) -> None:
+    """containerd 1.6's go-events defect, reproduced: the swarm sees it every time."""
+    with Broadcaster(bug="remove-while-ranging") as server:
+        report = swarm_against(server, seed).report()
+        assert server.alive()  # nothing crashes: events are silently lost
+    kinds = {p.kind for p in report.problems}
+    assert {"gap", "duplicate"} <= kinds, report.summary()
+    assert kinds <= {"gap", "duplicate", "tail"}, report.summary()
+
+
 # --- the command-line transport ------------------------------------------------------
 
 

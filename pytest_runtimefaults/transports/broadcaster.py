@@ -13,6 +13,14 @@ can be shown to catch it: ``bug="double-done"`` decrements the counter on a
 failed send and on close; ``bug=None`` closes once.  Go's runtime message is
 printed on stderr and the process exits with status 2, as Go does.
 
+``bug="remove-while-ranging"`` is the defect the swarm found in containerd
+1.6 (docker/go-events' ``Broadcaster``): a departing subscriber's queue is
+closed before its removal is processed, and a broadcast that meets the closed
+queue removes it from the sink slice *while ranging over it*, with Go's slice
+semantics: the next sink is skipped (it loses the event) and the last one is
+visited twice (it gets the event twice).  Pending removals and events are
+served in a seeded random order, as Go's ``select`` does.
+
 Protocol, one line each way: ``SUBSCRIBE`` -> ``OK``, then ``EV <seq> <topic>``
 lines; ``PUBLISH <n> <burst> <pause_ms>`` -> ``DONE <last seq>`` after
 broadcasting *n* events in bursts.  ``STATS`` -> ``STATS <subscribers>``.
@@ -31,6 +39,7 @@ import argparse
 import contextlib
 import os
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -46,7 +55,7 @@ from pytest_runtimefaults.transports.unixline import UnixLineTransport
 
 __all__ = ["BUGS", "Broadcaster", "main"]
 
-BUGS = ("double-done",)
+BUGS = ("double-done", "remove-while-ranging")
 
 # --- the server (runs in its own process) -----------------------------------------
 
@@ -89,6 +98,14 @@ def _panic(message: str) -> None:
 _CLOSED = object()
 
 
+class _Sink:
+    """One subscriber's queue, as the broadcaster's sink list holds it."""
+
+    def __init__(self, ch: queue.SimpleQueue[object]) -> None:
+        self.ch = ch
+        self.closed = False
+
+
 class _Server:
     def __init__(self, path: str, bug: str | None) -> None:
         self.path = path
@@ -97,6 +114,43 @@ class _Server:
         self.lock = threading.Lock()
         self.seq = 0
         self.ids = 0
+        # remove-while-ranging: a Go slice (backing array + length) of sinks.
+        self.arr: list[_Sink] = []
+        self.n = 0
+        self.pending: list[_Sink] = []
+        self.rng = random.Random(0)
+
+    def _go_append(self, sink: _Sink) -> None:
+        if len(self.arr) > self.n:
+            self.arr[self.n] = sink
+        else:
+            self.arr.append(sink)
+        self.n += 1
+
+    def _go_remove(self, target: _Sink) -> None:
+        # b.sinks = append(b.sinks[:i], b.sinks[i+1:]...): shifts left in place;
+        # the old last slot keeps its value.
+        for i in range(self.n):
+            if self.arr[i] is target:
+                self.arr[i : self.n - 1] = self.arr[i + 1 : self.n]
+                self.n -= 1
+                return
+
+    def _go_broadcast(self, line: bytes) -> None:
+        if self.pending and self.rng.random() < 0.5:
+            self._go_removes()
+        n = self.n  # for _, sink := range b.sinks: the length is read once
+        for i in range(n):
+            sink = self.arr[i]
+            if sink.closed:
+                self._go_remove(sink)
+                continue
+            sink.ch.put(line)
+
+    def _go_removes(self) -> None:
+        for sink in self.pending:
+            self._go_remove(sink)
+        self.pending.clear()
 
     def serve(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -132,18 +186,26 @@ class _Server:
             with self.lock:
                 self.seq += 1
                 line = f"EV {self.seq} /demo/event\n".encode()
-                for ch in self.subs.values():
-                    ch.put(line)
+                if self.bug == "remove-while-ranging":
+                    self._go_broadcast(line)
+                else:
+                    for ch in self.subs.values():
+                        ch.put(line)
             if pause and (i + 1) % burst == 0:
                 time.sleep(pause)
+        with self.lock:
+            self._go_removes()
         return self.seq
 
     def stream(self, conn: socket.socket, f: object) -> None:
         ch: queue.SimpleQueue[object] = queue.SimpleQueue()
+        sink = _Sink(ch)
         with self.lock:
             self.ids += 1
             sid = self.ids
             self.subs[sid] = ch
+            if self.bug == "remove-while-ranging":
+                self._go_append(sink)
         wg = _WaitGroup()
         wg.add(1)
         once = threading.Lock()
@@ -180,8 +242,14 @@ class _Server:
             with contextlib.suppress(OSError):
                 while conn.recv(4096):
                     pass
-            with self.lock:
-                self.subs.pop(sid, None)
+            if self.bug == "remove-while-ranging":
+                sink.closed = True  # the queue is closed first; Remove comes later
+                with self.lock:
+                    self.subs.pop(sid, None)
+                    self.pending.append(sink)
+            else:
+                with self.lock:
+                    self.subs.pop(sid, None)
             ch.put(_CLOSED)
 
         conn.sendall(b"OK\n")
