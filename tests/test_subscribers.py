@@ -282,6 +282,34 @@ def test_fixtures_through_the_plugin(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
 
 
+@pytest.mark.timeout(120)
+def test_recovers_marker_judges_the_daemon_after_the_swarm(pytester: pytest.Pytester) -> None:
+    """``recovers`` lifts the swarm and probes the watched daemon: buggy fails, fixed passes."""
+    pytester.makepyfile(
+        """
+        import pytest
+        from pytest_runtimefaults.subscribers import Churn
+
+        @pytest.mark.recovers(within=3)
+        @pytest.mark.parametrize("bug", ["double-done", None])
+        def test_swarm(subscribers, event_broadcaster, bug):
+            server = event_broadcaster(bug=bug)
+            subscribers.watch(server.pid, server.log_path)
+            swarm = subscribers(server.transport(), 20, churn=Churn(max_events=15, max_life=0.5))
+            try:
+                swarm.prime(lambda: server.publish(1))
+                for _ in range(20):
+                    server.publish(20, burst=10)
+            except ConnectionError:
+                pass
+            swarm.drain(timeout=5)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "runtimefaults", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*recovers*negative WaitGroup counter*"])
+
+
 def test_bad_swarm_size_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_x(subscribers):\n    pass\n")
     result = pytester.runpytest_subprocess("-p", "runtimefaults", "--runtimefaults-swarm-size=0")

@@ -33,3 +33,10 @@ def test_the_fixed_broadcaster_survives(subscribers, event_broadcaster):
     report.assert_ok()  # no gap, duplicate or reordering for anyone
     print(report.summary())
     watch.check()  # alive, no panic, file descriptors back to the baseline
+
+
+@pytest.mark.recovers(within=5)  # lifts the swarm, then polls the watched daemon
+def test_the_daemon_recovers_after_the_swarm(subscribers, event_broadcaster):
+    server = event_broadcaster()
+    subscribers.watch(server.pid, server.log_path)  # offered to `recovers` as a probe
+    run_swarm(server, subscribers).assert_ok()
