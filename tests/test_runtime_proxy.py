@@ -249,3 +249,61 @@ def test_systemd_serials_past_the_boundary_after_the_fix(
     )
     assert rule.applied >= 2
     assert result.ok, result.stderr
+
+
+def _no_jobremoved(name: str) -> Any:
+    if name == "crun":
+        return pytest.param(
+            name,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="crun 1.8.1 waits for JobRemoved with no timeout: blocked until killed "
+                "(killed, it leaves nothing behind)",
+            ),
+            id=name,
+        )
+    return name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [_no_jobremoved(n) for n in RUNTIMES])
+def test_jobremoved_never_sent_fails_within_runcs_timeout(
+    name: str, sandbox: SystemdSandbox, proxy: DBusFaultProxy, bundle: Path
+) -> None:
+    """systemd answers StartTransientUnit but never signals the job's end.
+
+    runc waits 30 s for JobRemoved, then fails with a clear error.
+    """
+    from pytest_runtimefaults.dbus.rules import Drop
+
+    inspector = sandbox.inspector()
+    baseline = inspector.scopes_and_slices()
+    rt = _runtime(name, sandbox, proxy, timeout=STALL_BOUND + 10)
+    rule = proxy.add(Drop().on(member="JobRemoved"))
+    created = rt.create("rf-nojob", bundle)
+    proxy.clear()
+    rt.delete("rf-nojob", force=True)
+    left = inspector.wait_gone({u.name for u in inspector.leftovers(baseline)}, timeout=3)
+    processes = sandbox.processes()
+    after = rt.lifecycle(bundle)
+    _record(
+        {
+            "case": "no-jobremoved",
+            "runtime": name,
+            "applied": rule.applied,
+            "create_rc": created.returncode,
+            "create_s": round(created.duration, 3),
+            "create_err": created.stderr.strip()[-200:],
+            "units_left": sorted(left),
+            "processes_left": sorted(processes),
+            "next_ok": after.ok,
+        }
+    )
+    assert after.ok, after.stderr
+    assert rule.applied >= 1
+    assert not created.timed_out, f"{name} was still waiting after {created.duration:.0f} s"
+    assert created.returncode not in (0, None)
+    assert 29 < created.duration < STALL_BOUND
+    assert "Timeout waiting for systemd" in created.stderr
+    assert not left
+    assert not processes
