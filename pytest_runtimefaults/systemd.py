@@ -305,6 +305,8 @@ class SystemdSandbox:
             self._spawn(procs_files)
             self._wait_booted(t0)
             self._make_exec_cgroups()
+            if self.layout == "unified":
+                self._move_launcher_out()
         except BaseException:
             self.stop()
             raise
@@ -511,6 +513,23 @@ class SystemdSandbox:
                 self._exec_procs.append(str(root / "runtimefaults.exec" / "cgroup.procs"))
             else:
                 self._exec_procs.append(str(root / "cgroup.procs"))
+
+    def _move_launcher_out(self) -> None:
+        """cgroup v2: take ``unshare`` out of the sandbox's root cgroup after boot.
+
+        The namespace's root was fixed when it was created; a process left in
+        it would stop systemd from enabling controllers below (no internal
+        processes in v2).  Designed for cgroup v2 hosts; not run on the
+        project's hybrid machine.
+        """
+        assert self._launcher is not None
+        for m in cgroup_mounts():
+            rel = _own_cgroups().get(m.name)
+            if m.fstype == "cgroup2" and rel is not None:
+                with contextlib.suppress(OSError):
+                    Path(m.mount_point + rel.rstrip("/"), "cgroup.procs").write_text(
+                        str(self._launcher.pid)
+                    )
 
     def command(self, argv: Sequence[str]) -> list[str]:
         """*argv* wrapped to run inside the sandbox's PID, mount and cgroup namespaces."""
