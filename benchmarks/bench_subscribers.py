@@ -28,8 +28,13 @@ import threading
 import time
 from collections.abc import Callable
 
+from pytest_runtimefaults.journal import Journal
 from pytest_runtimefaults.subscribers import Churn, Swarm, Transport
 from pytest_runtimefaults.transports.broadcaster import Broadcaster
+
+# What this script starts is journaled: if it is killed, the next run (or
+# ``runtimefaults cleanup``) reaps the daemons and their directories.
+JOURNAL = Journal.default()
 
 
 def bare_unix(path: str, n: int, publish: Callable[[], object]) -> float:
@@ -100,7 +105,7 @@ def header(title: str) -> None:
 
 def bench_broadcaster(events: int, sizes: list[int]) -> None:
     header(f"test-only broadcaster, {events} events in one burst")
-    with Broadcaster() as server:
+    with Broadcaster(journal=JOURNAL) as server:
         bare = min(
             bare_unix(server.socket_path, events, lambda: server.publish(events, 1000, 0))
             for _ in range(3)
@@ -122,7 +127,7 @@ def bench_containerd(events: int, sizes: list[int]) -> None:
     from pytest_runtimefaults.transports.containerd import ContainerdEvents
 
     header(f"containerd Events.Publish, {events} events")
-    with Containerd() as ctd:
+    with Containerd(journal=JOURNAL) as ctd:
         transport = ContainerdEvents(ctd.address)
 
         def publish() -> None:

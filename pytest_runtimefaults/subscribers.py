@@ -50,7 +50,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -70,6 +70,7 @@ __all__ = [
     "SwarmReport",
     "ThreadedSubscription",
     "Transport",
+    "first_events",
 ]
 
 
@@ -966,12 +967,3 @@ def first_events(
     finally:
         sub.cancel()
     return got
-
-
-def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Split a stream of byte chunks into lines (without the newline)."""
-    buf = b""
-    for chunk in chunks:
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        yield from lines
