@@ -140,3 +140,26 @@ def test_runtime_goes_through_systemd_dbus_proxy_with_marker_rules(
     )
     result = pytester.runpytest_subprocess("-p", "runtimefaults", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_leak_checks_catch_a_container_left_behind(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.recovers(within=10)
+        def test_leaky(runtime, oci_bundle):
+            assert runtime.create("left-behind", oci_bundle).ok
+            assert runtime.start("left-behind").ok
+
+        @pytest.mark.recovers(within=10)
+        def test_tidy(runtime, oci_bundle):
+            assert runtime.lifecycle(oci_bundle).ok
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "runtimefaults", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    assert "units:systemd" in out
+    assert "left-behind" in out
+    assert "processes:runtime" in out
