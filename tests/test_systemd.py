@@ -19,6 +19,7 @@ from pytest_runtimefaults.systemd import (
     SandboxError,
     SystemdInspector,
     SystemdSandbox,
+    _own_cgroups,
     cgroup_mounts,
     host_cgroup_state,
 )
@@ -63,14 +64,25 @@ def host_before() -> tuple[list[str], set[str]]:
     return host_cgroup_state(), _cgroup_dirs()
 
 
-def _assert_host_unchanged(before: tuple[list[str], set[str]]) -> None:
+def _sandbox_dirs(sd: SystemdSandbox) -> set[str]:
+    """Where the sandbox's cgroups are, on every hierarchy, whether or not they exist."""
+    own = _own_cgroups()
+    return {
+        str(Path(m.mount_point + own[m.name].rstrip("/")) / sd.name)
+        for m in cgroup_mounts()
+        if m.name in own
+    }
+
+
+def _assert_host_unchanged(before: tuple[list[str], set[str]], sd: SystemdSandbox) -> None:
     state, dirs = before
     after = host_cgroup_state()
     assert after == state, "the host's /sys/fs/cgroup mounts changed"
     assert all("ro" not in line.split()[1].split(",") for line in after), after
-    # Other tests on this machine may add cgroups; ours are named rfsd*.
-    ours = {d for d in _cgroup_dirs() - dirs if os.path.basename(d).startswith("rfsd")}
-    assert not ours, f"sandbox cgroups left on the host: {ours}"
+    # Other tests (other xdist workers) may add cgroups: check the sandbox's own.
+    left = {d for d in _sandbox_dirs(sd) if os.path.exists(d)}
+    assert not left, f"sandbox cgroups left on the host: {left}"
+    assert not {d for d in _cgroup_dirs() - dirs if d.endswith("/" + sd.name)}
 
 
 def test_boots_well_under_two_seconds_and_answers_on_its_bus(
@@ -90,7 +102,7 @@ def test_boots_well_under_two_seconds_and_answers_on_its_bus(
         # It is PID 1 of its own PID namespace.
         status = Path(f"/proc/{sd.pid}/status").read_text()
         assert f"NSpid:\t{sd.pid}\t1\n" in status
-    _assert_host_unchanged(host_before)
+    _assert_host_unchanged(host_before, sd)
 
 
 def test_systemd_remounts_only_its_own_cgroup_tmpfs_read_only(
@@ -111,7 +123,7 @@ def test_systemd_remounts_only_its_own_cgroup_tmpfs_read_only(
         with open("/sys/fs/cgroup/.rf-write-probe", "w"):
             pass
         os.unlink("/sys/fs/cgroup/.rf-write-probe")
-    _assert_host_unchanged(host_before)
+    _assert_host_unchanged(host_before, sd)
 
 
 def test_launcher_refuses_to_exec_systemd_on_the_host_cgroup_fs(tmp_path: Path) -> None:
@@ -198,7 +210,7 @@ def test_stop_is_idempotent_and_kills_everything_inside(
     assert systemd_pid is not None
     for pid in [*pids, systemd_pid]:
         assert _gone(pid), pid
-    _assert_host_unchanged(host_before)
+    _assert_host_unchanged(host_before, sd)
 
 
 def test_a_killed_runs_sandbox_is_reaped_from_its_journal(
@@ -223,7 +235,7 @@ def test_a_killed_runs_sandbox_is_reaped_from_its_journal(
     assert workdir is not None
     assert not workdir.exists()
     sd._launcher = None  # what a new process would see: nothing left to stop
-    _assert_host_unchanged(host_before)
+    _assert_host_unchanged(host_before, sd)
 
 
 def test_layout_must_match_the_host() -> None:
@@ -278,4 +290,4 @@ def test_stop_thaws_a_frozen_process_left_by_a_killed_runtime(
         sd.stop()
     assert time.monotonic() - t0 < 5
     proc.wait(timeout=5)
-    _assert_host_unchanged(host_before)
+    _assert_host_unchanged(host_before, sd)
