@@ -74,7 +74,7 @@ def systemd_swarm(
     report = swarm.report()
     print(f"\nsystemd signals via proxy ({label}):", report.figures())
     report.assert_ok()
-    assert report.cancels > 20
+    assert report.cancels > 10  # the swarm did churn (how much depends on the rule's delays)
     assert report.figures()["steady_complete"] == 4
     senders = {t.split("/")[0] for t in report.reference}
     assert len(senders) == 1  # one sender: systemd
@@ -90,12 +90,6 @@ def test_systemd_signals_through_the_proxy_under_churn(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=False,
-    reason="DBusFaultProxy: an ordered Delay is now and then overtaken by later messages "
-    "of the same connection, and a connection closed while holding loses what it held "
-    "(found by this swarm; reported to the proxy's owner)",
-)
 def test_systemd_signals_through_a_delaying_proxy_under_churn(
     systemd: SystemdSandbox, proxy: DBusFaultProxy, start_unit: Callable[[], None], subscribers
 ) -> None:  # type: ignore[no-untyped-def]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import itertools
 import os
 import shutil
@@ -178,7 +179,9 @@ class _Connection:
                 spans = None
                 if not anc and not pending_fds and not framer.pending:
                     spans = whole_messages(data)
-                    if spans is not None and engine.passthrough(data):
+                    # (passthrough reads the engine's state first, _releasing second:
+                    # see _release.)
+                    if spans is not None and engine.passthrough(data) and not proxy._releasing:
                         # The hot path: whole messages no rule can concern go out
                         # first; the trace is written while the peer works.
                         with lock:
@@ -189,20 +192,14 @@ class _Connection:
                 msgs = messages_at(data, spans) if spans is not None else framer.feed(data)
                 if not msgs:
                     continue
-                if engine.idle or all(engine.bypass(direction, m) for m in msgs):
+                if (
+                    engine.idle or all(engine.bypass(direction, m) for m in msgs)
+                ) and not proxy._releasing:
                     self._forward_batch(msgs, pending_fds, direction, lock, dst)
                 else:
-                    now = time.monotonic()
-                    outputs: list[Output] = []
-                    on_message = proxy.engine.on_message
-                    for msg in msgs:
-                        fds = _take_fds(msg, pending_fds)
-                        trace.record(self.id, direction, msg)
-                        outputs += on_message(self.id, direction, msg, fds, now)
+                    proxy._release(functools.partial(self._decide, msgs, pending_fds, direction))
                     if proxy.engine.notes:
                         proxy._drain_notes()
-                    if outputs:
-                        proxy._write(outputs, self)
                     if proxy.engine.holding:
                         proxy._kick()
         except (WireError, AuthError, ProxyError) as exc:
@@ -218,6 +215,18 @@ class _Connection:
                     os.close(fd)
             self.close()
             proxy._connection_done(self, direction)
+
+    def _decide(self, msgs: list[Message], pending_fds: list[int], direction: str) -> list[Output]:
+        """The engine's decisions for a batch (called with the engine's lock held)."""
+        now = time.monotonic()
+        outputs: list[Output] = []
+        on_message = self.proxy.engine.on_message
+        record = self.proxy.trace.record
+        for msg in msgs:
+            fds = _take_fds(msg, pending_fds)
+            record(self.id, direction, msg)
+            outputs += on_message(self.id, direction, msg, fds, now)
+        return outputs
 
     def _forward_batch(
         self,
@@ -346,6 +355,7 @@ class DBusFaultProxy:
         self._scheduler: threading.Thread | None = None
         self._wake = threading.Condition()
         self._stopping = False
+        self._releasing = 0  # > 0 while held messages are being handed to their writers
         self._rids: list[int] = []
 
     # -- lifecycle -------------------------------------------------------------------
@@ -462,11 +472,11 @@ class DBusFaultProxy:
 
     def remove(self, rule: Rule) -> None:
         """Remove *rule*; when it was the last, held messages are released now."""
-        self._write(self.engine.remove(rule))
+        self._release(lambda: self.engine.remove(rule))
 
     def clear(self) -> None:
         """Remove every rule and release every held message now."""
-        self._write(self.engine.clear())
+        self._release(self.engine.clear)
 
     @property
     def rules(self) -> list[Rule]:
@@ -516,59 +526,71 @@ class DBusFaultProxy:
             conn, direction, msg, fault = notes.pop(0)
             self.trace.record(conn, direction, msg, fault=fault)
 
-    def _write(self, outputs: list[Output], conn_hint: _Connection | None = None) -> None:
-        if not outputs:
-            return
-        # The common case: plain messages for one connection and direction, written
-        # as one batch like the fast path does.
-        first = outputs[0]
-        if (
-            (
-                conn_hint is not None
-                and len(outputs) > 1
-                and all(
-                    o.conn == first.conn
-                    and o.direction == first.direction
-                    and not (o.fds or o.fault or o.pause_after or o.close)
-                    for o in outputs
-                )
-            )
-            and conn_hint.id == first.conn
-            and not conn_hint.closed
-        ):
+    def _release(self, take: Callable[[], list[Output]]) -> None:
+        """Write what *take* (an engine call that releases held messages) returns, in order.
+
+        The write locks of the lanes concerned are claimed before the engine's
+        lock is let go, by the scheduler releasing held messages and by a pump
+        writing its decisions alike: whoever decided first writes first, so a
+        held message is never overtaken by one that was queued behind it, and a
+        pump's batch is never overtaken by messages released meanwhile.  Each
+        lane is unlocked as soon as its own messages are written.  (Both take
+        the engine's lock, then a write lock; nothing takes them the other way.)
+        """
+        claimed: list[tuple[_Connection, str, list[Output]]] = []
+        with self.engine.lock:
+            # While set, pumps do not take their fast paths: `take` may free a lane in
+            # the engine before its write lock is claimed below.
+            self._releasing += 1
             try:
-                with conn_hint.locks[first.direction]:
-                    conn_hint.dest(first.direction).sendall(b"".join(o.data for o in outputs))
-            except OSError:
-                conn_hint.close()
-            return
+                outputs = take()
+                if outputs:
+                    claimed = self._claim(outputs)
+            finally:
+                self._releasing -= 1
+        for conn, direction, outs in claimed:
+            try:
+                self._write_claimed(conn, direction, outs)
+            finally:
+                conn.locks[direction].release()
+
+    def _claim(self, outputs: list[Output]) -> list[tuple[_Connection, str, list[Output]]]:
+        """Group *outputs* by lane and take each lane's write lock (engine lock held)."""
+        lanes: dict[tuple[int, str], list[Output]] = {}
         for out in outputs:
-            if conn_hint is not None and conn_hint.id == out.conn:
-                conn: _Connection | None = conn_hint
-            else:
-                with self._lock:
-                    conn = self.connections.get(out.conn)
+            lanes.setdefault((out.conn, out.direction), []).append(out)
+        claimed: list[tuple[_Connection, str, list[Output]]] = []
+        for (conn_id, direction), outs in lanes.items():
+            with self._lock:
+                conn = self.connections.get(conn_id)
             if conn is None or conn.closed:
-                for fd in out.fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                for out in outs:
+                    for fd in out.fds:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
                 continue
+            conn.locks[direction].acquire()
+            claimed.append((conn, direction, outs))
+        return claimed
+
+    def _write_claimed(self, conn: _Connection, direction: str, outputs: list[Output]) -> None:
+        sock = conn.dest(direction)
+        for out in outputs:
             if out.fault:
                 self.trace.record(out.conn, out.direction, out.message, fault=out.fault)
             try:
-                with conn.locks[out.direction]:
-                    sock = conn.dest(out.direction)
-                    if out.fds:
-                        _send_with_fds(sock, out.data, out.fds)
-                    elif out.data:
-                        sock.sendall(out.data)
+                if out.fds:
+                    _send_with_fds(sock, out.data, out.fds)
+                elif out.data:
+                    sock.sendall(out.data)
             except OSError:
                 conn.close()
-                continue
+                return
             if out.pause_after:
                 time.sleep(out.pause_after)
             if out.close:
                 conn.close()
+                return
 
     def _kick(self) -> None:
         """Make sure the scheduler runs if the engine holds messages."""
@@ -596,7 +618,7 @@ class DBusFaultProxy:
                 with self._wake:
                     self._wake.wait(timeout=deadline - now)
                 continue
-            self._write(self.engine.tick(now))
+            self._release(functools.partial(self.engine.tick, now))
 
     def __repr__(self) -> str:
         where = self.socket_path or "stopped"

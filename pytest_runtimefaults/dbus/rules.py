@@ -865,6 +865,11 @@ class FaultEngine:
         for rule in rules:
             self.add(rule)
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The engine's lock (reentrant): the proxy holds it to claim write order."""
+        return self._lock
+
     # -- rule management (takes effect for the next message) --
     def add(self, rule: Rule | Action | str) -> Rule:
         if isinstance(rule, str):
