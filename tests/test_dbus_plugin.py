@@ -172,12 +172,30 @@ def test_pcap_dir_option(pytester: pytest.Pytester, tmp_path: Path) -> None:
 
 
 def test_host_bus_upstream_is_refused_without_consent(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile("def test_x(dbus_proxy):\n    pass\n")
-    result = pytester.runpytest_subprocess(
-        "-p", "runtimefaults", "--runtimefaults-dbus-upstream=unix:path=/run/dbus/system_bus_socket"
+    # A conftest makes a socket of the test's own stand in for the host's system bus.
+    pytester.makeconftest(
+        """
+        import os, socket
+        from pytest_runtimefaults.dbus import proxy
+
+        def pytest_configure(config):
+            path = str(config.rootpath / "system_bus_socket")
+            if os.path.exists(path):
+                os.unlink(path)  # left by the first of the two runs below
+            config._fake_bus = socket.socket(socket.AF_UNIX)
+            config._fake_bus.bind(path)
+            proxy.HOST_BUS_PATHS = (path,)
+        """
     )
+    pytester.makepyfile("def test_x(dbus_proxy):\n    pass\n")
+    upstream = f"--runtimefaults-dbus-upstream=unix:path={pytester.path}/system_bus_socket"
+    result = pytester.runpytest_subprocess("-p", "runtimefaults", upstream)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*refusing to proxy the host's system bus*"])
+    consent = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", upstream, "--runtimefaults-allow-host-bus"
+    )
+    consent.assert_outcomes(passed=1)
 
 
 def _spawn(*args: str) -> tuple[subprocess.Popen[str], str]:

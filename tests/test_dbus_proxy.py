@@ -19,6 +19,7 @@ from jeepney import DBusAddress, new_method_call
 from jeepney.io.blocking import open_dbus_connection
 from jeepney.low_level import Endianness
 
+from pytest_runtimefaults.dbus import proxy as proxy_module
 from pytest_runtimefaults.dbus.bus import PrivateBus
 from pytest_runtimefaults.dbus.proxy import DBusFaultProxy, ProxyError, parse_address
 
@@ -326,10 +327,26 @@ def test_stop_leaves_no_thread_no_directory(bus: PrivateBus, svc: None) -> None:
     assert set(threading.enumerate()) - before == set()
 
 
-def test_refuses_the_host_system_bus() -> None:
-    with pytest.raises(ProxyError, match="refusing to proxy the host's system bus"):
-        DBusFaultProxy(upstream="unix:path=/run/dbus/system_bus_socket")
-    DBusFaultProxy(upstream="unix:path=/run/dbus/system_bus_socket", allow_host_bus=True)
+def test_refuses_the_host_system_bus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check compares inodes; a socket of ours stands in for the host's bus, so the
+    # test neither needs nor touches the real one.
+    host = tmp_path / "run" / "dbus" / "system_bus_socket"
+    host.parent.mkdir(parents=True)
+    monkeypatch.setattr(proxy_module, "HOST_BUS_PATHS", (str(host),))
+    with socket.socket(socket.AF_UNIX) as bus_socket:
+        bus_socket.bind(str(host))
+        with pytest.raises(ProxyError, match="refusing to proxy the host's system bus"):
+            DBusFaultProxy(upstream=f"unix:path={host}")
+        with pytest.raises(ProxyError, match="refusing"):  # another name, same socket
+            DBusFaultProxy(upstream=f"unix:path={host.parent}/../dbus/system_bus_socket")
+        DBusFaultProxy(upstream=f"unix:path={host}", allow_host_bus=True)
+        # A socket at the same path seen through /proc/PID/root of another mount
+        # namespace is another inode: a sandbox's bus is allowed.
+        other = tmp_path / "sandbox-root" / "run" / "dbus" / "system_bus_socket"
+        other.parent.mkdir(parents=True)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(other))
+            DBusFaultProxy(upstream=f"unix:path={other}")
 
 
 def test_parse_address() -> None:

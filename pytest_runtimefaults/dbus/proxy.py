@@ -93,6 +93,26 @@ def _unescape(value: str) -> str:
     return out.decode()
 
 
+def _is_host_bus(path: str) -> bool:
+    """Whether *path* is the host's system bus socket: the same inode, not the same name.
+
+    A sandbox's bus reached as ``/proc/PID/root/run/dbus/system_bus_socket`` has the
+    host's path once resolved, but is another socket in another mount namespace.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    for host in HOST_BUS_PATHS:
+        try:
+            hs = os.stat(host)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (hs.st_dev, hs.st_ino):
+            return True
+    return False
+
+
 class _Connection:
     """One client and its upstream: two pumps, two write locks."""
 
@@ -325,14 +345,12 @@ class DBusFaultProxy:
     ) -> None:
         self.upstream = upstream
         _family, target = parse_address(upstream)
-        if isinstance(target, str) and not allow_host_bus:
-            real = os.path.realpath(target)
-            if real in {os.path.realpath(p) for p in HOST_BUS_PATHS}:
-                raise ProxyError(
-                    f"refusing to proxy the host's system bus ({target}): a test suite must "
-                    "not disturb it. Use a PrivateBus, or opt in with allow_host_bus=True "
-                    "(--runtimefaults-allow-host-bus)."
-                )
+        if isinstance(target, str) and not allow_host_bus and _is_host_bus(target):
+            raise ProxyError(
+                f"refusing to proxy the host's system bus ({target}): a test suite must "
+                "not disturb it. Use a PrivateBus, or opt in with allow_host_bus=True "
+                "(--runtimefaults-allow-host-bus)."
+            )
         self._upstream_target = target
         self._listen = Path(listen) if listen else None
         self._parent = directory
