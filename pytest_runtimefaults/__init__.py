@@ -22,28 +22,110 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; resolved lazily by __getattr__ (PEP 562).
 _LAZY: dict[str, str] = {
-    "PrivateBus": "pytest_runtimefaults.dbus.bus",
+    "Churn": "pytest_runtimefaults.subscribers",
+    "CniDir": "pytest_runtimefaults.cni",
+    "CniSandbox": "pytest_runtimefaults.netns",
+    "Containerd": "pytest_runtimefaults.containerd",
+    "CriPods": "pytest_runtimefaults.cni",
     "DBusFaultProxy": "pytest_runtimefaults.dbus.proxy",
-    "TraceEntry": "pytest_runtimefaults.dbus.trace",
+    "Daemon": "pytest_runtimefaults.daemon",
+    "DaemonWatch": "pytest_runtimefaults.subscribers",
+    "Delay": "pytest_runtimefaults.dbus.rules",
+    "Disconnect": "pytest_runtimefaults.dbus.rules",
+    "Drop": "pytest_runtimefaults.dbus.rules",
+    "Duplicate": "pytest_runtimefaults.dbus.rules",
+    "ErrorReply": "pytest_runtimefaults.dbus.rules",
     "FaultRegistry": "pytest_runtimefaults.faults",
+    "FlipByteOrder": "pytest_runtimefaults.dbus.rules",
     "Journal": "pytest_runtimefaults.journal",
+    "Match": "pytest_runtimefaults.dbus.rules",
+    "PrivateBus": "pytest_runtimefaults.dbus.bus",
+    "Reorder": "pytest_runtimefaults.dbus.rules",
+    "Rule": "pytest_runtimefaults.dbus.rules",
+    "Runtime": "pytest_runtimefaults.runtime",
+    "RuntimeResult": "pytest_runtimefaults.runtime",
+    "Serials": "pytest_runtimefaults.dbus.rules",
+    "SignalBeforeReply": "pytest_runtimefaults.dbus.rules",
+    "SplitMessage": "pytest_runtimefaults.dbus.rules",
+    "StaleSocket": "pytest_runtimefaults.sockets",
+    "StrayReply": "pytest_runtimefaults.dbus.rules",
+    "Swarm": "pytest_runtimefaults.subscribers",
+    "SystemdInspector": "pytest_runtimefaults.systemd",
+    "SystemdSandbox": "pytest_runtimefaults.systemd",
+    "TornWriteWatcher": "pytest_runtimefaults.cni",
+    "TraceEntry": "pytest_runtimefaults.dbus.trace",
+    "parse_rule": "pytest_runtimefaults.dbus.rules",
+    "safe_bind": "pytest_runtimefaults.sockets",
 }
 
 __all__ = [
+    "Churn",
+    "CniDir",
+    "CniSandbox",
+    "Containerd",
+    "CriPods",
     "DBusFaultProxy",
+    "Daemon",
+    "DaemonWatch",
+    "Delay",
+    "Disconnect",
+    "Drop",
+    "Duplicate",
+    "ErrorReply",
     "FaultRegistry",
+    "FlipByteOrder",
     "Journal",
+    "Match",
     "PrivateBus",
+    "Reorder",
+    "Rule",
+    "Runtime",
+    "RuntimeResult",
+    "Serials",
+    "SignalBeforeReply",
+    "SplitMessage",
+    "StaleSocket",
+    "StrayReply",
+    "Swarm",
+    "SystemdInspector",
+    "SystemdSandbox",
+    "TornWriteWatcher",
     "TraceEntry",
     "__version__",
+    "parse_rule",
+    "safe_bind",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pytest_runtimefaults.cni import CniDir, CriPods, TornWriteWatcher
+    from pytest_runtimefaults.containerd import Containerd
+    from pytest_runtimefaults.daemon import Daemon
     from pytest_runtimefaults.dbus.bus import PrivateBus
     from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
+    from pytest_runtimefaults.dbus.rules import (
+        Delay,
+        Disconnect,
+        Drop,
+        Duplicate,
+        ErrorReply,
+        FlipByteOrder,
+        Match,
+        Reorder,
+        Rule,
+        Serials,
+        SignalBeforeReply,
+        SplitMessage,
+        StrayReply,
+        parse_rule,
+    )
     from pytest_runtimefaults.dbus.trace import TraceEntry
     from pytest_runtimefaults.faults import FaultRegistry
     from pytest_runtimefaults.journal import Journal
+    from pytest_runtimefaults.netns import CniSandbox
+    from pytest_runtimefaults.runtime import Runtime, RuntimeResult
+    from pytest_runtimefaults.sockets import StaleSocket, safe_bind
+    from pytest_runtimefaults.subscribers import Churn, DaemonWatch, Swarm
+    from pytest_runtimefaults.systemd import SystemdInspector, SystemdSandbox
 
 
 def __getattr__(name: str) -> Any:
