@@ -22,6 +22,7 @@ from jeepney.low_level import Endianness
 from pytest_runtimefaults.dbus import proxy as proxy_module
 from pytest_runtimefaults.dbus.bus import PrivateBus
 from pytest_runtimefaults.dbus.proxy import DBusFaultProxy, ProxyError, parse_address
+from pytest_runtimefaults.dbus.rules import Delay
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -428,3 +429,33 @@ def test_many_clients_in_parallel(proxy: DBusFaultProxy, svc: None) -> None:
     for t in threads:
         t.join(60)
     assert results.count(True) == 500
+
+
+def test_rule_added_in_the_middle_of_a_message_keeps_the_stream_exact(tmp_path: Path) -> None:
+    # No rule: the start of a large message goes out before the message is whole.
+    # A rule added then must not re-send, drop or hold the rest of that message.
+    echo = RecordingEcho(str(tmp_path / "echo"))
+    try:
+        with DBusFaultProxy(upstream=f"unix:path={tmp_path / 'echo'}") as proxy:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(proxy.socket_path))
+            s.sendall(b"\0AUTH EXTERNAL 30\r\nBEGIN\r\n")
+            assert s.recv(4096).startswith(b"OK")
+            big, small = _random_messages(random.Random(3), 2, 2**20)
+            big = bytes(
+                new_method_call(SERVICE_ADDR, "Echo", "ay", (bytes(2**21),)).serialise(serial=7)
+            )
+            s.sendall(big[:100_000])
+            time.sleep(0.1)
+            proxy.add(Delay(0.05).on(member="Echo"))  # matches the next messages
+            s.sendall(big[100_000:] + small)
+            expected = big + small
+            deadline = time.monotonic() + 20
+            while sum(len(v) for v in echo.received.values()) < len(expected):
+                assert time.monotonic() < deadline, "the upstream did not get every byte"
+                time.sleep(0.02)
+            s.close()
+            assert proxy.errors == []
+    finally:
+        echo.close()
+    assert bytes(echo.received[1]) == expected

@@ -1,17 +1,22 @@
 """The D-Bus fault proxy: the I/O around the codec, the SASL relay and the fault engine.
 
 ``DBusFaultProxy`` listens on a Unix socket in a private 0700 directory and
-opens one upstream connection per client.  Each connection has two pump
-threads (one per direction) doing blocking ``recvmsg``/``sendmsg``: for a
-relay that mostly waits, blocking threads wake faster than any event loop
-in Python (see benchmarks/bench_dbus_proxy.py).  With no rule the pump
-forwards each batch of whole messages in one write, byte for byte; with
-rules, every message goes through :class:`~pytest_runtimefaults.dbus.rules.FaultEngine`,
-and a scheduler thread (started on first need) releases held messages.
+opens one upstream connection per client.  One thread runs an epoll loop over
+every socket, non-blocking: for a relay that mostly waits, a single loop
+wakes once per message where a thread per direction pays a GIL hand-over as
+well (benchmarks/bench_dbus_proxy.py measures both designs' floors), and one
+thread writing every byte makes the order of writes the order of decisions,
+with no lock to get wrong.
 
-File descriptors (SCM_RIGHTS) are attached to the write that starts the
-message that carries them, as the ``UNIX_FDS`` header field says, since
-sd-bus reads exactly one message at a time.
+* With no rule that can concern them, whole messages are written as soon as
+  they are read, byte for byte, and framed for the trace afterwards.
+* Otherwise every message goes through
+  :class:`~pytest_runtimefaults.dbus.rules.FaultEngine`; its writes are queued
+  per *lane* (one direction of one connection), which is flushed in order,
+  honouring pauses between fragments, and held messages are released when
+  the engine's deadlines come, as the loop's timeout.
+* File descriptors (SCM_RIGHTS) go with the write that starts the message that
+  declares them (``UNIX_FDS``), since sd-bus reads one message at a time.
 
 Example::
 
@@ -25,14 +30,15 @@ from __future__ import annotations
 
 import array
 import contextlib
-import functools
 import itertools
 import os
+import select
 import shutil
 import socket
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -55,6 +61,9 @@ HOST_BUS_PATHS = ("/run/dbus/system_bus_socket", "/var/run/dbus/system_bus_socke
 _RECV = 262144
 _MAX_FDS = 253  # SCM_MAX_FD
 _ANC = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+_BACKLOG_LIMIT = 32 * 2**20  # stop reading a peer while 32 MiB wait for the other one
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
 
 
 class ProxyError(RuntimeError):
@@ -113,173 +122,52 @@ def _is_host_bus(path: str) -> bool:
     return False
 
 
-class _Connection:
-    """One client and its upstream: two pumps, two write locks."""
+class _Write:
+    """One queued write of a lane."""
 
-    def __init__(
-        self, proxy: DBusFaultProxy, ident: int, client: socket.socket, upstream: socket.socket
-    ) -> None:
-        self.proxy = proxy
+    __slots__ = ("close", "data", "fault", "fds", "message", "pause_after")
+
+    def __init__(self, out: Output) -> None:
+        self.data = memoryview(out.data)
+        self.fds = out.fds
+        self.message = out.message
+        self.fault = out.fault
+        self.pause_after = out.pause_after
+        self.close = out.close
+
+
+class _Lane:
+    """One direction of one connection: the socket it writes to and its queue."""
+
+    __slots__ = ("bytes_queued", "direction", "not_before", "queue", "sock")
+
+    def __init__(self, direction: str, sock: socket.socket) -> None:
+        self.direction = direction
+        self.sock = sock
+        self.queue: deque[_Write] = deque()
+        self.not_before = 0.0  # a pause between fragments holds the lane until then
+        self.bytes_queued = 0
+
+
+class _Connection:
+    """One client and its upstream, with the state of both directions."""
+
+    def __init__(self, ident: int, client: socket.socket, upstream: socket.socket) -> None:
         self.id = ident
         self.client = client
         self.upstream = upstream
         self.relay = SaslRelay()
-        self.locks = {TO_BUS: threading.Lock(), TO_CLIENT: threading.Lock()}
         self.closed = False
-        self.threads = [
-            threading.Thread(
-                target=self._pump,
-                args=(client, upstream, TO_BUS),
-                name=f"rf-proxy-{ident}-to-bus",
-                daemon=True,
-            ),
-            threading.Thread(
-                target=self._pump,
-                args=(upstream, client, TO_CLIENT),
-                name=f"rf-proxy-{ident}-to-client",
-                daemon=True,
-            ),
-        ]
+        # Lanes by the direction of the bytes they carry.
+        self.lanes = {TO_BUS: _Lane(TO_BUS, upstream), TO_CLIENT: _Lane(TO_CLIENT, client)}
+        self.framers = {TO_BUS: Framer(), TO_CLIENT: Framer()}
+        self.pending_fds: dict[str, list[int]] = {TO_BUS: [], TO_CLIENT: []}
+        self.in_auth = {TO_BUS: True, TO_CLIENT: True}
+        self.owed = {TO_BUS: 0, TO_CLIENT: 0}  # bytes of a partial message already sent
+        self.reading = {TO_BUS: True, TO_CLIENT: True}
 
-    def dest(self, direction: str) -> socket.socket:
-        return self.upstream if direction == TO_BUS else self.client
-
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
-
-    def close(self) -> None:
-        """Shut both sockets down; the pumps then end and close them."""
-        if self.closed:
-            return
-        self.closed = True
-        for sock in (self.client, self.upstream):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
-        proxy = self.proxy
-        trace = proxy.trace
-        framer = Framer()
-        pending_fds: list[int] = []
-        relay = self.relay
-        handshake = relay.client_data if direction == TO_BUS else relay.server_data
-        in_auth = True
-        lock = self.locks[direction]
-        record = trace.record
-        ident = self.id
-        # recvmsg_into a preallocated buffer: plain recvmsg allocates (and, past the
-        # malloc mmap threshold, maps and unmaps) a buffer of the full size every call.
-        buffer = bytearray(_RECV)
-        view = memoryview(buffer)
-        recvmsg_into = src.recvmsg_into
-        buffers = [view]
-        try:
-            while True:
-                n, anc, flags, _ = recvmsg_into(buffers, _ANC)
-                if not n:
-                    break
-                data = bytes(view[:n])
-                if anc:
-                    pending_fds += _fds_from(anc)
-                    if flags & socket.MSG_CTRUNC:
-                        raise ProxyError("file descriptors were truncated (more than 253)")
-                if in_auth:
-                    text, data = handshake(data)
-                    if text:
-                        with lock:
-                            dst.sendall(text)
-                    if (direction == TO_BUS and relay.client_done) or (
-                        direction == TO_CLIENT and relay.server_done
-                    ):
-                        in_auth = False
-                    if not data:
-                        continue
-                engine = proxy.engine
-                spans = None
-                if not anc and not pending_fds and not framer.pending:
-                    spans = whole_messages(data)
-                    # (passthrough reads the engine's state first, _releasing second:
-                    # see _release.)
-                    if spans is not None and engine.passthrough(data) and not proxy._releasing:
-                        # The hot path: whole messages no rule can concern go out
-                        # first; the trace is written while the peer works.
-                        with lock:
-                            dst.sendall(data)
-                        for msg in messages_at(data, spans):
-                            record(ident, direction, msg)
-                        continue
-                msgs = messages_at(data, spans) if spans is not None else framer.feed(data)
-                if not msgs:
-                    continue
-                if (
-                    engine.idle or all(engine.bypass(direction, m) for m in msgs)
-                ) and not proxy._releasing:
-                    self._forward_batch(msgs, pending_fds, direction, lock, dst)
-                else:
-                    proxy._release(functools.partial(self._decide, msgs, pending_fds, direction))
-                    if proxy.engine.notes:
-                        proxy._drain_notes()
-                    if proxy.engine.holding:
-                        proxy._kick()
-        except (WireError, AuthError, ProxyError) as exc:
-            side = "client" if direction == TO_BUS else "bus"
-            proxy._error(
-                f"connection #{self.id}: malformed data from the {side}: {exc}; connection closed"
-            )
-        except OSError:
-            pass  # the peer went away at some byte: the other pump notices too
-        finally:
-            for fd in pending_fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self.close()
-            proxy._connection_done(self, direction)
-
-    def _decide(self, msgs: list[Message], pending_fds: list[int], direction: str) -> list[Output]:
-        """The engine's decisions for a batch (called with the engine's lock held)."""
-        now = time.monotonic()
-        outputs: list[Output] = []
-        on_message = self.proxy.engine.on_message
-        record = self.proxy.trace.record
-        for msg in msgs:
-            fds = _take_fds(msg, pending_fds)
-            record(self.id, direction, msg)
-            outputs += on_message(self.id, direction, msg, fds, now)
-        return outputs
-
-    def _forward_batch(
-        self,
-        msgs: list[Message],
-        pending_fds: list[int],
-        direction: str,
-        lock: threading.Lock,
-        dst: socket.socket,
-    ) -> None:
-        record = self.proxy.trace.record
-        ident = self.id
-        if not pending_fds:
-            for msg in msgs:
-                record(ident, direction, msg)
-            data = msgs[0].raw if len(msgs) == 1 else b"".join(m.raw for m in msgs)
-            with lock:
-                dst.sendall(data)
-            return
-        # Messages with fds start a write of their own, carrying their fds.
-        batch: list[bytes] = []
-        with lock:
-            for msg in msgs:
-                record(ident, direction, msg)
-                fds = _take_fds(msg, pending_fds)
-                if fds:
-                    if batch:
-                        dst.sendall(b"".join(batch))
-                        batch = []
-                    _send_with_fds(dst, msg.raw, fds)
-                else:
-                    batch.append(msg.raw)
-            if batch:
-                dst.sendall(b"".join(batch))
+    def source(self, direction: str) -> socket.socket:
+        return self.client if direction == TO_BUS else self.upstream
 
 
 def _fds_from(anc: list[tuple[int, int, bytes]]) -> list[int]:
@@ -303,17 +191,23 @@ def _take_fds(msg: Message, pending: list[int]) -> list[int]:
     return taken
 
 
-def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _send(sock: socket.socket, data: memoryview, fds: list[int]) -> int:
+    """Send what the socket takes now; fds go with the first byte (then are closed)."""
+    if not fds:
+        return sock.send(data)
     try:
-        sent = sock.sendmsg(
+        return sock.sendmsg(
             [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         )
-        if sent < len(data):
-            sock.sendall(data[sent:])
     finally:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_all(fds)
+        fds.clear()
 
 
 class DBusFaultProxy:
@@ -328,6 +222,9 @@ class DBusFaultProxy:
     :param allow_host_bus: the host's system bus is refused unless this is true, since
         a test suite must never disturb the host.
     :param pcap: write the trace to this pcap file at ``stop()``.
+    :param trace_maxlen: messages kept in the trace (oldest dropped first).
+    :param journal: record the private directory in this cleanup journal.
+    :param directory: parent of the private directory (default: the temp dir).
     """
 
     def __init__(
@@ -362,18 +259,20 @@ class DBusFaultProxy:
         self.trace = Trace(trace_maxlen)
         self.pcap = pcap
         self.journal = journal
+        #: malformed data and unreachable upstreams, one readable line each
         self.errors: list[str] = []
         self.dir: Path | None = None
         self.socket_path: Path | None = None
         self.connections: dict[int, _Connection] = {}
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
         self._listener: socket.socket | None = None
-        self._acceptor: threading.Thread | None = None
-        self._scheduler: threading.Thread | None = None
-        self._wake = threading.Condition()
+        self._loop: threading.Thread | None = None
+        self._epoll: select.epoll | None = None
+        self._by_fd: dict[int, tuple[_Connection, str]] = {}  # fd -> (conn, direction read)
+        self._wake_r = self._wake_w = -1
+        self._inbox: deque[Callable[[], None]] = deque()
+        self._paused: set[tuple[int, str]] = set()  # lanes waiting for a pause to end
         self._stopping = False
-        self._releasing = 0  # > 0 while held messages are being handed to their writers
         self._rids: list[int] = []
 
     # -- lifecycle -------------------------------------------------------------------
@@ -402,7 +301,9 @@ class DBusFaultProxy:
             self.socket_path = self._listen
             if self.journal:
                 self._rids.append(self.journal.add("path", path=str(self._listen)))
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        listener = socket.socket(
+            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        )
         try:
             listener.bind(str(self.socket_path))
         except OSError as exc:
@@ -411,35 +312,35 @@ class DBusFaultProxy:
             raise ProxyError(f"cannot listen on {self.socket_path}: {exc}") from exc
         listener.listen(128)
         self._listener = listener
-        self._acceptor = threading.Thread(
-            target=self._accept_loop, name="rf-proxy-accept", daemon=True
-        )
-        self._acceptor.start()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll = select.epoll()
+        self._epoll.register(listener.fileno(), _IN)
+        self._epoll.register(self._wake_r, _IN)
+        self._loop = threading.Thread(target=self._run, name="rf-proxy-loop", daemon=True)
+        self._loop.start()
         return self
 
     def stop(self) -> None:
-        """Close the listener and every connection, wait for the threads, write the pcap."""
+        """Close the listener and every connection, end the loop, write the pcap."""
         listener, self._listener = self._listener, None
         if listener is None:
             return
         self._stopping = True
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)
+        self._wake()
+        if self._loop is not None:
+            self._loop.join(timeout=10)
+            self._loop = None
+        # The loop closed the connections on its way out; close what is left anyway.
+        for conn in list(self.connections.values()):
+            self._close(conn)
         listener.close()
-        if self._acceptor is not None:
-            self._acceptor.join(timeout=5)
-        with self._lock:
-            conns = list(self.connections.values())
-        for conn in conns:
-            conn.close()
-        for conn in conns:
-            for t in conn.threads:
-                t.join(timeout=5)
-        with self._wake:
-            self._wake.notify_all()
-        if self._scheduler is not None:
-            self._scheduler.join(timeout=5)
-            self._scheduler = None
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
         if self.pcap:
             self.trace.write_pcap(self.pcap)
         self._cleanup_dir()
@@ -470,11 +371,7 @@ class DBusFaultProxy:
     @property
     def threads(self) -> list[threading.Thread]:
         """Every thread the proxy runs now (tests check none survives ``stop()``)."""
-        out = [t for t in (self._acceptor, self._scheduler) if t is not None and t.is_alive()]
-        with self._lock:
-            for conn in self.connections.values():
-                out += [t for t in conn.threads if t.is_alive()]
-        return out
+        return [t for t in (self._loop,) if t is not None and t.is_alive()]
 
     # -- rules -----------------------------------------------------------------------
     def add(self, rule: Rule | Action | str) -> Rule:
@@ -490,27 +387,110 @@ class DBusFaultProxy:
 
     def remove(self, rule: Rule) -> None:
         """Remove *rule*; when it was the last, held messages are released now."""
-        self._release(lambda: self.engine.remove(rule))
+        self._on_loop(lambda: self._enqueue(self.engine.remove(rule)))
 
     def clear(self) -> None:
         """Remove every rule and release every held message now."""
-        self._release(self.engine.clear)
+        self._on_loop(lambda: self._enqueue(self.engine.clear()))
 
     @property
     def rules(self) -> list[Rule]:
         return list(self.engine.rules)
 
-    # -- the I/O ---------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        assert listener is not None
-        while not self._stopping:
+    def _on_loop(self, fn: Callable[[], None], timeout: float = 10.0) -> None:
+        """Run *fn* on the loop thread and wait for it (or run it here if stopped)."""
+        if self._loop is None or threading.current_thread() is self._loop:
+            fn()
+            return
+        done = threading.Event()
+
+        def call() -> None:
             try:
-                client, _ = listener.accept()
+                fn()
+            finally:
+                done.set()
+
+        self._inbox.append(call)
+        self._wake()
+        done.wait(timeout)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    # -- the loop ----------------------------------------------------------------------
+    def _run(self) -> None:
+        epoll = self._epoll
+        assert epoll is not None
+        assert self._listener is not None
+        listen_fd = self._listener.fileno()
+        wake_fd = self._wake_r
+        by_fd = self._by_fd
+        engine = self.engine
+        try:
+            while not self._stopping:
+                timeout = self._timeout() if engine.holding or self._paused else -1
+                events = epoll.poll(timeout)
+                for fd, mask in events:
+                    if fd == listen_fd:
+                        self._accept()
+                    elif fd == wake_fd:
+                        with contextlib.suppress(OSError):
+                            os.read(wake_fd, 4096)
+                        while self._inbox:
+                            self._inbox.popleft()()
+                    else:
+                        entry = by_fd.get(fd)
+                        if entry is None:
+                            continue
+                        conn, direction = entry
+                        if mask & _OUT:
+                            # This socket is where the other direction's lane writes.
+                            other = TO_CLIENT if direction == TO_BUS else TO_BUS
+                            self._flush(conn, conn.lanes[other])
+                        if mask & (_IN | select.EPOLLHUP | select.EPOLLERR) and not conn.closed:
+                            self._read(conn, direction)
+                if engine.holding:
+                    deadline = engine.next_deadline()
+                    if deadline is not None and deadline <= time.monotonic():
+                        self._enqueue(engine.tick(time.monotonic()))
+                if self._paused:
+                    self._resume_paused()
+        except Exception as exc:  # a bug of ours must not leave clients hanging silently
+            self._error(f"proxy loop failed: {exc!r}; every connection was closed")
+            raise
+        finally:
+            for conn in list(self.connections.values()):
+                self._close(conn)
+
+    def _timeout(self) -> float:
+        """Seconds until the next held message or paused lane is due (-1: none)."""
+        deadlines = []
+        if self.engine.holding:
+            d = self.engine.next_deadline()
+            if d is not None:
+                deadlines.append(d)
+        for conn_id, direction in self._paused:
+            conn = self.connections.get(conn_id)
+            if conn is not None:
+                deadlines.append(conn.lanes[direction].not_before)
+        if not deadlines:
+            return -1
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        assert self._epoll is not None
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError:
-                break
+                return
             ident = next(self._ids)
             upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            upstream.settimeout(5)
             try:
                 upstream.connect(self._upstream_target)
             except OSError as exc:
@@ -521,18 +501,298 @@ class DBusFaultProxy:
                 upstream.close()
                 client.close()
                 continue
-            conn = _Connection(self, ident, client, upstream)
-            with self._lock:
-                self.connections[ident] = conn
-            conn.start()
+            client.setblocking(False)
+            upstream.setblocking(False)
+            conn = _Connection(ident, client, upstream)
+            self.connections[ident] = conn
+            self._by_fd[client.fileno()] = (conn, TO_BUS)
+            self._by_fd[upstream.fileno()] = (conn, TO_CLIENT)
+            self._epoll.register(client.fileno(), _IN)
+            self._epoll.register(upstream.fileno(), _IN)
 
-    def _connection_done(self, conn: _Connection, direction: str) -> None:
-        if all(not t.is_alive() or t is threading.current_thread() for t in conn.threads):
-            with self._lock:
-                self.connections.pop(conn.id, None)
-            self.engine.forget(conn.id)
-            for sock in (conn.client, conn.upstream):
-                sock.close()
+    def _read(self, conn: _Connection, direction: str) -> None:
+        src = conn.source(direction)
+        anc: list[tuple[int, int, bytes]] = []
+        flags = 0
+        try:
+            if conn.relay.client_done and not conn.relay.unix_fds_agreed:
+                # No fd passing was negotiated: none can come, and recv is cheaper.
+                n = src.recv_into(_BUFFER)
+            else:
+                n, anc, flags, _ = src.recvmsg_into([_VIEW], _ANC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n, anc, flags = 0, [], 0
+        if not n:
+            self._eof(conn, direction)
+            return
+        try:
+            self._received(conn, direction, _VIEW[:n], anc, flags)
+        except (WireError, AuthError, ProxyError) as exc:
+            side = "client" if direction == TO_BUS else "bus"
+            self._error(
+                f"connection #{conn.id}: malformed data from the {side}: {exc}; connection closed"
+            )
+            self._close(conn)
+
+    def _received(
+        self,
+        conn: _Connection,
+        direction: str,
+        view: memoryview,
+        anc: list[tuple[int, int, bytes]],
+        flags: int,
+    ) -> None:
+        pending_fds = conn.pending_fds[direction]
+        if anc:
+            pending_fds += _fds_from(anc)
+            if flags & socket.MSG_CTRUNC:
+                raise ProxyError("file descriptors were truncated (more than 253)")
+        lane = conn.lanes[direction]
+        framer = conn.framers[direction]
+        engine = self.engine
+        if (
+            engine.idle
+            and not pending_fds
+            and not lane.queue
+            and not conn.in_auth[direction]
+            # Every byte the framer holds must already be on its way: bytes the exact
+            # path buffered were not sent, and what follows them must wait for them.
+            and framer.pending == conn.owed[direction]
+        ):
+            # The hottest path, no rule at all: the bytes go out as they came, even a
+            # piece of a message; framing for the trace happens after the write.
+            try:
+                sent = lane.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            data = bytes(view)
+            if sent < len(data):
+                self._queue(conn, lane, Output(conn.id, direction, data[sent:]))
+                self._update_mask(conn, lane.sock)
+            record = self.trace.record
+            for msg in framer.feed(data):
+                record(conn.id, direction, msg)
+            # Bytes of a message not yet whole that are already on their way: if a
+            # rule comes before the rest, the rest must follow them as they are.
+            conn.owed[direction] = framer.pending
+            return
+        if (
+            not conn.in_auth[direction]
+            and not conn.owed[direction]
+            and not pending_fds
+            and not lane.queue
+            and not framer.pending
+            and engine.passthrough(view)
+        ):
+            spans = whole_messages(view)
+            if spans is not None:
+                # The hot path: nothing queued, whole messages no rule concerns:
+                # write them now, frame them for the trace after.
+                try:
+                    sent = lane.sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self._close(conn)
+                    return
+                data = bytes(view)
+                if sent < len(data):
+                    self._queue(conn, lane, Output(conn.id, direction, data[sent:]))
+                    self._update_mask(conn, lane.sock)
+                record = self.trace.record
+                for msg in messages_at(data, spans):
+                    record(conn.id, direction, msg)
+                return
+        data = bytes(view)
+        if conn.in_auth[direction]:
+            relay = conn.relay
+            text, data = (relay.client_data if direction == TO_BUS else relay.server_data)(data)
+            if text:
+                self._queue(conn, lane, Output(conn.id, direction, text))
+            if relay.client_done if direction == TO_BUS else relay.server_done:
+                conn.in_auth[direction] = False
+                other = TO_CLIENT if direction == TO_BUS else TO_BUS
+                if relay.server_done and relay.client_done:
+                    conn.in_auth[other] = False
+            if not data:
+                self._flush(conn, lane)
+                return
+        msgs = framer.feed(data)
+        owed = conn.owed[direction]
+        if owed:
+            # The start of the first message went out on the hot path: send the rest
+            # of it as it is, whatever rules say.
+            if not msgs:
+                conn.owed[direction] = framer.pending
+                self._queue(conn, lane, Output(conn.id, direction, data))
+                self._flush(conn, lane)
+                return
+            first = msgs.pop(0)
+            conn.owed[direction] = 0
+            self.trace.record(conn.id, direction, first)
+            self._queue(conn, lane, Output(conn.id, direction, first.raw[owed:]))
+        if not msgs:
+            self._flush(conn, lane)
+            return
+        if (
+            not pending_fds
+            and not lane.queue
+            and (engine.idle or all(engine.bypass(direction, m) for m in msgs))
+        ):
+            record = self.trace.record
+            for msg in msgs:
+                record(conn.id, direction, msg)
+            self._queue(conn, lane, Output(conn.id, direction, b"".join(m.raw for m in msgs)))
+        elif engine.idle or all(engine.bypass(direction, m) for m in msgs):
+            record = self.trace.record
+            for msg in msgs:
+                record(conn.id, direction, msg)
+                self._queue(
+                    conn, lane, Output(conn.id, direction, msg.raw, _take_fds(msg, pending_fds))
+                )
+        else:
+            now = time.monotonic()
+            outputs: list[Output] = []
+            for msg in msgs:
+                fds = _take_fds(msg, pending_fds)
+                self.trace.record(conn.id, direction, msg)
+                outputs += engine.on_message(conn.id, direction, msg, fds, now)
+            if engine.notes:
+                self._drain_notes()
+            self._enqueue(outputs)
+        self._flush(conn, lane)
+
+    def _eof(self, conn: _Connection, direction: str) -> None:
+        """One side went away: deliver what is queued for the other side, then close."""
+        other = conn.lanes[TO_CLIENT if direction == TO_BUS else TO_BUS]
+        with contextlib.suppress(OSError):
+            other.sock.setblocking(True)
+            other.sock.settimeout(1.0)
+            for w in other.queue:
+                data = w.data
+                while data:
+                    sent = _send(other.sock, data, w.fds)
+                    data = data[sent:]
+        self._close(conn)
+
+    # -- writing -------------------------------------------------------------------------
+    def _enqueue(self, outputs: list[Output]) -> None:
+        touched: dict[tuple[int, str], tuple[_Connection, _Lane]] = {}
+        for out in outputs:
+            conn = self.connections.get(out.conn)
+            if conn is None or conn.closed:
+                _close_all(out.fds)
+                continue
+            lane = conn.lanes[out.direction]
+            self._queue(conn, lane, out)
+            touched[(out.conn, out.direction)] = (conn, lane)
+        for conn, lane in touched.values():
+            self._flush(conn, lane)
+
+    def _queue(self, conn: _Connection, lane: _Lane, out: Output) -> None:
+        lane.queue.append(_Write(out))
+        lane.bytes_queued += len(out.data)
+        if lane.bytes_queued > _BACKLOG_LIMIT and conn.reading[lane.direction]:
+            # Back-pressure: stop reading the source until the destination drains.
+            conn.reading[lane.direction] = False
+            self._update_mask(conn, conn.source(lane.direction))
+
+    def _flush(self, conn: _Connection, lane: _Lane) -> None:
+        """Write the lane's queue in order until it is empty, blocked or paused."""
+        queue = lane.queue
+        now = 0.0
+        while queue and not conn.closed:
+            if lane.not_before:
+                now = now or time.monotonic()
+                if now < lane.not_before:
+                    self._paused.add((conn.id, lane.direction))
+                    return
+                lane.not_before = 0.0
+            w = queue[0]
+            if w.data:
+                try:
+                    sent = _send(lane.sock, w.data, w.fds)
+                except (BlockingIOError, InterruptedError):
+                    self._update_mask(conn, lane.sock)
+                    return
+                except OSError:
+                    self._close(conn)
+                    return
+                lane.bytes_queued -= sent
+                w.data = w.data[sent:]
+                if w.data:
+                    self._update_mask(conn, lane.sock)  # wait until it is writable
+                    return
+            queue.popleft()
+            if w.fault:
+                self.trace.record(conn.id, lane.direction, w.message, fault=w.fault)
+            if w.close:
+                self._close(conn)
+                return
+            if w.pause_after and queue:
+                lane.not_before = time.monotonic() + w.pause_after
+                now = 0.0
+        lane.bytes_queued = max(lane.bytes_queued, 0)
+        self._paused.discard((conn.id, lane.direction))
+        if not conn.reading[lane.direction] and lane.bytes_queued < _BACKLOG_LIMIT // 2:
+            conn.reading[lane.direction] = True
+        self._update_mask(conn, lane.sock)
+        self._update_mask(conn, conn.source(lane.direction))
+
+    def _resume_paused(self) -> None:
+        now = time.monotonic()
+        for conn_id, direction in list(self._paused):
+            conn = self.connections.get(conn_id)
+            if conn is None:
+                self._paused.discard((conn_id, direction))
+                continue
+            if conn.lanes[direction].not_before <= now:
+                self._paused.discard((conn_id, direction))
+                self._flush(conn, conn.lanes[direction])
+
+    def _update_mask(self, conn: _Connection, sock: socket.socket) -> None:
+        """Poll *sock* for reading if its direction reads, for writing if its lane waits."""
+        if conn.closed or self._epoll is None:
+            return
+        reads = TO_BUS if sock is conn.client else TO_CLIENT
+        writes = TO_CLIENT if sock is conn.client else TO_BUS
+        mask = 0
+        if conn.reading[reads]:
+            mask |= _IN
+        lane = conn.lanes[writes]
+        if lane.queue and not lane.not_before:
+            mask |= _OUT
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.modify(sock.fileno(), mask)
+
+    def _close(self, conn: _Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self.connections.pop(conn.id, None)
+        for direction, lane in conn.lanes.items():
+            self._paused.discard((conn.id, direction))
+            for w in lane.queue:
+                _close_all(w.fds)
+            lane.queue.clear()
+        for fds in conn.pending_fds.values():
+            _close_all(fds)
+            fds.clear()
+        for sock in (conn.client, conn.upstream):
+            with contextlib.suppress(OSError, ValueError):
+                fd = sock.fileno()
+                self._by_fd.pop(fd, None)
+                if self._epoll is not None:
+                    self._epoll.unregister(fd)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.engine.forget(conn.id)
 
     def _error(self, message: str) -> None:
         self.errors.append(message)
@@ -544,100 +804,12 @@ class DBusFaultProxy:
             conn, direction, msg, fault = notes.pop(0)
             self.trace.record(conn, direction, msg, fault=fault)
 
-    def _release(self, take: Callable[[], list[Output]]) -> None:
-        """Write what *take* (an engine call that releases held messages) returns, in order.
-
-        The write locks of the lanes concerned are claimed before the engine's
-        lock is let go, by the scheduler releasing held messages and by a pump
-        writing its decisions alike: whoever decided first writes first, so a
-        held message is never overtaken by one that was queued behind it, and a
-        pump's batch is never overtaken by messages released meanwhile.  Each
-        lane is unlocked as soon as its own messages are written.  (Both take
-        the engine's lock, then a write lock; nothing takes them the other way.)
-        """
-        claimed: list[tuple[_Connection, str, list[Output]]] = []
-        with self.engine.lock:
-            # While set, pumps do not take their fast paths: `take` may free a lane in
-            # the engine before its write lock is claimed below.
-            self._releasing += 1
-            try:
-                outputs = take()
-                if outputs:
-                    claimed = self._claim(outputs)
-            finally:
-                self._releasing -= 1
-        for conn, direction, outs in claimed:
-            try:
-                self._write_claimed(conn, direction, outs)
-            finally:
-                conn.locks[direction].release()
-
-    def _claim(self, outputs: list[Output]) -> list[tuple[_Connection, str, list[Output]]]:
-        """Group *outputs* by lane and take each lane's write lock (engine lock held)."""
-        lanes: dict[tuple[int, str], list[Output]] = {}
-        for out in outputs:
-            lanes.setdefault((out.conn, out.direction), []).append(out)
-        claimed: list[tuple[_Connection, str, list[Output]]] = []
-        for (conn_id, direction), outs in lanes.items():
-            with self._lock:
-                conn = self.connections.get(conn_id)
-            if conn is None or conn.closed:
-                for out in outs:
-                    for fd in out.fds:
-                        with contextlib.suppress(OSError):
-                            os.close(fd)
-                continue
-            conn.locks[direction].acquire()
-            claimed.append((conn, direction, outs))
-        return claimed
-
-    def _write_claimed(self, conn: _Connection, direction: str, outputs: list[Output]) -> None:
-        sock = conn.dest(direction)
-        for out in outputs:
-            if out.fault:
-                self.trace.record(out.conn, out.direction, out.message, fault=out.fault)
-            try:
-                if out.fds:
-                    _send_with_fds(sock, out.data, out.fds)
-                elif out.data:
-                    sock.sendall(out.data)
-            except OSError:
-                conn.close()
-                return
-            if out.pause_after:
-                time.sleep(out.pause_after)
-            if out.close:
-                conn.close()
-                return
-
-    def _kick(self) -> None:
-        """Make sure the scheduler runs if the engine holds messages."""
-        if self.engine.next_deadline() is None:
-            return
-        with self._wake:
-            if self._scheduler is None or not self._scheduler.is_alive():
-                self._scheduler = threading.Thread(
-                    target=self._schedule, name="rf-proxy-scheduler", daemon=True
-                )
-                self._scheduler.start()
-            self._wake.notify_all()
-
-    def _schedule(self) -> None:
-        while not self._stopping:
-            deadline = self.engine.next_deadline()
-            now = time.monotonic()
-            if deadline is None:
-                with self._wake:
-                    self._wake.wait(timeout=0.5)
-                if self.engine.next_deadline() is None and self.engine.idle:
-                    return
-                continue
-            if deadline > now:
-                with self._wake:
-                    self._wake.wait(timeout=deadline - now)
-                continue
-            self._release(functools.partial(self.engine.tick, now))
-
     def __repr__(self) -> str:
         where = self.socket_path or "stopped"
         return f"<DBusFaultProxy {where} -> {self.upstream} rules={len(self.engine.rules)}>"
+
+
+# One receive buffer: the loop is the only reader, and every byte read is copied
+# (or written) before the next read.
+_BUFFER = bytearray(_RECV)
+_VIEW = memoryview(_BUFFER)

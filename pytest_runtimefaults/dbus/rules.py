@@ -912,7 +912,7 @@ class FaultEngine:
         ]
         self._scan = re.compile(b"|".join(re.escape(n) for n in needles)) if needles else None
 
-    def passthrough(self, data: bytes) -> bool:
+    def passthrough(self, data: bytes | memoryview) -> bool:
         """True if no rule can concern any message in *data* (whole messages).
 
         The proxy then forwards *data* before it even frames it.  One regular

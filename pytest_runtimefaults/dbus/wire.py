@@ -371,7 +371,7 @@ def _parse_fields(raw: bytes, e: str) -> _Fields:
     return _Fields(values, offsets)
 
 
-def whole_messages(data: bytes) -> list[tuple[str, int, int, int]] | None:
+def whole_messages(data: bytes | memoryview) -> list[tuple[str, int, int, int]] | None:
     """``[(endian, serial, start, end), ...]`` if *data* is whole messages and nothing else.
 
     Reads only the fixed headers (validating them), so the proxy can decide to
