@@ -28,7 +28,6 @@ import dataclasses
 import itertools
 import os
 import random
-import re
 import shlex
 import struct
 import threading
@@ -80,6 +79,7 @@ _STRING_FIELDS = {
     "destination": (HeaderField.DESTINATION, "s"),
     "sender": (HeaderField.SENDER, "s"),
 }
+_MEMBER_FIELD = bytes((HeaderField.MEMBER, 1, ord("s"), 0))
 SYNTH_SERIAL_BASE = 0x7FFF0000  # serials of messages the proxy makes up (signals, errors)
 
 
@@ -860,7 +860,7 @@ class FaultEngine:
         self._unkeyed: list[Rule] = []
         self._watch_by_member: dict[bytes, list[Rule]] = {}
         self._watch_unkeyed: list[Rule] = []
-        self._scan: re.Pattern[bytes] | None = None
+        self._members: frozenset[bytes] = frozenset()
         self._pending_calls = 0
         for rule in rules:
             self.add(rule)
@@ -905,19 +905,15 @@ class FaultEngine:
                 unkeyed.append(rule)
         self._by_member, self._unkeyed = by_member, unkeyed
         self._watch_by_member, self._watch_unkeyed = watch_by_member, watch_unkeyed
-        needles = [
-            bytes((HeaderField.MEMBER, 1, ord("s"), 0)) + struct.pack(e + "I", len(m)) + m + b"\0"
-            for m in (*by_member, *watch_by_member)
-            for e in "<>"
-        ]
-        self._scan = re.compile(b"|".join(re.escape(n) for n in needles)) if needles else None
+        self._members = frozenset((*by_member, *watch_by_member))
 
     def passthrough(self, data: bytes | memoryview) -> bool:
         """True if no rule can concern any message in *data* (whole messages).
 
-        The proxy then forwards *data* before it even frames it.  One regular
-        expression of every member a rule needs, searched over the chunk; a hit
-        (even in a body) only sends the chunk down the exact path.
+        The proxy then forwards *data* before it even frames it.  Every member
+        field in the chunk (found by its 4-byte header with ``bytes.find``) is
+        looked up in the set of members the rules name; a hit, even a false one
+        in a body, only sends the chunk down the exact path.
         """
         if self.idle:
             return True
@@ -929,7 +925,22 @@ class FaultEngine:
             or self._pending_calls
         ):
             return False
-        return self._scan is None or self._scan.search(data) is None
+        members = self._members
+        if not members:
+            return True
+        raw = bytes(data)
+        find = raw.find
+        pos = find(_MEMBER_FIELD)
+        while pos >= 0:
+            if pos + 8 > len(raw):
+                return False  # cut off: let the exact path decide
+            # The length is in the message's byte order, which we do not know here.
+            for order in ("<", ">"):
+                (length,) = struct.unpack_from(order + "I", raw, pos + 4)
+                if raw[pos + 8 : pos + 8 + length] in members:
+                    return False
+            pos = find(_MEMBER_FIELD, pos + 4)
+        return True
 
     def bypass(self, direction: str, msg: Message) -> bool:
         """True if no rule and no state can concern *msg*: forward it untouched.
