@@ -714,6 +714,10 @@ class DBusFaultProxy:
                     return
                 lane.not_before = 0.0
             w = queue[0]
+            if w.fault:
+                # Recorded as the write starts: whoever sees the effect finds it traced.
+                self.trace.record(conn.id, lane.direction, w.message, fault=w.fault)
+                w.fault = None
             if w.data:
                 try:
                     sent = _send(lane.sock, w.data, w.fds)
@@ -729,8 +733,6 @@ class DBusFaultProxy:
                     self._update_mask(conn, lane.sock)  # wait until it is writable
                     return
             queue.popleft()
-            if w.fault:
-                self.trace.record(conn.id, lane.direction, w.message, fault=w.fault)
             if w.close:
                 self._close(conn)
                 return
