@@ -27,7 +27,7 @@ def test_every_fixture_is_documented(tmp_path: Path) -> None:
     out = _pytest_output(tmp_path, "--fixtures", "-v")
     names = set()
     for line in out.splitlines():
-        m = re.match(r"^(\w+)(?: \[\w+ scope\])? -- .*pytest_runtimefaults/", line)
+        m = re.match(r"^(\w+)(?: \[\w+ scope\])?(?: --)? \S*pytest_runtimefaults/", line)
         if m:
             names.add(m.group(1))
     assert len(names) > 20, out[-2000:]
