@@ -197,8 +197,10 @@ def _kill_session(sid: int, starttime: int | None) -> None:
 def _reap_daemon(record: dict[str, Any]) -> None:
     """Journal reaper for kind ``daemon``: its leader and its whole session."""
     pid, starttime = int(record["pid"]), record.get("starttime")
-    current = process_starttime(pid)
-    if current is not None and (starttime is None or current == starttime):
+    if starttime is None:
+        # Without its start time a PID may since belong to a stranger: never kill it.
+        return
+    if process_starttime(pid) == starttime:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     _kill_session(pid, starttime)
