@@ -163,9 +163,12 @@ def test_containerd_macvlan_stays_macvlan_under_the_racing_writer(
     writer = cni_racing_writer({"10-mac.conflist": mac, "20-bridge.conflist": cni_dir.bridge()})
     seen = sample(cni_containerd.address, 1.5)
     assert writer.rounds > 0
-    # In-place rewrites leave the file torn, never absent: CRI goes NotReady
-    # at times but never takes the bridge file instead.
-    assert set(seen) <= {(True, ("macvlan",)), (False, ())}, seen
+    # In-place rewrites leave the file torn, never absent: CRI goes NotReady at
+    # times but never takes the bridge file instead.
+    # Transient states (not ready with macvlan loaded, ready with nothing listed yet)
+    # are containerd's own business; the incident is the bridge showing up.
+    assert not [types for _, types in seen if "bridge" in types], seen
+    assert seen[(True, ("macvlan",))] > 0, seen
     runtimefaults_faults.lift_all()
     status = wait_cri_network(cni_containerd.address, lambda s: s.ready)
     assert status.plugin_types == ("macvlan",)
