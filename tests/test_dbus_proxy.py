@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -459,3 +460,42 @@ def test_rule_added_in_the_middle_of_a_message_keeps_the_stream_exact(tmp_path: 
     finally:
         echo.close()
     assert bytes(echo.received[1]) == expected
+
+
+def test_a_killed_owners_bus_and_proxy_are_reaped(tmp_path: Path) -> None:
+    # Outside pytest too, PrivateBus and DBusFaultProxy journal what they create: a
+    # process killed before stop() leaves a dbus-daemon and two directories, and the
+    # next reap (what the next pytest run or `runtimefaults cleanup` does) ends them.
+    from pytest_runtimefaults.journal import process_starttime, reap_dead_owners
+
+    state = tmp_path / "state"
+    code = (
+        "import os, sys\n"
+        "from pytest_runtimefaults import PrivateBus, DBusFaultProxy\n"
+        "bus = PrivateBus().start()\n"
+        "proxy = DBusFaultProxy(upstream=bus.address).start()\n"
+        "print(bus.pid, bus.dir, proxy.dir, flush=True)\n"
+        "os._exit(9)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUNTIMEFAULTS_STATE_DIR": str(state)},
+        timeout=30,
+    )
+    pid_s, bus_dir, proxy_dir = out.stdout.split()
+    pid = int(pid_s)
+    assert process_starttime(pid) is not None  # the owner died; its bus did not
+    result = reap_dead_owners(state)
+    assert {r["kind"] for r in result.reaped} >= {"process", "path"}
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat")
+        if not stat.exists() or ") Z " in stat.read_text():
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail(f"dbus-daemon {pid} survived the reap")
+    assert not Path(bus_dir).exists()
+    assert not Path(proxy_dir).exists()

@@ -67,6 +67,8 @@ class PrivateBus:
 
     ``address`` is ``unix:path=DIR/bus``.  ``stop()`` ends the daemon (by its PID)
     and removes the directory; both ``start()`` and ``stop()`` are idempotent.
+    Both are recorded in a cleanup journal (*journal*, else the default one) as
+    they are created, so a killed owner's bus is reaped by the next run.
     """
 
     def __init__(
@@ -85,7 +87,9 @@ class PrivateBus:
         self.max_message_size = max_message_size
         self.reply_timeout = reply_timeout
         self.start_timeout = start_timeout
-        self.journal = journal
+        # Journaled even outside pytest: if the owner is killed before stop(), the next
+        # pytest run (or `runtimefaults cleanup`) ends the daemon and removes its dir.
+        self.journal = journal if journal is not None else Journal.default()
         self.dbus_daemon = dbus_daemon
         self.dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None

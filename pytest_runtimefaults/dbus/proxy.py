@@ -258,7 +258,8 @@ class DBusFaultProxy:
             self.engine.add(rule)
         self.trace = Trace(trace_maxlen)
         self.pcap = pcap
-        self.journal = journal
+        # Journaled even outside pytest, so a killed owner's directory is reaped later.
+        self.journal = journal if journal is not None else Journal.default()
         #: malformed data and unreachable upstreams, one readable line each
         self.errors: list[str] = []
         self.dir: Path | None = None
