@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -448,8 +449,36 @@ class Framer:
 # -- building messages (through jeepney) ---------------------------------------------
 
 
-def _serialise(msg: Any, serial: int) -> Message:
-    return Message(msg.serialise(serial=serial))
+def _build(
+    kind: int,
+    fields: Mapping[int, Any],
+    signature: str,
+    body: tuple[Any, ...],
+    *,
+    serial: int,
+    sender: str | None,
+    destination: str | None,
+    big_endian: bool = False,
+) -> Message:
+    """Marshal a new message with jeepney (header fields by our codes)."""
+    from jeepney.low_level import Endianness, Header, HeaderFields
+    from jeepney.low_level import Message as JMessage
+
+    all_fields: dict[int, Any] = dict(fields)
+    for code, value in (
+        (HeaderField.SIGNATURE, signature),
+        (HeaderField.SENDER, sender),
+        (HeaderField.DESTINATION, destination),
+    ):
+        if value:
+            all_fields[code] = value
+    endian = Endianness.big if big_endian else Endianness.little
+    # METHOD_RETURN and ERROR carry NO_REPLY_EXPECTED, as buses send them.
+    flags = 0 if kind == MessageType.SIGNAL else FLAG_NO_REPLY_EXPECTED
+    header = Header(
+        endian, kind, flags, 1, 0, serial, {HeaderFields(code): v for code, v in all_fields.items()}
+    )
+    return Message(JMessage(header, body).serialise(serial=serial))
 
 
 def build_signal(
@@ -465,24 +494,21 @@ def build_signal(
     big_endian: bool = False,
 ) -> Message:
     """A SIGNAL message, e.g. a synthesized ``NameAcquired`` or ``JobRemoved``."""
-    from jeepney.low_level import Endianness, Header, HeaderFields
-    from jeepney.low_level import Message as JMessage
-    from jeepney.low_level import MessageType as JType
-
-    fields: dict[Any, Any] = {
-        HeaderFields.path: path,
-        HeaderFields.interface: interface,
-        HeaderFields.member: member,
+    fields: dict[int, Any] = {
+        HeaderField.PATH: path,
+        HeaderField.INTERFACE: interface,
+        HeaderField.MEMBER: member,
     }
-    if signature:
-        fields[HeaderFields.signature] = signature
-    if sender:
-        fields[HeaderFields.sender] = sender
-    if destination:
-        fields[HeaderFields.destination] = destination
-    endian = Endianness.big if big_endian else Endianness.little
-    header = Header(endian, JType.signal, 0, 1, 0, serial, fields)
-    return _serialise(JMessage(header, body), serial)
+    return _build(
+        MessageType.SIGNAL,
+        fields,
+        signature,
+        body,
+        serial=serial,
+        sender=sender,
+        destination=destination,
+        big_endian=big_endian,
+    )
 
 
 def build_method_return(
@@ -495,19 +521,15 @@ def build_method_return(
     destination: str | None = None,
 ) -> Message:
     """A METHOD_RETURN answering *reply_serial* (used for stray and duplicate replies)."""
-    from jeepney.low_level import Endianness, Header, HeaderFields
-    from jeepney.low_level import Message as JMessage
-    from jeepney.low_level import MessageType as JType
-
-    fields: dict[Any, Any] = {HeaderFields.reply_serial: reply_serial}
-    if signature:
-        fields[HeaderFields.signature] = signature
-    if sender:
-        fields[HeaderFields.sender] = sender
-    if destination:
-        fields[HeaderFields.destination] = destination
-    header = Header(Endianness.little, JType.method_return, 1, 1, 0, serial, fields)
-    return _serialise(JMessage(header, body), serial)
+    return _build(
+        MessageType.METHOD_RETURN,
+        {HeaderField.REPLY_SERIAL: reply_serial},
+        signature,
+        body,
+        serial=serial,
+        sender=sender,
+        destination=destination,
+    )
 
 
 def build_error(
@@ -520,24 +542,16 @@ def build_error(
     destination: str | None = None,
 ) -> Message:
     """An ERROR answering *reply_serial* with error *name* and a message *text*."""
-    from jeepney.low_level import Endianness, Header, HeaderFields
-    from jeepney.low_level import Message as JMessage
-    from jeepney.low_level import MessageType as JType
-
-    fields: dict[Any, Any] = {
-        HeaderFields.reply_serial: reply_serial,
-        HeaderFields.error_name: name,
-    }
-    body: tuple[Any, ...] = ()
-    if text:
-        fields[HeaderFields.signature] = "s"
-        body = (text,)
-    if sender:
-        fields[HeaderFields.sender] = sender
-    if destination:
-        fields[HeaderFields.destination] = destination
-    header = Header(Endianness.little, JType.error, 1, 1, 0, serial, fields)
-    return _serialise(JMessage(header, body), serial)
+    fields: dict[int, Any] = {HeaderField.REPLY_SERIAL: reply_serial, HeaderField.ERROR_NAME: name}
+    return _build(
+        MessageType.ERROR,
+        fields,
+        "s" if text else "",
+        (text,) if text else (),
+        serial=serial,
+        sender=sender,
+        destination=destination,
+    )
 
 
 def flip_byte_order(msg: Message) -> Message:
