@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -35,8 +34,8 @@ def test_private_containerd_serves_and_restarts_over_its_stale_socket(
     assert containerd.fatal_errors() == []
 
 
-def test_directory_and_journal_are_cleaned(tmp_path: object) -> None:
-    journal = Journal(f"/tmp/rf-journal-{uuid.uuid4().hex[:8]}")
+def test_directory_and_journal_are_cleaned(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal")
     with Containerd(journal=journal) as ctd:
         directory = ctd.directory
         kinds = sorted(r["kind"] for r in journal.live())
