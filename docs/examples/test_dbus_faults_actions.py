@@ -77,7 +77,8 @@ def test_split_message(dbus_proxy):
     conn = connect(dbus_proxy)  # jeepney frames properly: a split reply is still a reply
     assert conn.send_and_get_reply(new_method_call(BUS, "GetId"), timeout=5).body
     (fault,) = [e for e in dbus_proxy.trace.faults() if "SplitMessage" in e.fault]
-    assert fault.member is None and fault.type == "method_return"
+    assert fault.member is None  # a reply carries no member
+    assert fault.type == "method_return"
     conn.close()
 
 
@@ -93,9 +94,20 @@ def test_stray_reply(dbus_proxy):
 
 def test_flip_byte_order(dbus_proxy):
     dbus_proxy.add(FlipByteOrder().on_reply(member="GetId"))
-    r = subprocess.run(["busctl", "--address", dbus_proxy.address, "call",
-                        "org.freedesktop.DBus", "/org/freedesktop/DBus",
-                        "org.freedesktop.DBus", "GetId"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "busctl",
+            "--address",
+            dbus_proxy.address,
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "GetId",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0  # big-endian messages are legal D-Bus
 
 
@@ -117,9 +129,22 @@ def test_duplicate(dbus_proxy):
 
 def test_error_reply(dbus_proxy):
     dbus_proxy.add(ErrorReply("org.freedesktop.systemd1.NoSuchUnit", "gone").on(member="GetId"))
-    r = subprocess.run(["gdbus", "call", "--address", dbus_proxy.address, "--dest",
-                        "org.freedesktop.DBus", "--object-path", "/org/freedesktop/DBus",
-                        "--method", "org.freedesktop.DBus.GetId"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "gdbus",
+            "call",
+            "--address",
+            dbus_proxy.address,
+            "--dest",
+            "org.freedesktop.DBus",
+            "--object-path",
+            "/org/freedesktop/DBus",
+            "--method",
+            "org.freedesktop.DBus.GetId",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0
     assert "NoSuchUnit" in r.stderr
 

@@ -11,8 +11,9 @@ BUSCTL_GETID = ["org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedeskto
 
 
 def busctl(proxy, *args):
-    return subprocess.run(["busctl", "--address", proxy.address, *args],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["busctl", "--address", proxy.address, *args], capture_output=True, text=True, timeout=30
+    )
 
 
 @pytest.mark.dbus_faults("Delay(0.3) reply_to=GetId")
