@@ -61,6 +61,22 @@ def test_busctl_sd_bus(proxy: DBusFaultProxy, svc: None) -> None:
     assert {"Hello", "Ping", "ListNames"} <= members
 
 
+def test_sync_returns_once_the_last_reply_is_traced(proxy: DBusFaultProxy, svc: None) -> None:
+    # The reply reaches busctl before it is framed for the trace; sync() closes the gap.
+    for _ in range(20):
+        r = run(["busctl", "--address", proxy.address, "call", NAME, PATH, NAME, "Ping"])
+        assert r.returncode == 0, r.stderr
+        proxy.sync()
+        (call,) = [e for e in proxy.trace.messages() if e.member == "Ping"]
+        replies = [
+            e
+            for e in proxy.trace.messages("to_client")
+            if e.conn == call.conn and e.reply_serial == call.serial
+        ]
+        assert len(replies) == 1
+        proxy.trace.clear()
+
+
 def test_gdbus(proxy: DBusFaultProxy, svc: None) -> None:
     r = run(
         [
@@ -268,6 +284,7 @@ def test_byte_exact_under_random_traffic(tmp_path: Path, runtimefaults_rng: rand
                 t.join(90)
             assert proxy.errors == []
             total = sum(len(v) for v in sent.values())
+            proxy.sync()  # the last echo reached its client before it was framed
             assert len(proxy.trace.messages()) == 2 * clients * 12
     finally:
         echo.close()
@@ -294,7 +311,6 @@ def test_trace_and_pcap_decode_in_tshark(bus: PrivateBus, svc: None, tmp_path: P
                 ).returncode
                 == 0
             )
-        expected = [(e.serial, e.member or "") for e in proxy.trace.messages()]
         entry = next(e for e in proxy.trace.messages() if e.member == "Ping")
         assert (entry.direction, entry.type, entry.interface, entry.destination) == (
             "to_bus",
@@ -303,6 +319,9 @@ def test_trace_and_pcap_decode_in_tshark(bus: PrivateBus, svc: None, tmp_path: P
             NAME,
         )
         assert entry.size == entry.message.size > 0  # type: ignore[union-attr]
+    # The pcap is written at stop(): compare it with the trace as it was then (the
+    # last reply reaches busctl a moment before the trace records it).
+    expected = [(e.serial, e.member or "") for e in proxy.trace.messages()]
     r = run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "dbus.serial", "-e", "dbus.member"])
     assert r.returncode == 0, r.stderr
     decoded = [tuple(line.split("\t")) for line in r.stdout.splitlines()]

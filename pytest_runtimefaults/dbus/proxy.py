@@ -374,6 +374,15 @@ class DBusFaultProxy:
         """Every thread the proxy runs now (tests check none survives ``stop()``)."""
         return [t for t in (self._loop,) if t is not None and t.is_alive()]
 
+    def sync(self, timeout: float = 10.0) -> None:
+        """Wait until every message relayed so far is in the trace.
+
+        With no rule concerned, bytes are written before they are framed for the
+        trace, so a client can see a reply a moment before ``trace`` does.  Call
+        this before asserting on the last messages of an exchange.
+        """
+        self._on_loop(lambda: None, timeout)
+
     # -- rules -----------------------------------------------------------------------
     def add(self, rule: Rule | Action | str) -> Rule:
         """Add a fault rule (a Rule, an Action for every message, or its text form).
