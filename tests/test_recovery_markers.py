@@ -264,7 +264,7 @@ def test_callable_probe_and_missing_probe(pytester: pytest.Pytester) -> None:
 
     report = json.loads((pytester.path / "r.json").read_text())
     callable_test = next(t for t in report["tests"] if t["nodeid"].endswith("test_callable"))
-    assert 0.1 <= callable_test["recovery"]["seconds"] < 2
+    assert 0.1 <= callable_test["recovery"]["seconds"] < 5
 
 
 BUDGET_TESTS = """

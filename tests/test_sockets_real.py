@@ -257,7 +257,7 @@ def test_dbus_daemon_sigkill_with_a_call_in_flight(
             caller.join(10)
             assert failure, "the call should fail once the bus is gone"
             assert killed_at is not None
-            assert failure[0][1] - killed_at < 2
+            assert failure[0][1] - killed_at < 5  # the kill ends the call, not a timeout
             assert connect_error(s.path) == "ECONNREFUSED"
         finally:
             service.close()

