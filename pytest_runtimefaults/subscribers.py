@@ -562,6 +562,9 @@ class Swarm:
                 failures += 1
                 self._stopping.wait(self._backoff(rng, failures))
                 continue
+            # Judged from when subscribe() returned: for a transport with an
+            # acknowledgement, the moment the subscription is known to be live.
+            conn.opened = time.monotonic()
             with self._lock:
                 live.subscription, live.connection = sub, conn
             if self._stopping.is_set():

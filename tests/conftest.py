@@ -130,7 +130,7 @@ def host_invariants() -> Iterator[None]:
     children_before = set(_live_children())
     yield
     problems: list[str] = []
-    deadline = time.monotonic() + 3.0
+    deadline = time.monotonic() + 10.0
     # Processes being torn down may need a moment to exit and be waited for.
     while True:
         left = {p: c for p, c in _live_children().items() if p not in children_before}

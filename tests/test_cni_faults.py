@@ -270,7 +270,7 @@ def load_with_retry(path: Path, *, retry_for: float) -> bytes:
 @needs_root
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
-    ("retry_for", "caught"), [(0.0, True), (3.0, False)], ids=["once", "retry"]
+    ("retry_for", "caught"), [(0.0, True), (5.0, False)], ids=["once", "retry"]
 )
 def test_held_for_a_time_catches_a_reader_that_never_rereads(
     cni_dir: CniDir,
@@ -279,8 +279,8 @@ def test_held_for_a_time_catches_a_reader_that_never_rereads(
     retry_for: float,
     caught: bool,
 ) -> None:
-    held = cni_held_half_written("10-held.conf", cni_dir.single(cni_dir.bridge()), hold=0.3)
-    ns = cni_sandbox.container()
+    ns = cni_sandbox.container()  # before the hold starts: it must not eat into it
+    held = cni_held_half_written("10-held.conf", cni_dir.single(cni_dir.bridge()), hold=2.0)
     data = load_with_retry(held.path, retry_for=retry_for)
     error = ""
     try:
@@ -317,9 +317,9 @@ def test_delete_and_recreate_catches_list_then_open(
     cni_dir.write(stable, priority=20)
     flapping = cni_delete_recreate("10-flap.conflist", cni_dir.bridge(), gap=0.004)
     errors: list[BaseException] = []
-    deadline = time.monotonic() + 3.0
+    deadline = time.monotonic() + 10.0
     attempts = 0
-    while time.monotonic() < deadline and not errors and attempts < 300:
+    while time.monotonic() < deadline and not errors and attempts < 1000:
         attempts += 1
         try:
             assert stable["name"] in list_then_open(cni_dir, tolerate_vanished=tolerant)
@@ -385,7 +385,7 @@ def test_macvlan_stays_macvlan_under_the_racing_writer(
     runtime = DefaultNetworkRuntime(cni_dir, cni_sandbox, first_valid=first_valid)
     ns = cni_sandbox.container()
     kinds: list[str | None] = []
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # 25 runs on a loaded machine, under the timeout
     while len(kinds) < 25 and time.monotonic() < deadline:
         kinds.append(runtime.run(mac["name"], ns, f"c{len(kinds)}"))
         if caught and kinds[-1] != "macvlan":

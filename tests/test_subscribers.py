@@ -96,7 +96,7 @@ def run_memory(defect: str | None, seed: int = 1) -> tuple[MemoryBus, Swarm]:
     with swarm:
         swarm.prime(bus.publish)
         bus.publish(400)
-        swarm.drain(timeout=5)
+        swarm.drain(timeout=10)
     return bus, swarm
 
 
@@ -160,7 +160,7 @@ def swarm_against(server: Broadcaster, seed: int) -> Swarm:
                 server.publish(20, burst=10, pause=0.005)
         except ConnectionError:
             pass  # the broadcaster died under us: judged below
-        swarm.drain(timeout=5)
+        swarm.drain(timeout=10)
     return swarm
 
 
@@ -302,7 +302,7 @@ def test_recovers_marker_judges_the_daemon_after_the_swarm(pytester: pytest.Pyte
                     server.publish(20, burst=10)
             except ConnectionError:
                 pass
-            swarm.drain(timeout=5)
+            swarm.drain(timeout=10)
         """
     )
     result = pytester.runpytest_subprocess("-p", "runtimefaults", "-p", "no:cacheprovider")

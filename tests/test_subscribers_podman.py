@@ -74,7 +74,9 @@ def test_podman_events_under_the_swarm(podman_argv, subscribers) -> None:  # typ
     run_one()  # podman's first use refreshes its state: not part of the swarm
     fmt = "{{.Time}} {{.Type}} {{.Status}} {{.ID}}"
     transport = CommandTransport(podman_argv("events", "--format", fmt), name="podman events")
-    swarm = subscribers(transport, 8, churn=Churn(max_events=12, max_life=2.0, steady=3))
+    # Each subscriber is a `podman events` process, which acknowledges nothing and
+    # can take over a second to start on a loaded machine: a wider grace.
+    swarm = subscribers(transport, 8, churn=Churn(max_events=12, max_life=2.0, steady=3), grace=5.0)
     swarm.prime(run_one, timeout=60)
     for _ in range(12):
         run_one()

@@ -14,7 +14,7 @@ def run_swarm(server, subscribers):
             server.publish(20, burst=10)
     except ConnectionError:
         pass  # the broadcaster died mid-swarm: judged below
-    swarm.drain(timeout=5)
+    swarm.drain(timeout=10)
     return swarm.report()
 
 
@@ -22,6 +22,7 @@ def test_the_buggy_broadcaster_panics(subscribers, event_broadcaster):
     server = event_broadcaster(bug="double-done")  # Done() on failed Send and on close
     watch = subscribers.watch(server.pid, server.log_path)
     run_swarm(server, subscribers)
+    assert server.wait(10) == 2  # Go's exit status after a panic
     with pytest.raises(AssertionError, match="negative WaitGroup counter"):
         watch.check()
 

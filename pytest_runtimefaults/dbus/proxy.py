@@ -379,9 +379,14 @@ class DBusFaultProxy:
 
         With no rule concerned, bytes are written before they are framed for the
         trace, so a client can see a reply a moment before ``trace`` does.  Call
-        this before asserting on the last messages of an exchange.
+        this before asserting on the last messages of an exchange.  Raises
+        :class:`TimeoutError` if the loop is stuck for *timeout* seconds.
         """
-        self._on_loop(lambda: None, timeout)
+        if not self._on_loop(lambda: None, timeout):
+            raise TimeoutError(
+                f"proxy {self.address}: its loop did not come round within {timeout} s "
+                f"(errors: {self.errors or 'none'})"
+            )
 
     # -- rules -----------------------------------------------------------------------
     def add(self, rule: Rule | Action | str) -> Rule:
@@ -407,11 +412,14 @@ class DBusFaultProxy:
     def rules(self) -> list[Rule]:
         return list(self.engine.rules)
 
-    def _on_loop(self, fn: Callable[[], None], timeout: float = 10.0) -> None:
-        """Run *fn* on the loop thread and wait for it (or run it here if stopped)."""
+    def _on_loop(self, fn: Callable[[], None], timeout: float = 10.0) -> bool:
+        """Run *fn* on the loop thread and wait for it (or run it here if stopped).
+
+        False if the loop did not run it within *timeout* seconds.
+        """
         if self._loop is None or threading.current_thread() is self._loop:
             fn()
-            return
+            return True
         done = threading.Event()
 
         def call() -> None:
@@ -422,7 +430,7 @@ class DBusFaultProxy:
 
         self._inbox.append(call)
         self._wake()
-        done.wait(timeout)
+        return done.wait(timeout)
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
