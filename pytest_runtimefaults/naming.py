@@ -1,12 +1,14 @@
 """Unique, short names for resources, per process and per xdist worker.
 
 Kernel names are short (a network interface name has at most 15 bytes), so
-names are built from a prefix, the PID in base 36 (:func:`process_tag`) and a
-counter.  Two pytest runs, or two xdist workers, never produce the same name.
+names are built from a prefix, the PID in base 36 padded to five characters
+(:func:`process_tag`) and a counter.  Two pytest runs, or two xdist workers,
+never produce the same name: with the tag of fixed width, the same prefix and
+a different PID differ in the tag itself.
 
 Example::
 
-    unique_name("rfbr")   # 'rfbr0k3z1', unique on this host while the process lives
+    unique_name("rfbr")   # 'rfbr000k31', unique on this host while the process lives
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ __all__ = ["process_tag", "unique_name", "worker_index"]
 _counter = itertools.count(1)
 _lock = threading.Lock()
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+# Linux's PID_MAX_LIMIT is 2**22 (4194304, '2hwcg' in base 36): five characters.
+_TAG_WIDTH = 5
 
 
 def _b36(n: int) -> str:
@@ -39,12 +43,16 @@ def worker_index() -> int:
 
 
 def process_tag() -> str:
-    """The part of every :func:`unique_name` that names this process (its PID in base 36).
+    """The part of every :func:`unique_name` that names this process.
 
-    Leak checks use it to tell this process's resources from those of other
-    pytest runs or xdist workers sharing the host: ``process_tag() in name``.
+    Its PID in base 36, zero-padded to five characters: of fixed width, so
+    that no PID's tag followed by a counter can spell another PID's tag
+    followed by another counter (unpadded, PID 46 with counter ``23`` and PID
+    1658 with counter ``3`` both gave ``…1a23``).  Leak checks use it to tell
+    this process's resources from those of other pytest runs or xdist workers
+    sharing the host: ``process_tag() in name``.
     """
-    return _b36(os.getpid())
+    return _b36(os.getpid()).rjust(_TAG_WIDTH, "0")
 
 
 def unique_name(prefix: str, maxlen: int = 15) -> str:

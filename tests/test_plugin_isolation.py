@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -181,6 +182,22 @@ def test_unique_names_differ_between_processes_and_fit_an_ifname() -> None:
     assert all(naming.process_tag() in n for n in mine)
     with pytest.raises(ValueError):
         naming.unique_name("a-very-long-prefix")
+
+
+def test_unique_names_of_two_pids_never_collide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PID 46 ('1a') with its 75th name and PID 1658 ('1a2') with its 3rd: the
+    unpadded scheme gave both 'rfbr1a23'; the fixed-width tag keeps them apart."""
+    names = {}
+    for pid, n in ((46, 75), (1658, 3)):
+        monkeypatch.setattr(naming.os, "getpid", lambda pid=pid: pid)
+        monkeypatch.setattr(naming, "_counter", itertools.count(n))
+        names[pid] = naming.unique_name("rfbr")
+    assert names[46] != names[1658], names
+    assert len(naming.process_tag()) == 5
+    # The largest PID Linux allows still fits, and still fits an interface name.
+    monkeypatch.setattr(naming.os, "getpid", lambda: 2**22)
+    assert naming.process_tag() == "2hwcg"
+    assert len(naming.unique_name("rfnet")) <= 15
 
 
 def test_xdist_worker_that_dies_is_reaped_by_the_controller_at_the_end(
