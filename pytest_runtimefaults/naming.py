@@ -17,7 +17,7 @@ import itertools
 import os
 import threading
 
-__all__ = ["process_tag", "unique_name", "worker_index"]
+__all__ = ["process_tag", "tag_pid", "unique_name", "worker_index"]
 
 _counter = itertools.count(1)
 _lock = threading.Lock()
@@ -53,6 +53,11 @@ def process_tag() -> str:
     sharing the host: ``process_tag() in name``.
     """
     return _b36(os.getpid()).rjust(_TAG_WIDTH, "0")
+
+
+def tag_pid(tag: str) -> int:
+    """The PID a :func:`process_tag` names (``tag_pid(process_tag()) == os.getpid()``)."""
+    return int(tag, 36)
 
 
 def unique_name(prefix: str, maxlen: int = 15) -> str:

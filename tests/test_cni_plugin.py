@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
+
+from pytest_runtimefaults import naming
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
@@ -104,6 +107,26 @@ def _rf_namespaces() -> set[str]:
     return {n for n in names if n.startswith(("rfh", "rfc", "cni-"))}
 
 
+def _left_behind(before: set[str]) -> set[str]:
+    """Namespaces new since *before* that stay: not those of a live neighbour.
+
+    Another xdist worker (or pytest run) may be creating namespaces right now.
+    Ours are named ``rfh``/``rfc`` + the owner's 5-character process tag, so one
+    whose owner is alive is not the finished inner run's; a ``cni-`` namespace
+    has no owner in its name, so a neighbour's must go away by itself.
+    """
+    deadline = time.monotonic() + 15
+    while True:
+        left = {
+            n
+            for n in _rf_namespaces() - before
+            if n.startswith("cni-") or not os.path.exists(f"/proc/{naming.tag_pid(n[3:8])}")
+        }
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 def test_nothing_left_after_failures_errors_and_timeouts(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
@@ -137,7 +160,7 @@ def test_nothing_left_after_failures_errors_and_timeouts(pytester: pytest.Pytest
         "-p", "runtimefaults", "-p", "no:cacheprovider", f"--runtimefaults-state-dir={state}"
     )
     result.assert_outcomes(failed=3)
-    assert _rf_namespaces() - before == set()
+    assert _left_behind(before) == set()
     # Every namespace, directory and process journaled was released: the
     # journal files are deleted when their last resource is.
     leftovers = {p.name: p.read_text() for p in state.glob("*.jsonl")} if state.exists() else {}

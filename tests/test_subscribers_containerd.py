@@ -83,10 +83,15 @@ def assert_only_go_events_losses(report: SwarmReport) -> None:
     invisible, and on a loaded machine (one CI run: 78 connections, 2-6 events
     each) it takes longer than the grace.  A gap inside what a subscriber
     received is unambiguous, and that is the go-events signature.
+
+    The witness is a subscriber of the same broadcaster, so it can be skipped
+    too (or register late after a restart): an event a subscriber got that the
+    witness never saw (``unknown``) is the same signature, counted as a loss.
     """
-    other = [p for p in report.problems if p.kind not in ("gap", "duplicate", "tail", "head")]
+    accepted = ("gap", "duplicate", "tail", "head", "unknown")
+    other = [p for p in report.problems if p.kind not in accepted]
     assert not other, report.summary()
-    losses = [p for p in report.problems if p.kind in ("gap", "tail")]
+    losses = [p for p in report.problems if p.kind in ("gap", "tail", "unknown")]
     # Rare and scattered: well under 1 % of the deliveries.
     assert sum(len(p.keys) for p in losses) <= report.deliveries // 100, report.summary()
     heads = [p for p in report.problems if p.kind == "head"]
