@@ -11,6 +11,7 @@ Everything lives under one private directory::
     <dir>/config.toml       generated (plus your extra TOML text)
     <dir>/root, <dir>/state containerd's root and state
     <dir>/containerd.sock   the gRPC socket (:attr:`Containerd.address`)
+    <dir>/debug.sock        the debug socket: pprof, for :meth:`Containerd.goroutines`
     <dir>/net.d             the CNI conf dir of the CRI plugin (when enabled)
     <dir>/containerd.log    output of every instance
 
@@ -37,11 +38,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 import tempfile
@@ -85,6 +89,27 @@ class CtrError(subprocess.CalledProcessError):
 
     def __str__(self) -> str:
         return f"{super().__str__()}: {str(self.stderr or '').strip()}"
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket (containerd's debug socket)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("containerd", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+_GOROUTINE_TOTAL = re.compile(rb"^goroutine profile: total (\d+)", re.MULTILINE)
 
 
 def _toml_str(value: str | os.PathLike[str]) -> str:
@@ -382,6 +407,8 @@ class Containerd:
         self.state = self.directory / "state"
         self.address = os.fspath(socket_path or self.directory / "containerd.sock")
         self.config_path = self.directory / "config.toml"
+        # pprof over a Unix socket: how goroutine leaks are seen (goroutines()).
+        self.debug_address = os.fspath(self.directory / "debug.sock")
         if len(self.address.encode()) > 107:
             raise ValueError(
                 f"socket path {self.address!r} is longer than 107 bytes: use a shorter directory"
@@ -420,6 +447,7 @@ class Containerd:
             f"  address = {_toml_str(self.address + '.ttrpc')}",
             "",
             "[debug]",
+            f"  address = {_toml_str(self.debug_address)}",
             f"  level = {_toml_str(self.log_level)}",
             "",
             "[metrics]",
@@ -533,6 +561,33 @@ class Containerd:
 
     def fatal_errors(self) -> list[str]:
         return self.daemon.fatal_errors()
+
+    def goroutines(self, timeout: float = 5.0) -> int:
+        """How many goroutines containerd runs now, from pprof on its debug socket.
+
+        For leak checks: ``subscribers.watch(ctd.pid, log, goroutines=ctd.goroutines)``
+        fails when the count does not come back to its baseline.  Raises
+        :class:`RuntimeError` naming the socket if containerd does not answer.
+        """
+        conn = _UnixHTTPConnection(self.debug_address, timeout)
+        try:
+            conn.request("GET", "/debug/pprof/goroutine?debug=1")
+            response = conn.getresponse()
+            body = response.read()
+        except OSError as exc:
+            raise RuntimeError(
+                f"containerd's debug socket {self.debug_address} did not answer ({exc}): "
+                "is containerd running?"
+            ) from exc
+        finally:
+            conn.close()
+        match = _GOROUTINE_TOTAL.search(body)
+        if response.status != 200 or match is None:
+            raise RuntimeError(
+                f"containerd's debug socket {self.debug_address}: HTTP {response.status}, "
+                f"no goroutine total in {body[:120]!r}"
+            )
+        return int(match.group(1))
 
     # -- clients ---------------------------------------------------------------------
 

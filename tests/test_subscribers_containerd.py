@@ -114,7 +114,9 @@ def test_containerd_survives_a_churning_swarm(
     transport.publish()  # the publisher's own connection is part of the baseline
     time.sleep(0.3)
     assert containerd.pid is not None
-    watch = subscribers.watch(containerd.pid, containerd.directory / "containerd.log")
+    watch = subscribers.watch(
+        containerd.pid, containerd.directory / "containerd.log", goroutines=containerd.goroutines
+    )
     swarm = subscribers(transport, 50, churn=Churn(max_events=40, max_life=2.0, steady=10))
     swarm.prime(transport.publish)
     t0 = time.monotonic()
@@ -211,3 +213,33 @@ def _is_our_ctr_events(pid: str, ctd: Containerd) -> bool:
     except OSError:
         return False
     return b"events" in cmd and ctd.address.encode() in cmd
+
+
+@pytest.mark.timeout(60)
+def test_goroutines_from_the_debug_socket_catch_subscriptions_left_open(
+    grpc_client: None, containerd: Containerd
+) -> None:
+    """The goroutine check fails while subscriptions are held, passes once they go."""
+    assert containerd.pid is not None
+    watch = DaemonWatch(pid=containerd.pid, goroutines=containerd.goroutines)
+    watch.baseline()
+    assert watch.base_goroutines is not None
+    assert watch.base_goroutines > 0
+    transport = ContainerdEvents(containerd.address)
+    held = [transport.subscribe() for _ in range(5)]
+    deadline = time.monotonic() + 10  # each stream is a goroutine or more once served
+    while containerd.goroutines() < watch.base_goroutines + 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watch.fd_slack = 1000  # the held streams' fds too: judge goroutines alone here
+    with pytest.raises(AssertionError, match=r"\+\d+ goroutines"):
+        watch.check(settle=0.5)
+    for sub in held:
+        sub.cancel()
+    transport.close()
+    watch.check(settle=10)
+
+
+def test_goroutines_of_a_stopped_containerd_name_the_socket(tmp_path: Path) -> None:
+    ctd = Containerd(directory=tmp_path / "ctd")  # never started
+    with pytest.raises(RuntimeError, match=r"debug\.sock did not answer.*is containerd running"):
+        ctd.goroutines(timeout=1)

@@ -20,7 +20,11 @@ def rootfs(tmp_path):
 
 def test_containerd_keeps_broadcasting(containerd, subscribers, rootfs):
     events = ContainerdEvents(containerd.address)
-    watch = subscribers.watch(containerd.pid, containerd.directory / "containerd.log")
+    watch = subscribers.watch(
+        containerd.pid,
+        containerd.directory / "containerd.log",
+        goroutines=containerd.goroutines,  # pprof on containerd's debug socket
+    )
     swarm = subscribers(events, 30, churn=Churn(max_events=20, max_life=1.0, steady=5))
     swarm.prime(events.publish)  # every steady subscriber is listening
     for _ in range(15):  # 6 events each: /containers/create ... /containers/delete
@@ -36,6 +40,6 @@ def test_containerd_keeps_broadcasting(containerd, subscribers, rootfs):
     accepted = {"gap", "duplicate", "tail", "head", "unknown"}
     assert {p.kind for p in report.problems} <= accepted
     events.close()  # the publishing connection too
-    watch.check(settle=10)  # alive, no panic, fds back to the baseline
+    watch.check(settle=10)  # alive, no panic, fds and goroutines back to the baseline
     assert first_events(events, events.publish)  # a newcomer is served
     events.close()
