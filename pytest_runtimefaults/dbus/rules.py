@@ -932,13 +932,13 @@ class FaultEngine:
         find = raw.find
         pos = find(_MEMBER_FIELD)
         while pos >= 0:
-            if pos + 8 > len(raw):
+            # The name ends at its NUL, which no name contains: no need for the
+            # length, which is in the message's byte order (unknown here).
+            end = find(b"\0", pos + 8)
+            if end < 0:
                 return False  # cut off: let the exact path decide
-            # The length is in the message's byte order, which we do not know here.
-            for order in ("<", ">"):
-                (length,) = struct.unpack_from(order + "I", raw, pos + 4)
-                if raw[pos + 8 : pos + 8 + length] in members:
-                    return False
+            if raw[pos + 8 : end] in members:
+                return False
             pos = find(_MEMBER_FIELD, pos + 4)
         return True
 
