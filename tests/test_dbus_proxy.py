@@ -432,6 +432,40 @@ def test_malformed_message_is_named_and_other_clients_go_on(bus: PrivateBus, svc
         s.close()
 
 
+@pytest.mark.parametrize("idle", [0.001, 3600.0])
+def test_malformed_message_on_the_hot_path_is_named(
+    bus: PrivateBus, svc: None, idle: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After the handshake, a chunk goes out before it is framed: the framing error
+    # is found when the loop is idle a moment, or when anyone reads the trace.
+    monkeypatch.setattr(proxy_module, "_SETTLE_IDLE", idle)
+    with DBusFaultProxy(upstream=bus.address) as proxy:
+        good = open_dbus_connection(bus=proxy.address)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(proxy.socket_path))
+        s.sendall(b"\0AUTH EXTERNAL 30\r\nBEGIN\r\n")
+        assert s.recv(4096).startswith(b"OK")
+        time.sleep(0.05)
+        s.sendall(b"X" + b"\0" * 15)
+        deadline = time.monotonic() + 5
+        if idle > 60:
+            time.sleep(0.1)
+            assert proxy.errors == []  # not framed yet
+            proxy.trace.entries()
+        while not proxy.errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "bad endianness byte 0x58" in proxy.errors[0]
+        assert "malformed data from the client" in proxy.errors[0]
+        assert proxy.trace.faults()[-1].fault == f"error: {proxy.errors[0]}"
+        s.settimeout(5)
+        assert s.recv(4096) == b""  # closed
+        assert good.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"), timeout=10).body == (
+            "pong",
+        )
+        good.close()
+        s.close()
+
+
 def test_many_clients_in_parallel(proxy: DBusFaultProxy, svc: None) -> None:
     def worker(results: list[bool]) -> None:
         conn = open_dbus_connection(bus=proxy.address)
@@ -451,9 +485,16 @@ def test_many_clients_in_parallel(proxy: DBusFaultProxy, svc: None) -> None:
     assert results.count(True) == 500
 
 
-def test_rule_added_in_the_middle_of_a_message_keeps_the_stream_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("framed", ["framed", "unframed"])
+def test_rule_added_in_the_middle_of_a_message_keeps_the_stream_exact(
+    tmp_path: Path, framed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # No rule: the start of a large message goes out before the message is whole.
-    # A rule added then must not re-send, drop or hold the rest of that message.
+    # A rule added then must not re-send, drop or hold the rest of that message,
+    # whether the loop framed that start while idle or it is still unframed then.
+    if framed == "unframed":
+        monkeypatch.setattr(proxy_module, "_SETTLE_IDLE", 3600.0)
+        monkeypatch.setattr(proxy_module, "_SETTLE_AT", 10**9)
     echo = RecordingEcho(str(tmp_path / "echo"))
     try:
         with DBusFaultProxy(upstream=f"unix:path={tmp_path / 'echo'}") as proxy:
@@ -476,9 +517,37 @@ def test_rule_added_in_the_middle_of_a_message_keeps_the_stream_exact(tmp_path: 
                 time.sleep(0.02)
             s.close()
             assert proxy.errors == []
+            traced = [e.size for e in proxy.trace.messages("to_bus") if not e.fault]
+            assert traced == [len(big), len(small)]
     finally:
         echo.close()
     assert bytes(echo.received[1]) == expected
+
+
+def test_trace_of_unframed_chunks_keeps_order_maxlen_and_enabled(
+    bus: PrivateBus, svc: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing frames on its own here: reading the trace must, in relay order, and
+    # the trace keeps its newest maxlen messages; a disabled trace records none.
+    monkeypatch.setattr(proxy_module, "_SETTLE_IDLE", 3600.0)
+    monkeypatch.setattr(proxy_module, "_SETTLE_AT", 10**9)
+    with DBusFaultProxy(upstream=bus.address, trace_maxlen=6) as proxy:
+        conn = open_dbus_connection(bus=proxy.address)
+        for i in range(10):
+            conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Echo", "s", (f"m{i}",)))
+        proxy.trace.enabled = False
+        conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"))
+        assert len(proxy.trace) == 6
+        entries = proxy.trace.messages()
+        assert [e.direction for e in entries] == ["to_bus", "to_client"] * 3
+        assert [e.member for e in entries[::2]] == ["Echo"] * 3
+        assert [e.reply_serial for e in entries[1::2]] == [e.serial for e in entries[::2]]
+        assert entries[-2].message is not None
+        assert b"m9" in entries[-2].message.body
+        proxy.trace.enabled = True
+        conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"))
+        assert [e.member for e in proxy.trace.messages()[-2:]] == ["Ping", None]
+        conn.close()
 
 
 def test_a_killed_owners_bus_and_proxy_are_reaped(tmp_path: Path) -> None:
