@@ -38,7 +38,6 @@ import os
 import select
 import shutil
 import socket
-import struct
 import tempfile
 import threading
 import time
@@ -54,6 +53,7 @@ from pytest_runtimefaults.dbus.wire import (
     Framer,
     Message,
     WireError,
+    whole_messages_without,
 )
 from pytest_runtimefaults.journal import Journal
 
@@ -551,7 +551,10 @@ class DBusFaultProxy:
                         # came, even a piece of a message, and are framed later.
                         r.dirty = True
                     elif (
-                        r.dirty or not r.aligned or not _whole(data) or not engine.passthrough(data)
+                        r.dirty
+                        or not r.aligned
+                        or (members := engine.prefilter) is None
+                        or not whole_messages_without(data, members)
                     ):
                         self._handle(r, data, [], 0)
                         continue
@@ -744,7 +747,6 @@ class DBusFaultProxy:
             and not pending_fds
             and not lane.queue
             and not framer.pending
-            and _whole(data)
             and engine.passthrough(data)
         ):
             # Nothing queued, whole messages no rule concerns: write them now, frame
@@ -982,29 +984,6 @@ class DBusFaultProxy:
         where = self.socket_path or "stopped"
         return f"<DBusFaultProxy {where} -> {self.upstream} rules={len(self.engine.rules)}>"
 
-
-def _whole(data: bytes) -> bool:
-    """Whether *data* looks like whole messages and nothing else (lengths only).
-
-    A prefilter for the hot path with rules: the framer validates every header
-    when the chunk is framed, and a ``False`` here only means the exact path.
-    """
-    n = len(data)
-    pos = 0
-    while n - pos >= 16:
-        endian = data[pos]
-        if endian == 0x6C:
-            body, _serial, fields = _LE3(data, pos + 4)
-        elif endian == 0x42:
-            body, _serial, fields = _BE3(data, pos + 4)
-        else:
-            return False
-        pos += ((16 + fields + 7) & ~7) + body
-    return pos == n
-
-
-_LE3 = struct.Struct("<III").unpack_from
-_BE3 = struct.Struct(">III").unpack_from
 
 # One receive buffer: the loop is the only reader, and every byte read is copied
 # (or written) before the next read.

@@ -48,6 +48,7 @@ __all__ = [
     "flip_byte_order",
     "messages_at",
     "whole_messages",
+    "whole_messages_without",
 ]
 
 MAX_MESSAGE_LENGTH = 2**27  # 128 MiB, the spec's limit on a whole message
@@ -387,6 +388,43 @@ def whole_messages(data: bytes | memoryview) -> list[tuple[str, int, int, int]] 
         spans.append((e, serial, pos, pos + total))
         pos += total
     return spans if pos == n else None
+
+
+def whole_messages_without(data: bytes, members: frozenset[bytes]) -> bool:
+    """Whether *data* is whole messages, none with a ``MEMBER`` field in *members*.
+
+    The proxy's prefilter on its hot path with rules: only lengths are read
+    (the framer validates every header when the chunk is framed), and the
+    member field is found in each header by its 4-byte start and its NUL end,
+    which no name contains.  ``False`` only means "look closer".
+    """
+    n = len(data)
+    pos = 0
+    find = data.find
+    while n - pos >= _FIXED:
+        endian = data[pos]
+        if endian == 0x6C:
+            body_length, _serial, fields_length = _LE_LENGTHS(data, pos + 4)
+        elif endian == 0x42:
+            body_length, _serial, fields_length = _BE_LENGTHS(data, pos + 4)
+        else:
+            return False
+        header_length = _FIXED + fields_length
+        if members:
+            header_end = pos + header_length
+            at = find(_MEMBER_FIELD, pos + _FIXED, header_end)
+            while at >= 0:  # (the first hit may be in the value of an unknown field)
+                end = find(b"\0", at + 8, header_end)
+                if end < 0 or data[at + 8 : end] in members:
+                    return False
+                at = find(_MEMBER_FIELD, at + 4, header_end)
+        pos += ((header_length + 7) & ~7) + body_length  # aligned from the message start
+    return pos == n
+
+
+_LE_LENGTHS = struct.Struct("<III").unpack_from
+_BE_LENGTHS = struct.Struct(">III").unpack_from
+_MEMBER_FIELD = bytes((HeaderField.MEMBER, 1, ord("s"), 0))
 
 
 def messages_at(data: bytes, spans: list[tuple[str, int, int, int]]) -> list[Message]:
