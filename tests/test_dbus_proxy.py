@@ -466,6 +466,26 @@ def test_malformed_message_on_the_hot_path_is_named(
         s.close()
 
 
+def test_trace_read_after_the_loop_ended_does_not_wait_for_it(bus: PrivateBus, svc: None) -> None:
+    # Reading the trace asks the loop to frame what it relayed; once the loop has
+    # ended (stop() under way, or a bug of ours), the reader frames it itself.
+    proxy = DBusFaultProxy(upstream=bus.address).start()
+    try:
+        conn = open_dbus_connection(bus=proxy.address)
+        conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"))
+        conn.close()
+        loop = proxy.threads[0]
+        proxy._stopping = True
+        proxy._wake()
+        loop.join(10)
+        t = time.monotonic()
+        assert [e.member for e in proxy.trace.messages()][-2:] == ["Ping", None]
+        proxy.sync()
+        assert time.monotonic() - t < 2
+    finally:
+        proxy.stop()
+
+
 def test_many_clients_in_parallel(proxy: DBusFaultProxy, svc: None) -> None:
     def worker(results: list[bool]) -> None:
         conn = open_dbus_connection(bus=proxy.address)

@@ -492,7 +492,16 @@ class DBusFaultProxy:
 
         self._inbox.append(call)
         self._wake()
-        done.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.1):
+            if not loop.is_alive():
+                # The loop ended without running it (stop() raced with us): run it here.
+                with contextlib.suppress(ValueError):
+                    self._inbox.remove(call)
+                    call()
+                return
+            if time.monotonic() >= deadline:
+                return
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -587,6 +596,8 @@ class DBusFaultProxy:
             finally:
                 for conn in list(self.connections.values()):
                     self._close(conn)
+                while self._inbox:  # calls that came with stop(): nobody waits in vain
+                    self._inbox.popleft()()
 
     def _timeout(self) -> float:
         """Seconds until the next held message or paused lane is due (-1: none)."""
