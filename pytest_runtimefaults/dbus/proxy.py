@@ -562,8 +562,8 @@ class DBusFaultProxy:
                     elif (
                         r.dirty
                         or not r.aligned
-                        or (members := engine.prefilter) is None
-                        or not whole_messages_without(data, members)
+                        or (pattern := engine.prefilter) is None
+                        or not whole_messages_without(data, pattern)
                     ):
                         self._handle(r, data, [], 0)
                         continue

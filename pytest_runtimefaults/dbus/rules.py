@@ -28,6 +28,7 @@ import dataclasses
 import itertools
 import os
 import random
+import re
 import shlex
 import struct
 import threading
@@ -45,6 +46,7 @@ from pytest_runtimefaults.dbus.wire import (
     build_method_return,
     build_signal,
     flip_byte_order,
+    member_pattern,
     whole_messages_without,
 )
 
@@ -863,9 +865,10 @@ class FaultEngine:
         self._members: frozenset[bytes] = frozenset()
         self._pending_calls = 0
         #: the proxy's hot-path prefilter: ``None`` when any message may concern a rule
-        #: or the engine's state, else the member names (encoded) of the only messages
-        #: that may (see :meth:`passthrough`)
-        self.prefilter: frozenset[bytes] | None = frozenset()
+        #: or the engine's state, else a pattern finding the member fields of the only
+        #: messages that may (see :meth:`passthrough`)
+        self.prefilter: re.Pattern[bytes] | None = member_pattern(())
+        self._member_pattern = self.prefilter
         for rule in rules:
             self.add(rule)
 
@@ -910,6 +913,7 @@ class FaultEngine:
         self._by_member, self._unkeyed = by_member, unkeyed
         self._watch_by_member, self._watch_unkeyed = watch_by_member, watch_unkeyed
         self._members = frozenset((*by_member, *watch_by_member))
+        self._member_pattern = member_pattern(self._members)
         self._update_prefilter()
 
     def _update_prefilter(self) -> None:
@@ -922,18 +926,18 @@ class FaultEngine:
         ):
             self.prefilter = None
         else:
-            self.prefilter = self._members
+            self.prefilter = self._member_pattern
 
     def passthrough(self, data: bytes | memoryview) -> bool:
         """True if *data* is whole messages, none of which any rule can concern.
 
-        The proxy then forwards *data* before it even frames it.  The member field
-        of every message (found in its header with ``bytes.find``) is looked up in
-        the set of members the rules name (:attr:`prefilter`, kept up to date as
-        rules and state change); a hit only sends the chunk down the exact path.
+        The proxy then forwards *data* before it even frames it.  One regular
+        expression (:attr:`prefilter`, kept up to date as rules and state change)
+        looks for a member field naming a member the rules name; a hit, even a
+        false one in a body, only sends the chunk down the exact path.
         """
-        members = self.prefilter
-        return members is not None and whole_messages_without(bytes(data), members)
+        pattern = self.prefilter
+        return pattern is not None and whole_messages_without(bytes(data), pattern)
 
     def bypass(self, direction: str, msg: Message) -> bool:
         """True if no rule and no state can concern *msg*: forward it untouched.
