@@ -10,9 +10,9 @@ with no lock to get wrong.
 
 * With no rule that can concern them, bytes are written as soon as they are
   read, byte for byte, and kept as read; they are framed (for the trace and for
-  the exact path's state) later, in relay order: when the trace is read, when
-  a message needs the exact path, when the loop has been idle for a moment, or
-  every few hundred chunks.
+  the exact path's state) later, in relay order: when the trace or ``errors``
+  is read, when a message needs the exact path, every 256 chunks, and at
+  ``stop()``.
 * Otherwise every message goes through
   :class:`~pytest_runtimefaults.dbus.rules.FaultEngine`; its writes are queued
   per *lane* (one direction of one connection), which is flushed in order,
@@ -63,7 +63,6 @@ HOST_BUS_PATHS = ("/run/dbus/system_bus_socket", "/var/run/dbus/system_bus_socke
 _RECV = 262144
 _STRAIGHT_RECV = 65536  # sock.recv() of more allocates (and shrinks) an mmap'd buffer
 _SETTLE_AT = 256  # chunks relayed unframed: frame them now (bounds memory and delay)
-_SETTLE_IDLE = 0.001  # seconds of quiet after which the loop frames what it relayed
 _MAX_FDS = 253  # SCM_MAX_FD
 _ANC = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 _BACKLOG_LIMIT = 32 * 2**20  # stop reading a peer while 32 MiB wait for the other one
@@ -326,8 +325,7 @@ class DBusFaultProxy:
         self.pcap = pcap
         # Journaled even outside pytest, so a killed owner's directory is reaped later.
         self.journal = journal if journal is not None else Journal.default()
-        #: malformed data and unreachable upstreams, one readable line each
-        self.errors: list[str] = []
+        self._errors: list[str] = []
         self.dir: Path | None = None
         self.socket_path: Path | None = None
         self.connections: dict[int, _Connection] = {}
@@ -348,6 +346,21 @@ class DBusFaultProxy:
         if self.socket_path is None:
             raise ProxyError("the proxy is not started")
         return f"unix:path={self.socket_path}"
+
+    @property
+    def errors(self) -> list[str]:
+        """Malformed data and unreachable upstreams, one readable line each.
+
+        Reading it frames what was relayed unframed first (as reading the trace
+        does), so malformed data sent on the hot path is named here; clear the
+        list to acknowledge them.
+        """
+        self._settle_on_loop()
+        return self._errors
+
+    @errors.setter
+    def errors(self, value: list[str]) -> None:
+        self._errors = value
 
     @property
     def env(self) -> dict[str, str]:
@@ -522,11 +535,9 @@ class DBusFaultProxy:
         try:
             while not self._stopping:
                 timeout = self._timeout() if engine.holding or self._paused else -1
-                if unframed and not 0 <= timeout < _SETTLE_IDLE:
-                    timeout = _SETTLE_IDLE
+                # (No timeout to frame what waits while idle: arming a timer for every
+                # wait costs more than the framing saves, on a VM at least.)
                 events = epoll.poll(timeout)
-                if not events and unframed:
-                    self._settle()  # quiet for a moment: frame what was relayed
                 for fd, mask in events:
                     r = by_fd.get(fd)
                     if r is None:
@@ -982,7 +993,7 @@ class DBusFaultProxy:
         self.trace.record(conn_id, direction, msg, fault)
 
     def _error(self, message: str) -> None:
-        self.errors.append(message)
+        self._errors.append(message)
         self._record(0, TO_BUS, None, fault=f"error: {message}")
 
     def _drain_notes(self) -> None:
