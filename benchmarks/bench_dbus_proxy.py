@@ -116,6 +116,20 @@ def main() -> None:
         f"added latency ratio 20 rules/no rule:      "
         f"{added['ours+20 rules'] / added['ours']:.2f}   (goal <= 1.10)"
     )
+
+    # The same ratios within each round, whose paths ran a moment apart: steadier
+    # on a noisy machine than the ratio of medians taken over the whole run.
+    def paired(a: str, b: str) -> float:
+        return statistics.median(
+            (x - d) / (y - d)
+            for x, y, d in zip(samples[a], samples[b], samples["direct"], strict=True)
+            if y - d > 1
+        )
+
+    print(
+        f"paired per round: ours/xdg {paired('ours', 'xdg'):.2f}, "
+        f"20 rules/no rule {paired('ours+20 rules', 'ours'):.2f}"
+    )
     st = startup_times(20)
     print(
         f"PrivateBus + proxy start to first reply:  median {statistics.median(st) * 1000:.1f} ms"
