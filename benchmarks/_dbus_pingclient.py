@@ -1,5 +1,9 @@
 """Helper for bench_dbus_proxy.py: N round trips of org.freedesktop.DBus.GetId on ADDRESS.
 
+``_dbus_pingclient.py ADDRESS N [fds]``: with ``fds``, the client negotiates
+Unix fd passing (NEGOTIATE_UNIX_FD), as sd-bus and godbus clients (systemd
+tools, runc, crun) do.
+
 Run as a separate process (as a runtime under test would be); prints one latency
 per line in microseconds.  Uses jeepney's blocking connection: its cost is the
 same on every path, so differences between paths are the proxies' own.
@@ -16,7 +20,7 @@ from jeepney.io.blocking import open_dbus_connection
 
 def main() -> None:
     address, n = sys.argv[1], int(sys.argv[2])
-    conn = open_dbus_connection(bus=address)
+    conn = open_dbus_connection(bus=address, enable_fds=sys.argv[3:] == ["fds"])
     target = DBusAddress("/org/freedesktop/DBus", "org.freedesktop.DBus", "org.freedesktop.DBus")
     msg = new_method_call(target, "GetId")
     for _ in range(50):  # warm up

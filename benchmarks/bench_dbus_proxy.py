@@ -8,7 +8,11 @@ the paths so that machine noise hits all of them alike; the median of each
 path gives the added latency of each proxy and the ratios.  Also measured: the
 time from starting a PrivateBus + proxy to the first successful call.
 
-    python benchmarks/bench_dbus_proxy.py [--rounds 10] [--calls 400]
+With ``--fds`` the client also runs negotiating Unix fd passing (as sd-bus
+and godbus clients do, so as runc and systemd's tools would), on the direct,
+our and xdg paths: the proxy then reads with ``recvmsg`` to carry fds.
+
+    python benchmarks/bench_dbus_proxy.py [--rounds 10] [--calls 400] [--fds]
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from pytest_runtimefaults.dbus.rules import Delay
 CLIENT = str(Path(__file__).with_name("_dbus_pingclient.py"))
 
 
-def ping(address: str, calls: int) -> list[float]:
+def ping(address: str, calls: int, fds: bool = False) -> list[float]:
     out = subprocess.run(
-        [sys.executable, CLIENT, address, str(calls)],
+        [sys.executable, CLIENT, address, str(calls), *(["fds"] if fds else [])],
         capture_output=True,
         text=True,
         check=True,
@@ -73,6 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument(
+        "--fds", action="store_true", help="also a client that negotiates fd passing"
+    )
     args = parser.parse_args()
     if not shutil.which("xdg-dbus-proxy"):
         sys.exit("xdg-dbus-proxy not found: apt-get install xdg-dbus-proxy")
@@ -94,12 +101,17 @@ def main() -> None:
                 "ours+20 rules": ruled.address,
                 "xdg": xdg_address,
             }
+            if args.fds:
+                for name in ("direct", "ours", "xdg"):
+                    paths[f"{name} fds"] = paths[name]
+                    samples[f"{name} fds"] = []
             for r in range(args.rounds):
                 order = list(paths)
                 if r % 2:
                     order.reverse()
                 for name in order:
-                    samples[name].append(statistics.median(ping(paths[name], args.calls)))
+                    fds = name.endswith(" fds")
+                    samples[name].append(statistics.median(ping(paths[name], args.calls, fds)))
         finally:
             xdg.terminate()
             xdg.wait()
@@ -116,6 +128,28 @@ def main() -> None:
         f"added latency ratio 20 rules/no rule:      "
         f"{added['ours+20 rules'] / added['ours']:.2f}   (goal <= 1.10)"
     )
+
+    # The same ratios within each round, whose paths ran a moment apart: steadier
+    # on a noisy machine than the ratio of medians taken over the whole run.
+    def paired(a: str, b: str, base: str = "direct") -> float:
+        return statistics.median(
+            (x - d) / (y - d)
+            for x, y, d in zip(samples[a], samples[b], samples[base], strict=True)
+            if y - d > 1
+        )
+
+    print(
+        f"paired per round: ours/xdg {paired('ours', 'xdg'):.2f}, "
+        f"20 rules/no rule {paired('ours+20 rules', 'ours'):.2f}"
+    )
+    if args.fds:
+        fd_added = {k: med[f"{k} fds"] - med["direct fds"] for k in ("ours", "xdg")}
+        print(
+            f"client negotiating fds: added ours {fd_added['ours']:.1f}, "
+            f"xdg {fd_added['xdg']:.1f}, ratio ours/xdg "
+            f"{fd_added['ours'] / fd_added['xdg']:.2f}, "
+            f"paired per round {paired('ours fds', 'xdg fds', 'direct fds'):.2f}"
+        )
     st = startup_times(20)
     print(
         f"PrivateBus + proxy start to first reply:  median {statistics.median(st) * 1000:.1f} ms"

@@ -82,6 +82,33 @@ def test_prefilter_never_bypasses_a_matching_message() -> None:
     assert not engine.bypass(TO_CLIENT, reply)  # a call is awaiting its reply
 
 
+def test_passthrough_sees_members_state_and_whole_messages() -> None:
+    # The proxy's prefilter on raw chunks: it must never pass a chunk holding a
+    # message a rule may concern, nor one that is not whole messages.
+    engine = FaultEngine()
+    other, m7 = call("Other", 1).raw, call("M7", 2).raw
+    assert engine.passthrough(other + m7)
+    assert not engine.passthrough(other[:-1])  # not whole: the exact path decides
+    for i in range(20):
+        engine.add(Delay(1).on(member=f"M{i}"))
+    assert engine.passthrough(other + other)
+    assert not engine.passthrough(other + m7)
+    assert not engine.passthrough(m7)
+    assert engine.passthrough(call("M7x", 3).raw)  # names compare whole
+    engine.add(Delay(1).on_reply(member="Watched"))
+    assert not engine.passthrough(call("Watched", 4).raw)
+    engine.on_message(1, TO_BUS, call("Watched", 4), [], 0.0)
+    assert engine.prefilter is None  # a call awaits its reply: every message looks
+    assert not engine.passthrough(build_method_return(4, serial=10).raw)
+    engine.on_message(1, TO_CLIENT, build_method_return(4, serial=10), [], 0.0)
+    assert engine.prefilter is None  # the reply is held
+    assert len(engine.tick(5.0)) == 1
+    assert engine.prefilter is not None
+    assert engine.passthrough(other)
+    engine.add(Drop().on(type="signal"))  # a rule with no member: every message looks
+    assert not engine.passthrough(other)
+
+
 def test_ordered_delay_holds_the_lane_and_reorder_swaps() -> None:
     engine = FaultEngine([Delay(1.0).on(member="A")])
     assert engine.on_message(1, TO_BUS, call("A", 1), [], 0.0) == []

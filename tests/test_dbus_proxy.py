@@ -61,12 +61,12 @@ def test_busctl_sd_bus(proxy: DBusFaultProxy, svc: None) -> None:
     assert {"Hello", "Ping", "ListNames"} <= members
 
 
-def test_sync_returns_once_the_last_reply_is_traced(proxy: DBusFaultProxy, svc: None) -> None:
-    # The reply reaches busctl before it is framed for the trace; sync() closes the gap.
+def test_the_trace_holds_the_last_reply_a_client_got(proxy: DBusFaultProxy, svc: None) -> None:
+    # The reply reaches busctl before it is framed for the trace; reading the trace
+    # frames what was relayed first, so it is never behind what a client saw.
     for _ in range(20):
         r = run(["busctl", "--address", proxy.address, "call", NAME, PATH, NAME, "Ping"])
         assert r.returncode == 0, r.stderr
-        proxy.sync()
         (call,) = [e for e in proxy.trace.messages() if e.member == "Ping"]
         replies = [
             e
@@ -75,6 +75,7 @@ def test_sync_returns_once_the_last_reply_is_traced(proxy: DBusFaultProxy, svc: 
         ]
         assert len(replies) == 1
         proxy.trace.clear()
+    proxy.sync()  # waits for the loop without reading the trace
 
 
 def test_gdbus(proxy: DBusFaultProxy, svc: None) -> None:
@@ -432,6 +433,57 @@ def test_malformed_message_is_named_and_other_clients_go_on(bus: PrivateBus, svc
         s.close()
 
 
+def test_malformed_message_on_the_hot_path_is_named(
+    bus: PrivateBus, svc: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After the handshake, a chunk goes out before it is framed: the framing error
+    # is found when anyone reads errors (or the trace), and closes the connection.
+    monkeypatch.setattr(proxy_module, "_SETTLE_AT", 10**9)
+    with DBusFaultProxy(upstream=bus.address) as proxy:
+        good = open_dbus_connection(bus=proxy.address)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(proxy.socket_path))
+        s.sendall(b"\0AUTH EXTERNAL 30\r\nBEGIN\r\n")
+        assert s.recv(4096).startswith(b"OK")
+        time.sleep(0.05)
+        s.sendall(b"X" + b"\0" * 15)
+        deadline = time.monotonic() + 5
+        while not proxy.errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "bad endianness byte 0x58" in proxy.errors[0]
+        assert "malformed data from the client" in proxy.errors[0]
+        assert proxy.trace.faults()[-1].fault == f"error: {proxy.errors[0]}"
+        s.settimeout(5)
+        assert s.recv(4096) == b""  # closed
+        assert good.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"), timeout=10).body == (
+            "pong",
+        )
+        proxy.errors.clear()
+        assert proxy.errors == []
+        good.close()
+        s.close()
+
+
+def test_trace_read_after_the_loop_ended_does_not_wait_for_it(bus: PrivateBus, svc: None) -> None:
+    # Reading the trace asks the loop to frame what it relayed; once the loop has
+    # ended (stop() under way, or a bug of ours), the reader frames it itself.
+    proxy = DBusFaultProxy(upstream=bus.address).start()
+    try:
+        conn = open_dbus_connection(bus=proxy.address)
+        conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"))
+        conn.close()
+        loop = proxy.threads[0]
+        proxy._stopping = True
+        proxy._wake()
+        loop.join(10)
+        t = time.monotonic()
+        assert [e.member for e in proxy.trace.messages()][-2:] == ["Ping", None]
+        proxy.sync()
+        assert time.monotonic() - t < 2
+    finally:
+        proxy.stop()
+
+
 def test_many_clients_in_parallel(proxy: DBusFaultProxy, svc: None) -> None:
     def worker(results: list[bool]) -> None:
         conn = open_dbus_connection(bus=proxy.address)
@@ -451,9 +503,17 @@ def test_many_clients_in_parallel(proxy: DBusFaultProxy, svc: None) -> None:
     assert results.count(True) == 500
 
 
-def test_rule_added_in_the_middle_of_a_message_keeps_the_stream_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("framed", ["framed", "unframed"])
+def test_rule_added_in_the_middle_of_a_message_keeps_the_stream_exact(
+    tmp_path: Path, framed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # No rule: the start of a large message goes out before the message is whole.
-    # A rule added then must not re-send, drop or hold the rest of that message.
+    # A rule added then must not re-send, drop or hold the rest of that message,
+    # whether the loop framed that start at once or it is still unframed then.
+    if framed == "unframed":
+        monkeypatch.setattr(proxy_module, "_SETTLE_AT", 10**9)
+    else:
+        monkeypatch.setattr(proxy_module, "_SETTLE_AT", 1)
     echo = RecordingEcho(str(tmp_path / "echo"))
     try:
         with DBusFaultProxy(upstream=f"unix:path={tmp_path / 'echo'}") as proxy:
@@ -476,9 +536,36 @@ def test_rule_added_in_the_middle_of_a_message_keeps_the_stream_exact(tmp_path: 
                 time.sleep(0.02)
             s.close()
             assert proxy.errors == []
+            traced = [e.size for e in proxy.trace.messages("to_bus") if not e.fault]
+            assert traced == [len(big), len(small)]
     finally:
         echo.close()
     assert bytes(echo.received[1]) == expected
+
+
+def test_trace_of_unframed_chunks_keeps_order_maxlen_and_enabled(
+    bus: PrivateBus, svc: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing frames on its own here: reading the trace must, in relay order, and
+    # the trace keeps its newest maxlen messages; a disabled trace records none.
+    monkeypatch.setattr(proxy_module, "_SETTLE_AT", 10**9)
+    with DBusFaultProxy(upstream=bus.address, trace_maxlen=6) as proxy:
+        conn = open_dbus_connection(bus=proxy.address)
+        for i in range(10):
+            conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Echo", "s", (f"m{i}",)))
+        proxy.trace.enabled = False
+        conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"))
+        assert len(proxy.trace) == 6
+        entries = proxy.trace.messages()
+        assert [e.direction for e in entries] == ["to_bus", "to_client"] * 3
+        assert [e.member for e in entries[::2]] == ["Echo"] * 3
+        assert [e.reply_serial for e in entries[1::2]] == [e.serial for e in entries[::2]]
+        assert entries[-2].message is not None
+        assert b"m9" in entries[-2].message.body
+        proxy.trace.enabled = True
+        conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"))
+        assert [e.member for e in proxy.trace.messages()[-2:]] == ["Ping", None]
+        conn.close()
 
 
 def test_a_killed_owners_bus_and_proxy_are_reaped(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from pytest_runtimefaults.dbus.wire import (
     build_method_return,
     build_signal,
     flip_byte_order,
+    member_pattern,
+    whole_messages_without,
 )
 
 TARGET = DBusAddress(
@@ -184,3 +186,38 @@ def test_truncated_stream_stays_pending() -> None:
     assert framer.feed(raw[:-1]) == []
     assert framer.pending == len(raw) - 1
     assert [m.raw for m in framer.feed(raw[-1:])] == [raw]
+
+
+def test_whole_messages_without_reads_lengths_and_member_fields() -> None:
+    little = bytes(new_method_call(TARGET, "StartUnit", "ss", ("a", "b")).serialise(serial=3))
+    stop = new_method_call(TARGET, "StopUnit", "s", ("a",))
+    stop.header.endianness = Endianness.big
+    big = bytes(stop.serialise(serial=4))
+    reply = bytes(build_method_return(3, "s", ("StartUnit",), serial=9).raw)
+    none = member_pattern(())
+    assert whole_messages_without(little + big + reply, none)
+    assert whole_messages_without(little + big + reply, member_pattern({b"Reload"}))
+    assert not whole_messages_without(little + big, member_pattern({b"StopUnit"}))
+    assert not whole_messages_without(big + little, member_pattern({b"StartUnit"}))
+    assert whole_messages_without(little, member_pattern({b"Start", b"StartUnitX"}))
+    # A member name in a body is not a member field.
+    assert whole_messages_without(reply, member_pattern({b"StartUnit"}))
+    assert not whole_messages_without(little[:-1], none)
+    assert not whole_messages_without(little + big[:20], none)
+    assert not whole_messages_without(little + big[:10], none)
+    assert not whole_messages_without(b"X" + little[1:], none)
+
+
+def test_whole_messages_without_finds_the_member_behind_a_lookalike() -> None:
+    # An unknown header field (code 0x50, bytes) holding what looks like a member
+    # field, then the real MEMBER field.
+    def pad(b: bytes, n: int) -> bytes:
+        return b + b"\0" * (-len(b) % n)
+
+    fake = bytes((3, 1)) + b"s\0" + struct.pack("<I", 1) + b"Z\0"
+    fields = pad(bytes((0x50, 2)) + b"ay\0", 4) + struct.pack("<I", len(fake)) + fake
+    fields = pad(fields, 8) + bytes((3, 1)) + b"s\0" + struct.pack("<I", 2) + b"M7\0"
+    raw = pad(b"l\x01\x00\x01" + struct.pack("<III", 0, 5, len(fields)) + fields, 8)
+    assert Message(raw).member == "M7"
+    assert not whole_messages_without(raw, member_pattern({b"M7"}))
+    assert whole_messages_without(raw, member_pattern({b"M8"}))

@@ -8,8 +8,11 @@ well (benchmarks/bench_dbus_proxy.py measures both designs' floors), and one
 thread writing every byte makes the order of writes the order of decisions,
 with no lock to get wrong.
 
-* With no rule that can concern them, whole messages are written as soon as
-  they are read, byte for byte, and framed for the trace afterwards.
+* With no rule that can concern them, bytes are written as soon as they are
+  read, byte for byte, and kept as read; they are framed (for the trace and for
+  the exact path's state) later, in relay order: when the trace or ``errors``
+  is read, when a message needs the exact path, every 256 chunks, and at
+  ``stop()``.
 * Otherwise every message goes through
   :class:`~pytest_runtimefaults.dbus.rules.FaultEngine`; its writes are queued
   per *lane* (one direction of one connection), which is flushed in order,
@@ -50,8 +53,7 @@ from pytest_runtimefaults.dbus.wire import (
     Framer,
     Message,
     WireError,
-    messages_at,
-    whole_messages,
+    whole_messages_without,
 )
 from pytest_runtimefaults.journal import Journal
 
@@ -59,11 +61,14 @@ __all__ = ["HOST_BUS_PATHS", "DBusFaultProxy", "ProxyError", "parse_address"]
 
 HOST_BUS_PATHS = ("/run/dbus/system_bus_socket", "/var/run/dbus/system_bus_socket")
 _RECV = 262144
+_STRAIGHT_RECV = 65536  # sock.recv() of more allocates (and shrinks) an mmap'd buffer
+_SETTLE_AT = 256  # chunks relayed unframed: frame them now (bounds memory and delay)
 _MAX_FDS = 253  # SCM_MAX_FD
 _ANC = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 _BACKLOG_LIMIT = 32 * 2**20  # stop reading a peer while 32 MiB wait for the other one
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
+_READABLE = _IN | select.EPOLLHUP | select.EPOLLERR
 
 
 class ProxyError(RuntimeError):
@@ -165,9 +170,72 @@ class _Connection:
         self.in_auth = {TO_BUS: True, TO_CLIENT: True}
         self.owed = {TO_BUS: 0, TO_CLIENT: 0}  # bytes of a partial message already sent
         self.reading = {TO_BUS: True, TO_CLIENT: True}
+        self.readers = {TO_BUS: _Reader(self, TO_BUS), TO_CLIENT: _Reader(self, TO_CLIENT)}
 
     def source(self, direction: str) -> socket.socket:
         return self.client if direction == TO_BUS else self.upstream
+
+
+class _Reader:
+    """One direction of one connection as the loop reads it: what the hot path needs.
+
+    ``straight`` says the bytes of this direction may go out as they are read
+    (when the engine is idle, no fd waits and the lane's queue is empty): the
+    handshake is over and the framer holds no byte that was not sent.  ``fast``
+    adds that the handshake is over both ways, so the loop reads it itself:
+    with ``recv``, or with ``recvmsg`` when fd passing was negotiated (``fds``),
+    and a chunk that came with fds takes the exact path.
+    ``dirty``: chunks relayed so wait to be framed, and the framer and ``owed``
+    lag behind until the proxy settles them (chunks of whole messages relayed
+    with rules leave the framer on a message boundary, and need no settling).
+    ``aligned``: the framer is on a message boundary and nothing is owed.
+    """
+
+    __slots__ = (
+        "aligned",
+        "back",
+        "broken",
+        "conn",
+        "direction",
+        "dirty",
+        "fast",
+        "fds",
+        "framer",
+        "lane",
+        "pending_fds",
+        "recv",
+        "recvmsg",
+        "send",
+        "straight",
+    )
+
+    def __init__(self, conn: _Connection, direction: str) -> None:
+        self.conn = conn
+        self.direction = direction
+        self.lane = conn.lanes[direction]
+        # The other direction's lane, which writes to the socket this one reads.
+        self.back = conn.lanes[TO_CLIENT if direction == TO_BUS else TO_BUS]
+        self.framer = conn.framers[direction]
+        self.pending_fds = conn.pending_fds[direction]
+        self.recv = conn.source(direction).recv
+        self.recvmsg = conn.source(direction).recvmsg
+        self.send = self.lane.sock.send
+        self.straight = False
+        self.fast = False
+        self.fds = False
+        self.aligned = False
+        self.dirty = False
+        self.broken = False  # the framer failed: this stream lost its framing
+
+    def refresh(self) -> None:
+        """Recompute ``straight`` and ``fast`` after the exact path changed the state."""
+        conn = self.conn
+        self.straight = (
+            not conn.in_auth[self.direction] and self.framer.pending == conn.owed[self.direction]
+        )
+        self.fast = self.straight and conn.relay.client_done
+        self.fds = conn.relay.unix_fds_agreed
+        self.aligned = not self.framer.pending and not conn.owed[self.direction]
 
 
 def _fds_from(anc: list[tuple[int, int, bytes]]) -> list[int]:
@@ -257,11 +325,14 @@ class DBusFaultProxy:
         for rule in rules:
             self.engine.add(rule)
         self.trace = Trace(trace_maxlen)
+        # Chunks relayed before they were framed, in relay order: (time or None when the
+        # trace was off, reader, bytes).  Reading the trace frames them first.
+        self._unframed: list[tuple[float | None, _Reader, bytes]] = []
+        self.trace.settle = self._settle_on_loop
         self.pcap = pcap
         # Journaled even outside pytest, so a killed owner's directory is reaped later.
         self.journal = journal if journal is not None else Journal.default()
-        #: malformed data and unreachable upstreams, one readable line each
-        self.errors: list[str] = []
+        self._errors: list[str] = []
         self.dir: Path | None = None
         self.socket_path: Path | None = None
         self.connections: dict[int, _Connection] = {}
@@ -269,7 +340,7 @@ class DBusFaultProxy:
         self._listener: socket.socket | None = None
         self._loop: threading.Thread | None = None
         self._epoll: select.epoll | None = None
-        self._by_fd: dict[int, tuple[_Connection, str]] = {}  # fd -> (conn, direction read)
+        self._by_fd: dict[int, _Reader] = {}  # fd -> the direction read from it
         self._wake_r = self._wake_w = -1
         self._inbox: deque[Callable[[], None]] = deque()
         self._paused: set[tuple[int, str]] = set()  # lanes waiting for a pause to end
@@ -282,6 +353,21 @@ class DBusFaultProxy:
         if self.socket_path is None:
             raise ProxyError("the proxy is not started")
         return f"unix:path={self.socket_path}"
+
+    @property
+    def errors(self) -> list[str]:
+        """Malformed data and unreachable upstreams, one readable line each.
+
+        Reading it frames what was relayed unframed first (as reading the trace
+        does), so malformed data sent on the hot path is named here; clear the
+        list to acknowledge them.
+        """
+        self._settle_on_loop()
+        return self._errors
+
+    @errors.setter
+    def errors(self, value: list[str]) -> None:
+        self._errors = value
 
     @property
     def env(self) -> dict[str, str]:
@@ -378,15 +464,18 @@ class DBusFaultProxy:
         """Wait until every message relayed so far is in the trace.
 
         With no rule concerned, bytes are written before they are framed for the
-        trace, so a client can see a reply a moment before ``trace`` does.  Call
-        this before asserting on the last messages of an exchange.  Raises
+        trace; reading the trace frames them first, so this is only needed to
+        wait for the loop without reading (the trace's readers call it).  Raises
         :class:`TimeoutError` if the loop is stuck for *timeout* seconds.
         """
-        if not self._on_loop(lambda: None, timeout):
+        if not self._on_loop(self._settle, timeout):
             raise TimeoutError(
                 f"proxy {self.address}: its loop did not come round within {timeout} s "
-                f"(errors: {self.errors or 'none'})"
+                f"(errors: {self._errors or 'none'})"
             )
+
+    def _settle_on_loop(self) -> None:
+        self._on_loop(self._settle)
 
     # -- rules -----------------------------------------------------------------------
     def add(self, rule: Rule | Action | str) -> Rule:
@@ -417,7 +506,8 @@ class DBusFaultProxy:
 
         False if the loop did not run it within *timeout* seconds.
         """
-        if self._loop is None or threading.current_thread() is self._loop:
+        loop = self._loop
+        if loop is None or threading.current_thread() is loop or not loop.is_alive():
             fn()
             return True
         done = threading.Event()
@@ -430,7 +520,17 @@ class DBusFaultProxy:
 
         self._inbox.append(call)
         self._wake()
-        return done.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.1):
+            if not loop.is_alive():
+                # The loop ended without running it (stop() raced with us): run it here.
+                with contextlib.suppress(ValueError):
+                    self._inbox.remove(call)
+                    call()
+                return True
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -445,29 +545,75 @@ class DBusFaultProxy:
         wake_fd = self._wake_r
         by_fd = self._by_fd
         engine = self.engine
+        trace = self.trace
+        unframed = self._unframed
+        now = time.monotonic
         try:
             while not self._stopping:
                 timeout = self._timeout() if engine.holding or self._paused else -1
+                # (No timeout to frame what waits while idle: arming a timer for every
+                # wait costs more than the framing saves, on a VM at least.)
                 events = epoll.poll(timeout)
                 for fd, mask in events:
-                    if fd == listen_fd:
-                        self._accept()
-                    elif fd == wake_fd:
-                        with contextlib.suppress(OSError):
-                            os.read(wake_fd, 4096)
-                        while self._inbox:
-                            self._inbox.popleft()()
-                    else:
-                        entry = by_fd.get(fd)
-                        if entry is None:
-                            continue
-                        conn, direction = entry
-                        if mask & _OUT:
-                            # This socket is where the other direction's lane writes.
-                            other = TO_CLIENT if direction == TO_BUS else TO_BUS
-                            self._flush(conn, conn.lanes[other])
-                        if mask & (_IN | select.EPOLLHUP | select.EPOLLERR) and not conn.closed:
-                            self._read(conn, direction)
+                    r = by_fd.get(fd)
+                    if r is None:
+                        if fd == listen_fd:
+                            self._accept()
+                        elif fd == wake_fd:
+                            with contextlib.suppress(OSError):
+                                os.read(wake_fd, 4096)
+                            while self._inbox:
+                                self._inbox.popleft()()
+                        continue
+                    conn = r.conn
+                    if mask & _OUT:
+                        self._flush(conn, r.back)
+                    if not mask & _READABLE or conn.closed:
+                        continue
+                    if not (r.fast and not r.lane.queue and not r.pending_fds):
+                        self._read(r)
+                        continue
+                    try:
+                        if r.fds:
+                            data, anc, flags, _ = r.recvmsg(_STRAIGHT_RECV, _ANC)
+                            if data and (anc or flags & socket.MSG_CTRUNC):
+                                self._handle(r, data, anc, flags)  # fds: the exact path
+                                continue
+                        else:
+                            data = r.recv(_STRAIGHT_RECV)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._eof(conn, r.direction)
+                        continue
+                    if engine.idle:
+                        # The hottest path, no rule at all: the bytes go out as they
+                        # came, even a piece of a message, and are framed later.
+                        r.dirty = True
+                    elif (
+                        r.dirty
+                        or not r.aligned
+                        or (pattern := engine.prefilter) is None
+                        or not whole_messages_without(data, pattern)
+                    ):
+                        self._handle(r, data, [], 0)
+                        continue
+                    # (else whole messages no rule concerns: the same, and the framer
+                    # stays on a message boundary)
+                    try:
+                        sent = r.send(data)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:
+                        self._close(conn)
+                        continue
+                    if sent < len(data):
+                        self._queue_rest(r, data, sent)
+                    unframed.append((now() if trace.enabled else None, r, data))
+                    if len(unframed) >= _SETTLE_AT:
+                        self._settle()
                 if engine.holding:
                     deadline = engine.next_deadline()
                     if deadline is not None and deadline <= time.monotonic():
@@ -478,8 +624,13 @@ class DBusFaultProxy:
             self._error(f"proxy loop failed: {exc!r}; every connection was closed")
             raise
         finally:
-            for conn in list(self.connections.values()):
-                self._close(conn)
+            try:
+                self._settle()
+            finally:
+                for conn in list(self.connections.values()):
+                    self._close(conn)
+                while self._inbox:  # calls that came with stop(): nobody waits in vain
+                    self._inbox.popleft()()
 
     def _timeout(self) -> float:
         """Seconds until the next held message or paused lane is due (-1: none)."""
@@ -523,13 +674,14 @@ class DBusFaultProxy:
             upstream.setblocking(False)
             conn = _Connection(ident, client, upstream)
             self.connections[ident] = conn
-            self._by_fd[client.fileno()] = (conn, TO_BUS)
-            self._by_fd[upstream.fileno()] = (conn, TO_CLIENT)
+            self._by_fd[client.fileno()] = conn.readers[TO_BUS]
+            self._by_fd[upstream.fileno()] = conn.readers[TO_CLIENT]
             self._epoll.register(client.fileno(), _IN)
             self._epoll.register(upstream.fileno(), _IN)
 
-    def _read(self, conn: _Connection, direction: str) -> None:
-        src = conn.source(direction)
+    def _read(self, r: _Reader) -> None:
+        conn = r.conn
+        src = conn.source(r.direction)
         anc: list[tuple[int, int, bytes]] = []
         flags = 0
         try:
@@ -543,90 +695,113 @@ class DBusFaultProxy:
         except OSError:
             n, anc, flags = 0, [], 0
         if not n:
-            self._eof(conn, direction)
+            self._eof(conn, r.direction)
             return
+        self._handle(r, bytes(_VIEW[:n]), anc, flags)
+
+    def _handle(
+        self, r: _Reader, data: bytes, anc: list[tuple[int, int, bytes]], flags: int
+    ) -> None:
+        """Relay *data* read for *r* off the loop's hot path."""
+        conn = r.conn
         try:
-            self._received(conn, direction, _VIEW[:n], anc, flags)
+            self._received(r, data, anc, flags)
         except (WireError, AuthError, ProxyError) as exc:
-            side = "client" if direction == TO_BUS else "bus"
-            self._error(
-                f"connection #{conn.id}: malformed data from the {side}: {exc}; connection closed"
-            )
-            self._close(conn)
+            self._malformed(r, exc)
+        finally:
+            if not conn.closed:
+                for reader in conn.readers.values():
+                    reader.refresh()
+
+    def _malformed(self, r: _Reader, exc: Exception) -> None:
+        side = "client" if r.direction == TO_BUS else "bus"
+        self._error(
+            f"connection #{r.conn.id}: malformed data from the {side}: {exc}; connection closed"
+        )
+        self._close(r.conn)
+
+    def _queue_rest(self, r: _Reader, data: bytes, sent: int) -> None:
+        """The socket took *sent* bytes of *data* on the hot path: queue the rest."""
+        conn = r.conn
+        self._queue(conn, r.lane, Output(conn.id, r.direction, data[sent:]))
+        self._update_mask(conn, r.lane.sock)
+
+    def _settle(self) -> None:
+        """Frame the chunks relayed unframed, in relay order: trace them, catch up the framers.
+
+        Runs on the loop thread (or once it ended).  A chunk that does not frame
+        closes its connection, as it would have on the exact path.
+        """
+        unframed = self._unframed
+        entries = self.trace.append
+        while unframed:
+            batch = unframed[:]
+            unframed.clear()
+            for t, r, data in batch:
+                r.dirty = False
+                if r.broken:
+                    continue
+                try:
+                    msgs = r.framer.feed(data)
+                except WireError as exc:
+                    r.broken = True  # the rest of its chunks cannot be framed
+                    self._malformed(r, exc)
+                    continue
+                conn = r.conn
+                direction = r.direction
+                # Bytes of a message not yet whole that are already on their way: if a
+                # rule comes before the rest, the rest must follow them as they are.
+                conn.owed[direction] = r.framer.pending
+                r.aligned = not conn.owed[direction]
+                if t is not None:
+                    for msg in msgs:
+                        entries(t, conn.id, direction, msg)
 
     def _received(
         self,
-        conn: _Connection,
-        direction: str,
-        view: memoryview,
+        r: _Reader,
+        data: bytes,
         anc: list[tuple[int, int, bytes]],
         flags: int,
     ) -> None:
-        pending_fds = conn.pending_fds[direction]
+        conn = r.conn
+        direction = r.direction
+        pending_fds = r.pending_fds
         if anc:
             pending_fds += _fds_from(anc)
             if flags & socket.MSG_CTRUNC:
                 raise ProxyError("file descriptors were truncated (more than 253)")
-        lane = conn.lanes[direction]
-        framer = conn.framers[direction]
+        lane = r.lane
         engine = self.engine
-        if (
-            engine.idle
-            and not pending_fds
-            and not lane.queue
-            and not conn.in_auth[direction]
-            # Every byte the framer holds must already be on its way: bytes the exact
-            # path buffered were not sent, and what follows them must wait for them.
-            and framer.pending == conn.owed[direction]
-        ):
-            # The hottest path, no rule at all: the bytes go out as they came, even a
-            # piece of a message; framing for the trace happens after the write.
-            try:
-                sent = lane.sock.send(view)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self._close(conn)
-                return
-            data = bytes(view)
-            if sent < len(data):
-                self._queue(conn, lane, Output(conn.id, direction, data[sent:]))
-                self._update_mask(conn, lane.sock)
-            record = self.trace.record
-            for msg in framer.feed(data):
-                record(conn.id, direction, msg)
-            # Bytes of a message not yet whole that are already on their way: if a
-            # rule comes before the rest, the rest must follow them as they are.
-            conn.owed[direction] = framer.pending
+        if r.straight and engine.idle and not pending_fds and not lane.queue:
+            # No rule at all (fd passing negotiated, or the first chunk after the
+            # handshake): as on the loop's hottest path, write now, frame later.
+            r.dirty = True
+            self._straight(r, data)
             return
+        if r.dirty:
+            # This direction's framer must see every byte relayed so far.
+            self._settle()
+            if conn.closed:
+                return
+        framer = r.framer
         if (
             not conn.in_auth[direction]
             and not conn.owed[direction]
             and not pending_fds
             and not lane.queue
             and not framer.pending
-            and engine.passthrough(view)
+            and engine.passthrough(data)
         ):
-            spans = whole_messages(view)
-            if spans is not None:
-                # The hot path: nothing queued, whole messages no rule concerns:
-                # write them now, frame them for the trace after.
-                try:
-                    sent = lane.sock.send(view)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    self._close(conn)
-                    return
-                data = bytes(view)
-                if sent < len(data):
-                    self._queue(conn, lane, Output(conn.id, direction, data[sent:]))
-                    self._update_mask(conn, lane.sock)
-                record = self.trace.record
-                for msg in messages_at(data, spans):
-                    record(conn.id, direction, msg)
+            # Nothing queued, whole messages no rule concerns: write them now, frame
+            # them later (the framer stays on a message boundary).
+            self._straight(r, data)
+            return
+        if self._unframed:
+            # The trace must show what was relayed before what comes now.
+            self._settle()
+            if conn.closed:
                 return
-        data = bytes(view)
         if conn.in_auth[direction]:
             relay = conn.relay
             text, data = (relay.client_data if direction == TO_BUS else relay.server_data)(data)
@@ -652,7 +827,7 @@ class DBusFaultProxy:
                 return
             first = msgs.pop(0)
             conn.owed[direction] = 0
-            self.trace.record(conn.id, direction, first)
+            self._record(conn.id, direction, first)
             self._queue(conn, lane, Output(conn.id, direction, first.raw[owed:]))
         if not msgs:
             self._flush(conn, lane)
@@ -662,14 +837,12 @@ class DBusFaultProxy:
             and not lane.queue
             and (engine.idle or all(engine.bypass(direction, m) for m in msgs))
         ):
-            record = self.trace.record
             for msg in msgs:
-                record(conn.id, direction, msg)
+                self._record(conn.id, direction, msg)
             self._queue(conn, lane, Output(conn.id, direction, b"".join(m.raw for m in msgs)))
         elif engine.idle or all(engine.bypass(direction, m) for m in msgs):
-            record = self.trace.record
             for msg in msgs:
-                record(conn.id, direction, msg)
+                self._record(conn.id, direction, msg)
                 self._queue(
                     conn, lane, Output(conn.id, direction, msg.raw, _take_fds(msg, pending_fds))
                 )
@@ -678,12 +851,31 @@ class DBusFaultProxy:
             outputs: list[Output] = []
             for msg in msgs:
                 fds = _take_fds(msg, pending_fds)
-                self.trace.record(conn.id, direction, msg)
+                self._record(conn.id, direction, msg)
                 outputs += engine.on_message(conn.id, direction, msg, fds, now)
             if engine.notes:
                 self._drain_notes()
             self._enqueue(outputs)
         self._flush(conn, lane)
+
+    def _straight(self, r: _Reader, data: bytes) -> bool:
+        """Write *data* now (queue what the socket does not take), frame it later.
+
+        False if the connection closed (a write failed).
+        """
+        try:
+            sent = r.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(r.conn)
+            return False
+        if sent < len(data):
+            self._queue_rest(r, data, sent)
+        self._unframed.append((time.monotonic() if self.trace.enabled else None, r, data))
+        if len(self._unframed) >= _SETTLE_AT:
+            self._settle()
+        return True
 
     def _eof(self, conn: _Connection, direction: str) -> None:
         """One side went away: deliver what is queued for the other side, then close."""
@@ -734,7 +926,7 @@ class DBusFaultProxy:
             w = queue[0]
             if w.fault:
                 # Recorded as the write starts: whoever sees the effect finds it traced.
-                self.trace.record(conn.id, lane.direction, w.message, fault=w.fault)
+                self._record(conn.id, lane.direction, w.message, fault=w.fault)
                 w.fault = None
             if w.data:
                 try:
@@ -814,15 +1006,23 @@ class DBusFaultProxy:
             sock.close()
         self.engine.forget(conn.id)
 
+    def _record(
+        self, conn_id: int, direction: str, msg: Message | None, fault: str | None = None
+    ) -> None:
+        """Trace *msg* (or a fault) after everything relayed before it."""
+        if self._unframed:
+            self._settle()
+        self.trace.record(conn_id, direction, msg, fault)
+
     def _error(self, message: str) -> None:
-        self.errors.append(message)
-        self.trace.record(0, TO_BUS, None, fault=f"error: {message}")
+        self._errors.append(message)
+        self._record(0, TO_BUS, None, fault=f"error: {message}")
 
     def _drain_notes(self) -> None:
         notes = self.engine.notes
         while notes:
             conn, direction, msg, fault = notes.pop(0)
-            self.trace.record(conn, direction, msg, fault=fault)
+            self._record(conn, direction, msg, fault=fault)
 
     def __repr__(self) -> str:
         where = self.socket_path or "stopped"

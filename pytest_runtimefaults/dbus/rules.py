@@ -28,6 +28,7 @@ import dataclasses
 import itertools
 import os
 import random
+import re
 import shlex
 import struct
 import threading
@@ -45,6 +46,8 @@ from pytest_runtimefaults.dbus.wire import (
     build_method_return,
     build_signal,
     flip_byte_order,
+    member_pattern,
+    whole_messages_without,
 )
 
 __all__ = [
@@ -79,7 +82,6 @@ _STRING_FIELDS = {
     "destination": (HeaderField.DESTINATION, "s"),
     "sender": (HeaderField.SENDER, "s"),
 }
-_MEMBER_FIELD = bytes((HeaderField.MEMBER, 1, ord("s"), 0))
 SYNTH_SERIAL_BASE = 0x7FFF0000  # serials of messages the proxy makes up (signals, errors)
 
 
@@ -862,6 +864,11 @@ class FaultEngine:
         self._watch_unkeyed: list[Rule] = []
         self._members: frozenset[bytes] = frozenset()
         self._pending_calls = 0
+        #: the proxy's hot-path prefilter: ``None`` when any message may concern a rule
+        #: or the engine's state, else a pattern finding the member fields of the only
+        #: messages that may (see :meth:`passthrough`)
+        self.prefilter: re.Pattern[bytes] | None = member_pattern(())
+        self._member_pattern = self.prefilter
         for rule in rules:
             self.add(rule)
 
@@ -906,17 +913,10 @@ class FaultEngine:
         self._by_member, self._unkeyed = by_member, unkeyed
         self._watch_by_member, self._watch_unkeyed = watch_by_member, watch_unkeyed
         self._members = frozenset((*by_member, *watch_by_member))
+        self._member_pattern = member_pattern(self._members)
+        self._update_prefilter()
 
-    def passthrough(self, data: bytes | memoryview) -> bool:
-        """True if no rule can concern any message in *data* (whole messages).
-
-        The proxy then forwards *data* before it even frames it.  Every member
-        field in the chunk (found by its 4-byte header with ``bytes.find``) is
-        looked up in the set of members the rules name; a hit, even a false one
-        in a body, only sends the chunk down the exact path.
-        """
-        if self.idle:
-            return True
+    def _update_prefilter(self) -> None:
         if (
             self.holding
             or self._serial_rules
@@ -924,23 +924,20 @@ class FaultEngine:
             or self._watch_unkeyed
             or self._pending_calls
         ):
-            return False
-        members = self._members
-        if not members:
-            return True
-        raw = bytes(data)
-        find = raw.find
-        pos = find(_MEMBER_FIELD)
-        while pos >= 0:
-            if pos + 8 > len(raw):
-                return False  # cut off: let the exact path decide
-            # The length is in the message's byte order, which we do not know here.
-            for order in ("<", ">"):
-                (length,) = struct.unpack_from(order + "I", raw, pos + 4)
-                if raw[pos + 8 : pos + 8 + length] in members:
-                    return False
-            pos = find(_MEMBER_FIELD, pos + 4)
-        return True
+            self.prefilter = None
+        else:
+            self.prefilter = self._member_pattern
+
+    def passthrough(self, data: bytes | memoryview) -> bool:
+        """True if *data* is whole messages, none of which any rule can concern.
+
+        The proxy then forwards *data* before it even frames it.  One regular
+        expression (:attr:`prefilter`, kept up to date as rules and state change)
+        looks for a member field naming a member the rules name; a hit, even a
+        false one in a body, only sends the chunk down the exact path.
+        """
+        pattern = self.prefilter
+        return pattern is not None and whole_messages_without(bytes(data), pattern)
 
     def bypass(self, direction: str, msg: Message) -> bool:
         """True if no rule and no state can concern *msg*: forward it untouched.
@@ -997,6 +994,7 @@ class FaultEngine:
             and not self.holding
             and not any(conn.serials or conn.calls for conn in self._conns.values())
         )
+        self._update_prefilter()
 
     def next_synth_serial(self) -> int:
         self._synth += 1
@@ -1075,6 +1073,7 @@ class FaultEngine:
                 reply_rules = conn.calls.pop((call_dir, rs), [])
                 if reply_rules:
                     self._pending_calls -= 1
+                    self._update_prefilter()
                 if direction == TO_CLIENT:
                     conn.answered.append(rs)
         elif msg.type == MessageType.METHOD_CALL and msg.expects_reply:
@@ -1086,6 +1085,7 @@ class FaultEngine:
             if watching:
                 conn.calls[(direction, msg.serial)] = watching
                 self._pending_calls += 1
+                self._update_prefilter()
         # Serial rewriting (Serials rules) applies to every matching message.
         for rule in self.rules:
             if isinstance(rule.action, Serials) and rule.match.matches(direction, msg):
@@ -1206,4 +1206,5 @@ class FaultEngine:
         conn.serials.clear()
         self._pending_calls -= len(conn.calls)
         conn.calls.clear()
+        self._update_prefilter()
         return outputs

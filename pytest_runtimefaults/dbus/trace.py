@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pytest_runtimefaults.dbus.wire import Message, WireError
@@ -113,6 +113,8 @@ class Trace:
         self._lock = threading.Lock()
         self.started = time.monotonic()
         self.enabled = True
+        #: called before every read: the proxy frames there what it relayed unframed
+        self.settle: Callable[[], None] | None = None
 
     def record(
         self, conn: int, direction: str, message: Message | None, fault: str | None = None
@@ -121,7 +123,13 @@ class Trace:
         if self.enabled:
             self._entries.append((_now(), conn, direction, message, fault))  # atomic (GIL)
 
+    def append(self, monotonic: float, conn: int, direction: str, message: Message) -> None:
+        """Record *message* relayed at *monotonic* (the proxy's deferred framing)."""
+        self._entries.append((monotonic, conn, direction, message, None))
+
     def entries(self) -> list[TraceEntry]:
+        if self.settle is not None:
+            self.settle()
         with self._lock:
             raw = list(self._entries)
         return [TraceEntry(c, d, m, f, t) for t, c, d, m, f in raw]
@@ -137,6 +145,8 @@ class Trace:
         return [e for e in self.entries() if e.fault]
 
     def clear(self) -> None:
+        if self.settle is not None:
+            self.settle()
         self._entries.clear()
 
     def tail(self, n: int = 40) -> str:
@@ -147,6 +157,8 @@ class Trace:
         return iter(self.entries())
 
     def __len__(self) -> int:
+        if self.settle is not None:
+            self.settle()
         return len(self._entries)
 
     def write_pcap(self, path: str | Path) -> int:

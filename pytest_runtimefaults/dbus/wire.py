@@ -27,8 +27,9 @@ Example::
 
 from __future__ import annotations
 
+import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -46,8 +47,10 @@ __all__ = [
     "build_method_return",
     "build_signal",
     "flip_byte_order",
+    "member_pattern",
     "messages_at",
     "whole_messages",
+    "whole_messages_without",
 ]
 
 MAX_MESSAGE_LENGTH = 2**27  # 128 MiB, the spec's limit on a whole message
@@ -387,6 +390,50 @@ def whole_messages(data: bytes | memoryview) -> list[tuple[str, int, int, int]] 
         spans.append((e, serial, pos, pos + total))
         pos += total
     return spans if pos == n else None
+
+
+def member_pattern(members: Iterable[bytes]) -> re.Pattern[bytes]:
+    """A pattern that finds a ``MEMBER`` header field naming one of *members*.
+
+    Its 4-byte start, any length, the name and its NUL (which no name contains);
+    with no member, a pattern that finds nothing (and costs nothing to try).
+    """
+    names = sorted(set(members))
+    if not names:
+        return _NOTHING
+    alternatives = b"|".join(re.escape(name) for name in names)
+    return re.compile(re.escape(_MEMBER_FIELD) + rb"[\s\S]{4}(?:" + alternatives + rb")\0")
+
+
+def whole_messages_without(data: bytes, members: re.Pattern[bytes]) -> bool:
+    """Whether *data* is whole messages, none with a ``MEMBER`` field *members* finds.
+
+    The proxy's prefilter on its hot path with rules (*members* comes from
+    :func:`member_pattern`).  The pattern runs once over the whole chunk, bodies
+    included (a hit there only costs the exact path); only the lengths of each
+    fixed header are read: the framer validates every header when the chunk is
+    framed.  ``False`` only means "look closer".
+    """
+    if members.search(data) is not None:
+        return False
+    n = len(data)
+    pos = 0
+    while n - pos >= _FIXED:
+        endian = data[pos]
+        if endian == 0x6C:
+            body_length, _serial, fields_length = _LE_LENGTHS(data, pos + 4)
+        elif endian == 0x42:
+            body_length, _serial, fields_length = _BE_LENGTHS(data, pos + 4)
+        else:
+            return False
+        pos += ((_FIXED + fields_length + 7) & ~7) + body_length  # from the message start
+    return pos == n
+
+
+_LE_LENGTHS = struct.Struct("<III").unpack_from
+_BE_LENGTHS = struct.Struct(">III").unpack_from
+_MEMBER_FIELD = bytes((HeaderField.MEMBER, 1, ord("s"), 0))
+_NOTHING = re.compile(rb"\A(?!)")
 
 
 def messages_at(data: bytes, spans: list[tuple[str, int, int, int]]) -> list[Message]:
