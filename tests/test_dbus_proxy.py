@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dbus_helpers import NAME, PATH, run, service
@@ -541,6 +542,40 @@ def test_rule_added_in_the_middle_of_a_message_keeps_the_stream_exact(
     finally:
         echo.close()
     assert bytes(echo.received[1]) == expected
+
+
+def test_a_reply_is_traced_even_if_the_client_disables_the_trace_at_once(
+    bus: PrivateBus, svc: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client may act on a reply the moment it is written: here the trace is
+    # disabled inside the very write.  Whether a chunk is traced must be decided
+    # before the write (CI once saw the last reply go missing from the trace).
+    armed: list[DBusFaultProxy] = []
+    init = proxy_module._Reader.__init__
+
+    def wrapped(self: Any, conn: Any, direction: str) -> None:
+        init(self, conn, direction)
+        send = self.send
+
+        def send_then_disable(data: bytes) -> int:
+            n: int = send(data)
+            if armed and direction == "to_client":
+                armed[0].trace.enabled = False
+            return n
+
+        self.send = send_then_disable
+
+    monkeypatch.setattr(proxy_module._Reader, "__init__", wrapped)
+    with DBusFaultProxy(upstream=bus.address) as proxy:
+        conn = open_dbus_connection(bus=proxy.address)
+        conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"))  # NameAcquired is in
+        armed.append(proxy)  # the next write to the client disables the trace
+        conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Echo", "s", ("last",)))
+        assert not proxy.trace.enabled
+        (call,) = [e for e in proxy.trace.messages("to_bus") if e.member == "Echo"]
+        replies = [e for e in proxy.trace.messages("to_client") if e.reply_serial == call.serial]
+        assert len(replies) == 1
+        conn.close()
 
 
 def test_trace_of_unframed_chunks_keeps_order_maxlen_and_enabled(

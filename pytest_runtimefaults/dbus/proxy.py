@@ -602,6 +602,9 @@ class DBusFaultProxy:
                         continue
                     # (else whole messages no rule concerns: the same, and the framer
                     # stays on a message boundary)
+                    # Whether it is traced is decided before the write: once written,
+                    # the client may act on it (disable the trace, read it) at once.
+                    t = now() if trace.enabled else None
                     try:
                         sent = r.send(data)
                     except (BlockingIOError, InterruptedError):
@@ -611,7 +614,7 @@ class DBusFaultProxy:
                         continue
                     if sent < len(data):
                         self._queue_rest(r, data, sent)
-                    unframed.append((now() if trace.enabled else None, r, data))
+                    unframed.append((t, r, data))
                     if len(unframed) >= _SETTLE_AT:
                         self._settle()
                 if engine.holding:
@@ -863,6 +866,7 @@ class DBusFaultProxy:
 
         False if the connection closed (a write failed).
         """
+        t = time.monotonic() if self.trace.enabled else None  # before the peer can act
         try:
             sent = r.send(data)
         except (BlockingIOError, InterruptedError):
@@ -872,7 +876,7 @@ class DBusFaultProxy:
             return False
         if sent < len(data):
             self._queue_rest(r, data, sent)
-        self._unframed.append((time.monotonic() if self.trace.enabled else None, r, data))
+        self._unframed.append((t, r, data))
         if len(self._unframed) >= _SETTLE_AT:
             self._settle()
         return True
