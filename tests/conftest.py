@@ -22,11 +22,14 @@ rest is reported as a warning.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +192,15 @@ def host_invariants() -> Iterator[None]:
             stacklevel=1,
         )
     assert not problems, "the test session changed the host:\n  " + "\n  ".join(problems)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp directory with a short path, for Unix sockets (at most 107 bytes).
+
+    ``tmp_path`` under pytest-xdist (``.../popen-gw1/test_long_name0/...``) can
+    be too long for a socket path; this one is ``/tmp/rf-t-XXXXXXXX``.
+    """
+    path = Path(tempfile.mkdtemp(prefix="rf-t-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -170,15 +170,19 @@ def test_pcap_dir_option(pytester: pytest.Pytester, tmp_path: Path) -> None:
     assert pcap.stat().st_size > 100
 
 
-def test_host_bus_upstream_is_refused_without_consent(pytester: pytest.Pytester) -> None:
-    # A conftest makes a socket of the test's own stand in for the host's system bus.
+def test_host_bus_upstream_is_refused_without_consent(
+    pytester: pytest.Pytester, short_tmp: Path
+) -> None:
+    # A conftest makes a socket of the test's own stand in for the host's system bus
+    # (in a short directory: pytester's path can be too long for a socket under xdist).
+    path = short_tmp / "system_bus_socket"
     pytester.makeconftest(
-        """
+        f"""
         import os, socket
         from pytest_runtimefaults.dbus import proxy
 
         def pytest_configure(config):
-            path = str(config.rootpath / "system_bus_socket")
+            path = {str(path)!r}
             if os.path.exists(path):
                 os.unlink(path)  # left by the first of the two runs below
             config._fake_bus = socket.socket(socket.AF_UNIX)
@@ -187,7 +191,7 @@ def test_host_bus_upstream_is_refused_without_consent(pytester: pytest.Pytester)
         """
     )
     pytester.makepyfile("def test_x(dbus_proxy):\n    pass\n")
-    upstream = f"--runtimefaults-dbus-upstream=unix:path={pytester.path}/system_bus_socket"
+    upstream = f"--runtimefaults-dbus-upstream=unix:path={path}"
     result = pytester.runpytest_subprocess("-p", "runtimefaults", upstream)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*refusing to proxy the host's system bus*"])

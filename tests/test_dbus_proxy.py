@@ -350,10 +350,10 @@ def test_stop_leaves_no_thread_no_directory(bus: PrivateBus, svc: None) -> None:
     assert set(threading.enumerate()) - before == set()
 
 
-def test_refuses_the_host_system_bus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refuses_the_host_system_bus(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The check compares inodes; a socket of ours stands in for the host's bus, so the
     # test neither needs nor touches the real one.
-    host = tmp_path / "run" / "dbus" / "system_bus_socket"
+    host = short_tmp / "run" / "dbus" / "system_bus_socket"
     host.parent.mkdir(parents=True)
     monkeypatch.setattr(proxy_module, "HOST_BUS_PATHS", (str(host),))
     with socket.socket(socket.AF_UNIX) as bus_socket:
@@ -365,7 +365,7 @@ def test_refuses_the_host_system_bus(tmp_path: Path, monkeypatch: pytest.MonkeyP
         DBusFaultProxy(upstream=f"unix:path={host}", allow_host_bus=True)
         # A socket at the same path seen through /proc/PID/root of another mount
         # namespace is another inode: a sandbox's bus is allowed.
-        other = tmp_path / "sandbox-root" / "run" / "dbus" / "system_bus_socket"
+        other = short_tmp / "sandbox-root" / "run" / "dbus" / "system_bus_socket"
         other.parent.mkdir(parents=True)
         with socket.socket(socket.AF_UNIX) as s:
             s.bind(str(other))
@@ -558,8 +558,9 @@ def test_a_reply_is_traced_even_if_the_client_disables_the_trace_at_once(
         send = self.send
 
         def send_then_disable(data: bytes) -> int:
+            fire = bool(armed) and direction == "to_client"  # armed before this write began
             n: int = send(data)
-            if armed and direction == "to_client":
+            if fire:
                 armed[0].trace.enabled = False
             return n
 
