@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from pytest_runtimefaults import naming
 from pytest_runtimefaults.cni import CniDir, CniPodman, TornWriteWatcher, next_subnet
 from pytest_runtimefaults.faults import FaultRegistry
 from pytest_runtimefaults.netns import CniSandbox, own_namespaces, snapshot_ipam, snapshot_links
@@ -59,7 +60,9 @@ def host_state() -> tuple[set[str], set[str], set[str], set[str]]:
     groups = {
         p.name
         for p in (memory.iterdir() if memory.is_dir() else [])
-        if p.name in ("libpod_parent", "k8s.io") or p.name.startswith(("rfpodcg", "rfcricg"))
+        if p.name in ("libpod_parent", "k8s.io")
+        # Ours only: another xdist worker's pod parents carry its own process tag.
+        or (p.name.startswith(("rfpodcg", "rfcricg")) and naming.process_tag() in p.name)
     }
     return own_namespaces(), snapshot_links(None), files, groups
 
