@@ -2,13 +2,13 @@
 
 Every fault a fixture injects is registered here, so that the ``recovers``
 marker can lift them all before probing the runtime, and so that the report
-can say which faults a test applied.  A fault is anything with a ``lift()``
-method; lifting is idempotent.
+can say which faults a test applied.  A fault is a
+:class:`~pytest_runtimefaults.core.Fault`; lifting is idempotent.
 
 Example::
 
     registry = FaultRegistry()
-    registry.add("delay StartTransientUnit", lift=lambda: proxy.clear())
+    registry.register(fault)        # any core.Fault: name, start, lift, stop, applied
     ...
     registry.lift_all()
 """
@@ -18,23 +18,47 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from pytest_runtimefaults.core.fault import Fault, describe
+
+_F = TypeVar("_F", bound=Fault)
 
 __all__ = ["FaultRecord", "FaultRegistry", "LeakCheck"]
 
 
-@dataclass
 class FaultRecord:
-    """One injected fault: its name, when it started and whether it was lifted."""
+    """One injected fault: its name, when it started and whether it was lifted.
 
-    name: str
-    lift: Callable[[], None] | None
-    started: float = field(default_factory=time.monotonic)
-    lifted_at: float | None = None
-    applied: int = 0  # how many times the fault actually fired, when known
+    ``applied`` is read from the fault itself when it was registered with
+    :meth:`FaultRegistry.register`, else it is whatever the owner set.
+    """
+
+    def __init__(
+        self, name: str, lift: Callable[[], None] | None, fault: Fault | None = None
+    ) -> None:
+        self.name = name
+        self.lift = lift
+        self.fault = fault
+        self.started = time.monotonic()
+        self.lifted_at: float | None = None
+        self._applied = 0
+
+    @property
+    def applied(self) -> int:
+        """How many times the fault actually fired (0 when unknown)."""
+        return self.fault.applied if self.fault is not None else self._applied
+
+    @applied.setter
+    def applied(self, value: int) -> None:
+        self._applied = value
 
     @property
     def active(self) -> bool:
         return self.lifted_at is None
+
+    def __repr__(self) -> str:
+        return f"<FaultRecord {self.name!r} active={self.active} applied={self.applied}>"
 
 
 @dataclass
@@ -90,8 +114,22 @@ class FaultRegistry:
         self.leak_checks[unique] = check
         return check
 
+    def register(self, fault: _F, *, name: str | None = None) -> _F:
+        """Hand a :class:`~pytest_runtimefaults.core.Fault` to the test; return it.
+
+        The one way a fixture or a test registers a fault: the registry lifts it
+        before recovery probes and at teardown, and the report reads its
+        ``applied`` count.  Starting and stopping stay with the caller.
+        """
+        record = FaultRecord(name or describe(fault), fault.lift, fault)
+        self.records.append(record)
+        return fault
+
     def add(self, name: str, lift: Callable[[], None] | None = None) -> FaultRecord:
-        """Record a fault; *lift* undoes it (called at most once)."""
+        """Record a fault that is not a :class:`~pytest_runtimefaults.core.Fault`.
+
+        *lift* undoes it (called at most once).  Prefer :meth:`register`.
+        """
         record = FaultRecord(name=name, lift=lift)
         self.records.append(record)
         return record
