@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pytest_runtimefaults.cni.namespaces import private_state_argv
@@ -24,7 +25,10 @@ if TYPE_CHECKING:
     from pytest_runtimefaults.journal import Journal
     from pytest_runtimefaults.netns import CniSandbox
 
-__all__ = ["containerd_in_sandbox"]
+__all__ = ["PAUSE_IMAGE", "containerd_in_sandbox"]
+
+#: the pods' sandbox image, imported into each private containerd
+PAUSE_IMAGE = "localhost/runtimefaults/pause:latest"
 
 
 def containerd_in_sandbox(
@@ -47,15 +51,9 @@ def containerd_in_sandbox(
     talks to it.
     """
     from pytest_runtimefaults.containerd import Containerd
-    from pytest_runtimefaults.rootfs import build_image_tar, build_rootfs
 
-    ref = "localhost/runtimefaults/pause:latest"
-    wrapper = cni.root / f"containerd-in-{sandbox.host.name}"
-    prefix = " ".join(shlex.quote(a) for a in private_state_argv(sandbox.host.path))
-    wrapper.write_text(f'#!/bin/sh\nexec {prefix} containerd "$@"\n')
-    wrapper.chmod(0o755)
     ctd = Containerd(
-        binary=str(wrapper),
+        binary=str(_wrapper(cni, sandbox)),
         cri=True,
         cni_conf_dir=cni.conf_dir,
         cni_bin_dir=cni.plugin_dir,
@@ -63,21 +61,40 @@ def containerd_in_sandbox(
         log_level="info",
         # restrict_oom_score_adj: the sandbox's -998 needs CAP_SYS_RESOURCE,
         # which root lacks on this kind of host (runc init dies otherwise).
-        cri_config=f'enable_cdi = false\nrestrict_oom_score_adj = true\nsandbox_image = "{ref}"',
+        cri_config=(
+            f'enable_cdi = false\nrestrict_oom_score_adj = true\nsandbox_image = "{PAUSE_IMAGE}"'
+        ),
         journal=journal,
         registry=registry,
     )
     try:
         ctd.start()
-        build_rootfs(ctd.directory / "pause-rootfs")
-        tar = build_image_tar(
-            ctd.directory / "pause-rootfs",
-            ctd.directory / "pause.tar",
-            ref=ref,
-            cmd=("/bin/sleep", "86400"),
-        )
-        ctd.ctr("image", "import", str(tar))
+        _import_pause_image(ctd)
     except BaseException:
         ctd.stop()
         raise
     return ctd
+
+
+def _wrapper(cni: CniDir, sandbox: CniSandbox) -> Path:
+    """``containerd "$@"`` behind :func:`private_state_argv`, as a script (the
+    daemon harness runs one binary, and watches its PID: containerd's own)."""
+    wrapper = cni.root / f"containerd-in-{sandbox.host.name}"
+    prefix = " ".join(shlex.quote(a) for a in private_state_argv(sandbox.host.path))
+    wrapper.write_text(f'#!/bin/sh\nexec {prefix} containerd "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def _import_pause_image(ctd: Containerd) -> None:
+    """Build the busybox-static pause image (``sleep``) and import it into *ctd*."""
+    from pytest_runtimefaults.rootfs import build_image_tar, build_rootfs
+
+    build_rootfs(ctd.directory / "pause-rootfs")
+    tar = build_image_tar(
+        ctd.directory / "pause-rootfs",
+        ctd.directory / "pause.tar",
+        ref=PAUSE_IMAGE,
+        cmd=("/bin/sleep", "86400"),
+    )
+    ctd.ctr("image", "import", str(tar))
