@@ -397,6 +397,12 @@ class RecoversSpec:
     leaks: bool | tuple[str, ...] = True
 
 
+#: The most runs one ``failure_budget`` may ask for.  An item holds its fixtures
+#: for all of them and the report keeps every figure: 100 000 fast runs take
+#: minutes, a typo such as ``runs=10**12`` would run for days.
+MAX_BUDGET_RUNS = 100_000
+
+
 @dataclass(frozen=True)
 class BudgetSpec:
     """Validated arguments of ``@pytest.mark.failure_budget``."""
@@ -459,6 +465,11 @@ def parse_budget(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> BudgetSpec
     runs = kwargs["runs"]
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
+    if runs > MAX_BUDGET_RUNS:
+        raise ValueError(
+            f"runs must be at most {MAX_BUDGET_RUNS:,}, got {runs:,} "
+            "(split the budget over several tests or runs of pytest)"
+        )
     max_rate = _number("max_rate", kwargs["max_rate"])
     if not 0 <= max_rate < 1:
         raise ValueError(
