@@ -33,6 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_runtimefaults.core.log import logger
+
 __all__ = [
     "BudgetResult",
     "BudgetSpec",
@@ -248,6 +250,7 @@ def wait_until_healthy(
             try:
                 probe.check(max(deadline - clock(), 0.05))
             except Exception as exc:  # a probe's error is data, not a crash
+                logger.debug("probe %s: not healthy yet", probe.name, exc_info=True)
                 kind = "" if isinstance(exc, ProbeFailed) else f"{type(exc).__name__}: "
                 failed = f"{probe.name}: {kind}{exc}"
                 break
@@ -380,6 +383,7 @@ class RunContext:
             try:
                 fn()
             except Exception as exc:
+                logger.debug("a deferred undo failed", exc_info=True)
                 first = first or exc
         if first is not None:
             raise first

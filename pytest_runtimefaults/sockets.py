@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pytest_runtimefaults.core.fault import FaultBase
-from pytest_runtimefaults.core.log import swallowed
+from pytest_runtimefaults.core.log import logger, swallowed
 from pytest_runtimefaults.daemon import Daemon, DaemonExited, DaemonNotReady, connect_error
 from pytest_runtimefaults.naming import unique_name
 
@@ -596,6 +596,7 @@ class StaleSocket(FaultBase):
             try:
                 helper.stop()
             except BaseException as exc:
+                logger.debug("stopping a helper of %r failed", self, exc_info=True)
                 errors.append(exc)
         if self._restore_dir is not None:
             parent, mode, uid, gid = self._restore_dir

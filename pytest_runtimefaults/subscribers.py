@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from pytest_runtimefaults.core.fault import FaultBase
-from pytest_runtimefaults.core.log import swallowed
+from pytest_runtimefaults.core.log import logger, swallowed
 from pytest_runtimefaults.journal import process_starttime
 
 __all__ = [
@@ -186,6 +186,8 @@ class ThreadedSubscription:
             try:
                 pump(self._queue.put, self._cancelled.is_set)
             except BaseException as exc:
+                # After a cancel the reader's error is expected (its socket was shut).
+                logger.debug("reader %s ended with an error", name, exc_info=True)
                 if not self._cancelled.is_set():
                     self._error = exc
             finally:
@@ -517,6 +519,7 @@ class Swarm(FaultBase):
             try:
                 self._subscriber(rec, rng)
             except BaseException as exc:  # surfaced by stop()/report()
+                logger.debug("swarm thread %s died", name, exc_info=True)
                 self._thread_errors.append(exc)
 
         t = threading.Thread(target=target, name=f"swarm-{name}", daemon=True)
@@ -577,6 +580,7 @@ class Swarm(FaultBase):
                 self._stopping.wait(self._backoff(rng, failures))
                 continue
             except Exception as exc:
+                logger.debug("%s: subscribe() crashed", transport.name, exc_info=True)
                 conn.closed, conn.end, conn.error = time.monotonic(), "crash", repr(exc)
                 failures += 1
                 self._stopping.wait(self._backoff(rng, failures))
@@ -612,6 +616,7 @@ class Swarm(FaultBase):
             except SubscriptionError as exc:
                 end, error = "error", str(exc) or type(exc).__name__
             except Exception as exc:
+                logger.debug("%s: receive() crashed", transport.name, exc_info=True)
                 end, error = "crash", repr(exc)
             finally:
                 sub.cancel()
