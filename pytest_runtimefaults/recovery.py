@@ -36,6 +36,7 @@ from typing import Any
 from pytest_runtimefaults.core.log import logger
 
 __all__ = [
+    "MAX_BUDGET_RUNS",
     "BudgetResult",
     "BudgetSpec",
     "CallableProbe",
