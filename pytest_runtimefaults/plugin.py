@@ -184,7 +184,8 @@ def runtimefaults_rng(request: pytest.FixtureRequest, runtimefaults_seed: int) -
 def runtimefaults_faults(request: pytest.FixtureRequest) -> Iterator[FaultRegistry]:
     """The test's :class:`~pytest_runtimefaults.faults.FaultRegistry` (function scope).
 
-    Fault fixtures register what they inject (``add(name, lift=fn)``), the
+    Fault fixtures hand it every fault they inject (``register(fault)``, any
+    :class:`~pytest_runtimefaults.core.Fault`), the
     health probes they offer (``add_probe(name, fn)``) and their leak checks
     (``add_leak_check(name, snapshot)``).  The ``recovers`` marker lifts every
     fault before probing; the report lists them; faults still active at
