@@ -36,7 +36,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import queue
 import random
@@ -50,6 +49,7 @@ import threading
 import time
 from pathlib import Path
 
+from pytest_runtimefaults.core.log import swallowed
 from pytest_runtimefaults.journal import Journal
 from pytest_runtimefaults.transports.unixline import UnixLineTransport
 
@@ -239,7 +239,7 @@ class _Server:
 
         def watcher() -> None:
             # The stream's context: ends when the subscriber hangs up.
-            with contextlib.suppress(OSError):
+            with swallowed(OSError, "reading from a subscriber that hung up"):
                 while conn.recv(4096):
                     pass
             if self.bug == "remove-while-ranging":
@@ -257,7 +257,7 @@ class _Server:
         threading.Thread(target=watcher, daemon=True).start()
         wg.wait()
         # The handler returns; with the fix, the stream is closed exactly once.
-        with contextlib.suppress(OSError):
+        with swallowed(OSError, "closing a subscriber's stream"):
             conn.close()
 
 
@@ -316,7 +316,7 @@ class Broadcaster:
             return
         if self.journal is not None and self._own_dir:
             self._rids.append(self.journal.add("path", path=str(self.directory)))
-        with contextlib.suppress(FileNotFoundError):
+        with swallowed(FileNotFoundError, "removing an old socket %s", self.socket_path):
             os.unlink(self.socket_path)
         argv = [sys.executable, "-m", "pytest_runtimefaults.transports.broadcaster"]
         argv += ["--socket", self.socket_path] + (["--bug", self.bug] if self.bug else [])
@@ -376,19 +376,20 @@ class Broadcaster:
     def wait(self, timeout: float = 10.0) -> int | None:
         """The exit status, or None if still running after *timeout*."""
         assert self.process is not None
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
             return self.process.wait(timeout)
-        return None
+        except subprocess.TimeoutExpired:
+            return None  # still running: the documented answer, not an error
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
+            with swallowed(ProcessLookupError, "killing broadcaster %d", self.process.pid):
                 os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
-        with contextlib.suppress(FileNotFoundError):
+        with swallowed(FileNotFoundError, "removing the socket %s", self.socket_path):
             os.unlink(self.socket_path)
         if self._own_dir and self.directory.exists():
             shutil.rmtree(self.directory, ignore_errors=True)
