@@ -246,7 +246,7 @@ def test_a_rule_is_a_fault_lifted_through_what_it_is_bound_to() -> None:
     assert engine.rules == []
     assert engine.idle
     copy = rule.times(1)
-    assert copy._remove is None
+    assert copy._removers == []
     assert not copy._lifted
 
 

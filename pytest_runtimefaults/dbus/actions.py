@@ -591,8 +591,8 @@ class Rule:
     hits: int = 0  # matches seen
     applied: int = 0  # times the action ran
     # Not copied by dataclasses.replace(): a copy is a rule of its own, unbound.
-    _remove: Callable[[Rule], object] | None = field(
-        default=None, init=False, repr=False, compare=False
+    _removers: list[Callable[[Rule], object]] = field(
+        default_factory=list, init=False, repr=False, compare=False
     )
     _lifted: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -638,8 +638,11 @@ class Rule:
         return self.describe()
 
     def bind(self, remove: Callable[[Rule], object]) -> Rule:
-        """Make :meth:`lift` call *remove(rule)* (e.g. ``proxy.remove``); returns the rule."""
-        self._remove = remove
+        """Make :meth:`lift` call *remove(rule)* (e.g. ``proxy.remove``); returns the rule.
+
+        A rule added to two proxies is bound to both, and lifted from both.
+        """
+        self._removers.append(remove)
         return self
 
     def start(self) -> Self:
@@ -648,9 +651,10 @@ class Rule:
 
     def lift(self) -> None:
         """Remove the rule from the proxy it was bound to (once); held messages go on."""
-        if self._remove is not None and not self._lifted:
+        if self._removers and not self._lifted:
             self._lifted = True
-            self._remove(self)
+            for remove in self._removers:
+                remove(self)
 
     def stop(self) -> None:
         """The same as :meth:`lift`: a rule holds nothing of its own."""
