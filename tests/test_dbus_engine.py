@@ -247,7 +247,9 @@ def test_a_rule_is_a_fault_lifted_through_what_it_is_bound_to() -> None:
     assert engine.idle
     copy = rule.times(1)
     assert copy._removers == []
-    assert not copy._lifted
+    rule.bind(lambda r: removed.append(engine.remove(r)))  # added again, by a later test
+    rule.lift()
+    assert len(removed) == 2
 
 
 class _Tag(Action):

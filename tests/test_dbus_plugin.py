@@ -141,13 +141,25 @@ def test_the_report_counts_what_each_rule_applied(pytester: pytest.Pytester) -> 
                                 "org.freedesktop.DBus", "ListNames"],
                                check=True, capture_output=True)
             assert dbus_proxy.rules[0].applied == 2
+
+        @pytest.mark.dbus_faults("Drop() member=Nothing")
+        def test_lifted_by_the_registry(dbus_proxy, runtimefaults_faults):
+            from pytest_runtimefaults.dbus.actions import Delay
+
+            added = dbus_proxy.add(Delay(5).on(member="ListNames"))
+            assert [r.fault for r in runtimefaults_faults.records][-1] is added
+            assert runtimefaults_faults.lift_all() == [
+                f"dbus_proxy: {added.describe()}", "dbus_proxy: Drop() on member=Nothing"
+            ]
+            assert dbus_proxy.rules == []
         """
     )
     result = pytester.runpytest_subprocess(
         "-p", "runtimefaults", "--runtimefaults-report=report.json"
     )
-    result.assert_outcomes(passed=1)
-    (test,) = json.loads((pytester.path / "report.json").read_text())["tests"]
+    result.assert_outcomes(passed=2)
+    tests = json.loads((pytester.path / "report.json").read_text())["tests"]
+    (test,) = [t for t in tests if t["nodeid"].endswith("test_counted")]
     (fault,) = test["faults"]
     assert fault["name"].startswith("dbus_proxy: Delay(seconds=0.01")
     assert fault["applied"] == 2

@@ -22,6 +22,8 @@ rules (--rule, repeatable) are ACTION(ARGS) [FIELD=VALUE ...]:
            path= interface= member= error_name= sender= destination=
            reply_to=MEMBER (replies to calls of MEMBER), reply_to.FIELD=VALUE
            times=N  every=N  probability=P
+  checks:  every time is seconds in [0, 86400]; probability in [0, 1]; a bad rule, an
+           unwritable --pcap or an unreachable --upstream exits 2 with one line at start
 examples:
   runtimefaults proxy --upstream unix:path=/tmp/b/bus --rule "Delay(0.5) reply_to=GetId"
   runtimefaults proxy --upstream ADDR --rule "SignalBeforeReply('JobRemoved') \\

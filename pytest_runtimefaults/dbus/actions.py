@@ -594,7 +594,6 @@ class Rule:
     _removers: list[Callable[[Rule], object]] = field(
         default_factory=list, init=False, repr=False, compare=False
     )
-    _lifted: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.action, Action):
@@ -650,11 +649,14 @@ class Rule:
         return self
 
     def lift(self) -> None:
-        """Remove the rule from the proxy it was bound to (once); held messages go on."""
-        if self._removers and not self._lifted:
-            self._lifted = True
-            for remove in self._removers:
-                remove(self)
+        """Remove the rule from the proxies it was bound to; held messages go on.
+
+        Idempotent: the bindings go with the lift, so a rule added again later
+        (a module-level rule a second test adds) is bound and lifted anew.
+        """
+        removers, self._removers = self._removers, []
+        for remove in removers:
+            remove(self)
 
     def stop(self) -> None:
         """The same as :meth:`lift`: a rule holds nothing of its own."""
