@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "install_commands",
     "probe_all",
     "require",
+    "require_cgroup_controllers",
     "require_command",
     "require_root",
     "strict_key",
@@ -222,6 +224,7 @@ def probe_all() -> tuple[Capability, ...]:
             _module("xdist", "pytest-xdist", "pytest -n N (optional)"),
         ]
     )
+    caps.append(sandbox_controllers_capability())
     return tuple(caps)
 
 
@@ -288,3 +291,62 @@ def require_root(request: pytest.FixtureRequest, why: str) -> None:
     from pytest_runtimefaults.fixtures import _common
 
     _common.require_root(request, why)
+
+
+# --- cgroup controllers in the systemd sandbox ---------------------------------
+
+CONTROLLERS_REMEDY = (
+    "a cgroup v2 host that enables the controllers for the cgroup the tests run in "
+    "(its cgroup.subtree_control; docs/systemd.md, 'What a CI host must provide'), or "
+    "--runtimefaults-cgroup-layout=hybrid or legacy on a cgroup v1 host"
+)
+
+
+def sandbox_controllers_capability() -> Capability:
+    """The capability ``sandbox-cgroup-controllers``: what each sandbox layout gets here."""
+    from pytest_runtimefaults.systemd import LAYOUTS, sandbox_controllers
+
+    found: dict[str, frozenset[str]] = {}
+    for layout in LAYOUTS[1:]:
+        try:
+            found[layout] = sandbox_controllers(layout)
+        except ValueError:
+            continue  # a layout this host cannot build
+    detail = "; ".join(f"{k}: {' '.join(sorted(v)) or 'none'}" for k, v in found.items())
+    return Capability(
+        "sandbox-cgroup-controllers",
+        bool(sandbox_controllers("auto")),
+        detail,
+        CONTROLLERS_REMEDY,
+        "runtime tests that set resource limits",
+    )
+
+
+def require_cgroup_controllers(
+    request: pytest.FixtureRequest,
+    needed: Iterable[str],
+    *,
+    layout: str = "auto",
+    available: Iterable[str] | None = None,
+) -> None:
+    """Skip (or fail under ``--runtimefaults-strict``) unless the sandbox has *needed*.
+
+    *available* is what a booted sandbox has (``SystemdSandbox.controllers``);
+    without it, what a sandbox of *layout* would get on this host.
+
+    Example::
+
+        caps.require_cgroup_controllers(request, {"memory", "pids"}, available=sd.controllers)
+    """
+    from pytest_runtimefaults.systemd import resolve_layout, sandbox_controllers
+
+    resolved = resolve_layout(layout)
+    have = frozenset(available) if available is not None else sandbox_controllers(resolved)
+    missing = sorted(set(needed) - have)
+    require(
+        request,
+        not missing,
+        f"the {resolved} systemd sandbox has no {', '.join(missing)} cgroup controller "
+        f"(it has: {' '.join(sorted(have)) or 'none'}; this host is cgroup {cgroup_layout()})",
+        CONTROLLERS_REMEDY,
+    )
