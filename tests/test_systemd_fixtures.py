@@ -166,3 +166,65 @@ def test_leak_checks_catch_a_container_left_behind(pytester: pytest.Pytester) ->
     assert "units:systemd" in out
     assert "left-behind" in out
     assert "processes:runtime" in out
+
+
+@pytest.mark.parametrize(
+    "layout", ["unified"] if caps.cgroup_layout() == "v2" else ["unified", "legacy"]
+)
+def test_cgroup_layout_option_and_ini_key_choose_the_sandbox_layout(
+    pytester: pytest.Pytester, layout: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        def test_it(systemd, runtime, oci_bundle):
+            assert systemd.layout == "{layout}"
+            assert runtime.lifecycle(oci_bundle).ok
+        """
+    )
+    by_option = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", f"--runtimefaults-cgroup-layout={layout}"
+    )
+    by_option.assert_outcomes(passed=1)
+    pytester.makeini(f"[pytest]\nruntimefaults_cgroup_layout = {layout}\n")
+    by_ini = pytester.runpytest_subprocess("-p", "runtimefaults")
+    by_ini.assert_outcomes(passed=1)
+
+
+def test_bad_cgroup_layout_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-cgroup-layout=v3"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*--runtimefaults-cgroup-layout: cgroup layout must be auto, hybrid, legacy or unified*"]
+    )
+
+
+def test_cli_cgroup_layout_unified_boots_and_leaves_the_host_unchanged(
+    pytester: pytest.Pytester,
+) -> None:
+    result = pytester.run(
+        sys.executable,
+        "-m",
+        "pytest_runtimefaults",
+        "systemd",
+        "--cgroup-layout",
+        "unified",
+        "--",
+        "sh",
+        "-c",
+        "stat -f -c %T /sys/fs/cgroup; busctl call org.freedesktop.systemd1 "
+        "/org/freedesktop/systemd1 org.freedesktop.DBus.Properties Get ss "
+        "org.freedesktop.systemd1.Manager Version",
+    )
+    assert result.ret == 0, result.stderr.str()
+    result.stdout.fnmatch_lines(
+        [
+            "systemd PID * (layout unified), booted in *",
+            "cgroup controllers: *",
+            "cgroup2fs",
+            'v s "*"',
+            "host cgroup mounts: unchanged",
+        ]
+    )
