@@ -296,8 +296,8 @@ def require_root(request: pytest.FixtureRequest, why: str) -> None:
 # --- cgroup controllers in the systemd sandbox ---------------------------------
 
 CONTROLLERS_REMEDY = (
-    "a cgroup v2 host that enables the controllers for the cgroup the tests run in "
-    "(its cgroup.subtree_control; docs/systemd.md, 'What a CI host must provide'), or "
+    "cgroup v2 with them enabled for the children of the cgroup pytest runs in "
+    "(cgroup.subtree_control; docs/systemd.md, 'What a CI host must provide'), or "
     "--runtimefaults-cgroup-layout=hybrid or legacy on a cgroup v1 host"
 )
 
