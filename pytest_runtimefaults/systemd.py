@@ -513,7 +513,8 @@ class SystemdSandbox:
     def _inner_script(self) -> str:
         """The shell that runs as PID 1 of the new namespaces, then execs systemd.
 
-        It mounts, runs the guard (:data:`GUARD_AWK`), waits for the host's go
+        It checks its cgroup namespace, mounts, checks the mounts
+        (:data:`GUARD_AWK`), waits for the host's go
         (a line on stdin: on cgroup v2 the launcher must leave the sandbox's
         root cgroup first), then execs systemd.
         """
@@ -521,8 +522,18 @@ class SystemdSandbox:
         host_dev = os.stat("/sys/fs/cgroup").st_dev
         host_cgroupns = os.readlink("/proc/self/ns/cgroup")
         console = "/dev/console"
+        refuse = f'echo "runtimefaults: refusing to start systemd: $why" >&2; exit {REFUSED}'
         lines = [
             "set -eu",
+            # The guard that keeps the host safe, part 1, before any mount: a
+            # cgroup namespace of its own.  In the host's, a fresh cgroup mount
+            # would be rooted at the host's root (and show "/" too), and a
+            # cgroup2 mount's options (nsdelegate, memory_recursiveprot...) would
+            # apply to the whole machine.
+            f'if [ "$(readlink /proc/self/ns/cgroup)" = {shlex.quote(host_cgroupns)} ]; then',
+            "  why='its cgroup namespace is the host one'",
+            f"  {refuse}",
+            "fi",
             "mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run",
             "mkdir -p /run/dbus",
             # PID 1 logs to /dev/console: make that the sandbox's pty, not the machine's.
@@ -538,14 +549,8 @@ class SystemdSandbox:
             "legacy": "systemd.unified_cgroup_hierarchy=0 "
             "systemd.legacy_systemd_cgroup_controller=1",
         }[self.layout]
-        refuse = f'echo "runtimefaults: refusing to start systemd: $why" >&2; exit {REFUSED}'
         lines += [
-            # The guard that keeps the host safe.  A fresh cgroup mount is rooted
-            # at "/" only inside a cgroup namespace of its own: check that first.
-            f'if [ "$(readlink /proc/self/ns/cgroup)" = {shlex.quote(host_cgroupns)} ]; then',
-            "  why='its cgroup namespace is the host one'",
-            f"  {refuse}",
-            "fi",
+            # Part 2: every cgroup mount is fresh (GUARD_AWK).
             f"why=$(awk -v layout={self.layout} -v hostdev={os.major(host_dev)}:"
             f"{os.minor(host_dev)} -f {shlex.quote(str(self.workdir / 'guard.awk'))} "
             "/proc/self/mountinfo)",

@@ -209,8 +209,9 @@ class _BindsHostTmpfs(SystemdSandbox):
 
 
 class _HostCgroupNamespace(SystemdSandbox):
-    """Makes fresh mounts, but in the host's cgroup namespace (a fresh cgroup2 is then
-    rooted at the host's root, and shows as "/" too)."""
+    """Runs in the host's cgroup namespace (a fresh cgroup2 would then be rooted at the
+    host's root, and show as "/" too).  The guard refuses before any mount: in the
+    host's namespace a cgroup2 mount's options would apply to the whole machine."""
 
     def _unshare_argv(self) -> list[str]:
         return [a for a in super()._unshare_argv() if a != "--cgroup"]
@@ -394,6 +395,7 @@ def test_a_killed_runs_sandbox_is_reaped_from_its_journal(
     assert workdir is not None
     assert not workdir.exists()
     sd._launcher = None  # what a new process would see: nothing left to stop
+    sd.stop()  # closes its console pty; nothing else is left
     _assert_host_unchanged(host_before, sd)
 
 
