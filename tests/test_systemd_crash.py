@@ -112,10 +112,33 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_bundle(root / "bundle", ("/bin/sleep", "600"), rootfs=rootfs)
 
 
-@pytest.mark.parametrize("moment", list(MOMENTS))
+# Every moment is reaped by `runtimefaults cleanup`; one also by the next pytest run.
+CASES = [(m, "cleanup") for m in MOMENTS] + [("container-running", "next pytest run")]
+
+
+def _reap(reaper: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    if reaper == "cleanup":
+        argv = [sys.executable, "-m", "pytest_runtimefaults", "cleanup"]
+    else:
+        (cwd / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+        argv = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "runtimefaults",
+            "-p",
+            "no:cacheprovider",
+            "test_nothing.py",
+        ]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
+
+
+@pytest.mark.parametrize(("moment", "reaper"), CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cleanup_reaps_a_sigkilled_scripts_sandbox(
-    layout: str, moment: str, bundle: Path, tmp_path: Path
+    layout: str, moment: str, reaper: str, bundle: Path, tmp_path: Path
 ) -> None:
     before = host_cgroup_state()
     state = tmp_path / "state"
@@ -172,15 +195,11 @@ def test_cleanup_reaps_a_sigkilled_scripts_sandbox(
         assert workdirs
         assert list(state.glob("*.jsonl")), "no journal was written"
 
-    cleanup = subprocess.run(
-        [sys.executable, "-m", "pytest_runtimefaults", "cleanup"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    cleanup = _reap(reaper, env, tmp_path)
     assert cleanup.returncode == 0, cleanup.stdout + cleanup.stderr
-    print(f"{layout} {moment}: left {comms}; cleanup: {cleanup.stdout.splitlines()[-1]}")
+    if reaper == "next pytest run":
+        assert "runtimefaults reaped" in cleanup.stdout + cleanup.stderr, cleanup.stdout
+    print(f"{layout} {moment}: left {comms}; {reaper}: {cleanup.stdout.splitlines()[-1]}")
 
     deadline = time.monotonic() + 10
     while {pid for pid, start in seen if _alive(pid, start)} and time.monotonic() < deadline:
