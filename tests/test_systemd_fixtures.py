@@ -228,3 +228,33 @@ def test_cli_cgroup_layout_unified_boots_and_leaves_the_host_unchanged(
             "host cgroup mounts: unchanged",
         ]
     )
+
+
+@pytest.mark.skipif(
+    caps.cgroup_layout() == "v2", reason="the unified sandbox may have controllers on v2"
+)
+def test_a_test_needing_controllers_the_layout_lacks_skips_or_fails_under_strict(
+    pytester: pytest.Pytester,
+) -> None:
+    """On this hybrid host a unified sandbox has no controllers: skip naming it."""
+    pytester.makepyfile(
+        """
+        from pytest_runtimefaults import caps
+
+        def test_limits(request, systemd):
+            caps.require_cgroup_controllers(
+                request, {"memory"}, layout=systemd.layout, available=systemd.controllers
+            )
+        """
+    )
+    args = ("-p", "runtimefaults", "--runtimefaults-cgroup-layout=unified", "-rs")
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(
+        ["*the unified systemd sandbox has no memory cgroup controller (it has: none*"]
+    )
+    strict = pytester.runpytest_subprocess(*args, "--runtimefaults-strict")
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines(["*runtimefaults strict mode: the unified systemd sandbox*"])
+    hybrid = pytester.runpytest_subprocess("-p", "runtimefaults", "--runtimefaults-strict")
+    hybrid.assert_outcomes(passed=1)
