@@ -636,7 +636,10 @@ class SystemdSandbox:
 
     def _spawn(self, procs_files: Sequence[str]) -> None:
         assert self.workdir is not None
-        self._console = _ConsoleDrain(self.workdir / "console.log")
+        # Without a pty (no devpts), systemd's console is the bare file: it then
+        # writes nothing, but the sandbox still boots.
+        with swallowed(OSError, "opening a pty for systemd's console"):
+            self._console = _ConsoleDrain(self.workdir / "console.log")
         # Written now: the script names the pty's slave.
         (self.workdir / "inner.sh").write_text(self._inner_script())
         join = "; ".join(f"echo $$ > {shlex.quote(p)}" for p in procs_files)
