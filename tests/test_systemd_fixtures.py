@@ -197,7 +197,7 @@ def test_bad_cgroup_layout_is_a_usage_error(pytester: pytest.Pytester) -> None:
     )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
-        ["*--runtimefaults-cgroup-layout: cgroup layout must be auto, hybrid, legacy or unified*"]
+        ["*--runtimefaults-cgroup-layout=v3: cgroup layout must be auto, hybrid, legacy or *"]
     )
 
 
