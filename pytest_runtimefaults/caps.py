@@ -39,6 +39,8 @@ __all__ = [
     "require_cgroup_controllers",
     "require_command",
     "require_root",
+    "resolve_layout",
+    "sandbox_controllers",
     "strict_key",
 ]
 
@@ -302,12 +304,75 @@ CONTROLLERS_REMEDY = (
 )
 
 
+SANDBOX_LAYOUTS = ("auto", "hybrid", "legacy", "unified")
+
+
+def resolve_layout(layout: str) -> str:
+    """A systemd sandbox's cgroup layout: ``auto`` -> the host's; one it cannot build -> ValueError.
+
+    ``unified`` can be built anywhere (a fresh cgroup2 mount in the sandbox's
+    namespaces); ``hybrid`` and ``legacy`` need v1 controllers, which a cgroup
+    v2 host has bound to cgroup2.
+    """
+    if layout not in SANDBOX_LAYOUTS:
+        raise ValueError(f"cgroup layout must be auto, hybrid, legacy or unified, not {layout!r}")
+    host = cgroup_layout()
+    if layout == "auto":
+        return {"v2": "unified", "hybrid": "hybrid", "v1": "legacy"}[host]
+    if layout != "unified" and host == "v2":
+        raise ValueError(
+            f"cgroup layout {layout!r} cannot be built on a cgroup v2 host (every controller "
+            "is bound to cgroup2 there); use 'unified' or 'auto'"
+        )
+    return layout
+
+
+def _known_controllers() -> set[str]:
+    """Every controller this kernel has (``/proc/cgroups``)."""
+    try:
+        with open("/proc/cgroups") as f:
+            return {ln.split()[0] for ln in f if ln.strip() and not ln.startswith("#")}
+    except OSError:
+        return set()
+
+
+def sandbox_controllers(layout: str = "auto") -> frozenset[str]:
+    """The cgroup controllers a systemd sandbox of *layout* gets on this host.
+
+    The v1 layouts mount every v1 controller the host has.  ``unified``'s
+    cgroup2 root is a new child of this process's cgroup2 cgroup, so it gets
+    what that cgroup enables for its children (``cgroup.subtree_control``):
+    nothing on a hybrid host whose controllers are all bound to v1.
+
+    Example::
+
+        if {"memory", "pids"} <= sandbox_controllers("unified"): ...
+    """
+    from pytest_runtimefaults.leaks import mount_table
+
+    layout = resolve_layout(layout)
+    mounts = [m for m in mount_table() if m.fstype in ("cgroup", "cgroup2")]
+    if layout != "unified":
+        known = _known_controllers()
+        return frozenset(
+            c for m in mounts if m.fstype == "cgroup" for c in m.super_options if c in known
+        )
+    with open("/proc/self/cgroup") as f:
+        own = next((ln.rstrip("\n")[3:] for ln in f if ln.startswith("0::")), None)
+    for m in mounts:
+        if m.fstype == "cgroup2" and own is not None and m.target.startswith("/sys/fs/cgroup"):
+            try:
+                text = Path(m.target + own.rstrip("/"), "cgroup.subtree_control").read_text()
+            except OSError:
+                return frozenset()
+            return frozenset(text.split())
+    return frozenset()
+
+
 def sandbox_controllers_capability() -> Capability:
     """The capability ``sandbox-cgroup-controllers``: what each sandbox layout gets here."""
-    from pytest_runtimefaults.systemd import LAYOUTS, sandbox_controllers
-
     found: dict[str, frozenset[str]] = {}
-    for layout in LAYOUTS[1:]:
+    for layout in SANDBOX_LAYOUTS[1:]:
         try:
             found[layout] = sandbox_controllers(layout)
         except ValueError:
@@ -338,8 +403,6 @@ def require_cgroup_controllers(
 
         caps.require_cgroup_controllers(request, {"memory", "pids"}, available=sd.controllers)
     """
-    from pytest_runtimefaults.systemd import resolve_layout, sandbox_controllers
-
     resolved = resolve_layout(layout)
     have = frozenset(available) if available is not None else sandbox_controllers(resolved)
     missing = sorted(set(needed) - have)

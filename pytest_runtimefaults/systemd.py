@@ -96,7 +96,11 @@ __all__ = [
 ]
 
 SYSTEMD = "/lib/systemd/systemd"
-LAYOUTS = ("auto", "hybrid", "legacy", "unified")
+# The layouts, and what each gets on this host, are host facts kept in caps (the
+# capability ``sandbox-cgroup-controllers``); re-exported here.
+LAYOUTS = caps.SANDBOX_LAYOUTS
+resolve_layout = caps.resolve_layout
+sandbox_controllers = caps.sandbox_controllers
 REFUSED = 97  # the launcher's exit status when the guard refuses to start systemd
 SANDBOX_CGROUPS = "systemd-sandbox-cgroups"  # the journal kind of a sandbox's cgroups
 INNER_BUS_PATH = "/run/dbus/system_bus_socket"
@@ -212,65 +216,6 @@ def _own_cgroups() -> dict[str, str]:
             _, names, path = line.rstrip("\n").split(":", 2)
             out[names] = path
     return out
-
-
-def resolve_layout(layout: str) -> str:
-    """``auto`` -> the host's own layout; a layout this host cannot build -> ValueError.
-
-    ``unified`` can be built anywhere (a fresh cgroup2 mount in the sandbox's
-    namespaces); ``hybrid`` and ``legacy`` need v1 controllers, which a cgroup
-    v2 host has bound to cgroup2.
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"cgroup layout must be auto, hybrid, legacy or unified, not {layout!r}")
-    host = caps.cgroup_layout()
-    if layout == "auto":
-        return {"v2": "unified", "hybrid": "hybrid", "v1": "legacy"}[host]
-    if layout != "unified" and host == "v2":
-        raise ValueError(
-            f"cgroup layout {layout!r} cannot be built on a cgroup v2 host (every controller "
-            "is bound to cgroup2 there); use 'unified' or 'auto'"
-        )
-    return layout
-
-
-def _known_controllers() -> set[str]:
-    """Every controller this kernel has (``/proc/cgroups``)."""
-    try:
-        with open("/proc/cgroups") as f:
-            return {ln.split()[0] for ln in f if ln.strip() and not ln.startswith("#")}
-    except OSError:
-        return set()
-
-
-def sandbox_controllers(layout: str = "auto") -> frozenset[str]:
-    """The cgroup controllers a :class:`SystemdSandbox` of *layout* gets on this host.
-
-    The v1 layouts mount every v1 controller the host has.  ``unified``'s
-    cgroup2 root is a new child of this process's cgroup2 cgroup, so it gets
-    what that cgroup enables for its children (``cgroup.subtree_control``):
-    nothing on a hybrid host whose controllers are all bound to v1.
-
-    Example::
-
-        if {"memory", "pids"} <= sandbox_controllers("unified"): ...
-    """
-    layout = resolve_layout(layout)
-    mounts = cgroup_mounts()
-    if layout != "unified":
-        known = _known_controllers()
-        return frozenset(
-            c for m in mounts if m.fstype == "cgroup" for c in m.options.split(",") if c in known
-        )
-    own = _own_cgroups().get("")
-    for m in mounts:
-        if m.fstype == "cgroup2" and own is not None and m.mount_point.startswith("/sys/fs/cgroup"):
-            try:
-                text = Path(m.mount_point + own.rstrip("/"), "cgroup.subtree_control").read_text()
-            except OSError:
-                return frozenset()
-            return frozenset(text.split())
-    return frozenset()
 
 
 # The guard, run by awk over /proc/self/mountinfo inside the new namespaces just
