@@ -468,3 +468,13 @@ def test_stop_thaws_a_frozen_process_left_by_a_killed_runtime(
     assert time.monotonic() - t0 < 20  # the stop did not hang on the frozen process
     proc.wait(timeout=5)
     _assert_host_unchanged(host_before, sd)
+
+
+def test_on_a_v2_host_only_unified_can_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout rules for a cgroup v2 host (this machine is hybrid: the host fact is
+    replaced, nothing is booted)."""
+    monkeypatch.setattr(caps, "cgroup_layout", lambda: "v2")
+    assert SystemdSandbox(layout="auto").layout == "unified"
+    for layout in ("hybrid", "legacy"):
+        with pytest.raises(ValueError, match="cannot be built on a cgroup v2 host"):
+            SystemdSandbox(layout=layout)
