@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -35,8 +36,11 @@ __all__ = [
     "install_commands",
     "probe_all",
     "require",
+    "require_cgroup_controllers",
     "require_command",
     "require_root",
+    "resolve_layout",
+    "sandbox_controllers",
     "strict_key",
 ]
 
@@ -222,6 +226,7 @@ def probe_all() -> tuple[Capability, ...]:
             _module("xdist", "pytest-xdist", "pytest -n N (optional)"),
         ]
     )
+    caps.append(sandbox_controllers_capability())
     return tuple(caps)
 
 
@@ -288,3 +293,123 @@ def require_root(request: pytest.FixtureRequest, why: str) -> None:
     from pytest_runtimefaults.fixtures import _common
 
     _common.require_root(request, why)
+
+
+# --- cgroup controllers in the systemd sandbox ---------------------------------
+
+CONTROLLERS_REMEDY = (
+    "cgroup v2 with them enabled for the children of the cgroup pytest runs in "
+    "(cgroup.subtree_control; docs/systemd.md, 'What a CI host must provide'), or "
+    "--runtimefaults-cgroup-layout=hybrid or legacy on a cgroup v1 host"
+)
+
+
+SANDBOX_LAYOUTS = ("auto", "hybrid", "legacy", "unified")
+
+
+def resolve_layout(layout: str) -> str:
+    """A systemd sandbox's cgroup layout: ``auto`` -> the host's; one it cannot build -> ValueError.
+
+    ``unified`` can be built anywhere (a fresh cgroup2 mount in the sandbox's
+    namespaces); ``hybrid`` and ``legacy`` need v1 controllers, which a cgroup
+    v2 host has bound to cgroup2.
+    """
+    if layout not in SANDBOX_LAYOUTS:
+        raise ValueError(f"cgroup layout must be auto, hybrid, legacy or unified, not {layout!r}")
+    host = cgroup_layout()
+    if layout == "auto":
+        return {"v2": "unified", "hybrid": "hybrid", "v1": "legacy"}[host]
+    if layout != "unified" and host == "v2":
+        raise ValueError(
+            f"cgroup layout {layout!r} cannot be built on a cgroup v2 host (every controller "
+            "is bound to cgroup2 there); use 'unified' or 'auto'"
+        )
+    return layout
+
+
+def _known_controllers() -> set[str]:
+    """Every controller this kernel has (``/proc/cgroups``)."""
+    try:
+        with open("/proc/cgroups") as f:
+            return {ln.split()[0] for ln in f if ln.strip() and not ln.startswith("#")}
+    except OSError:
+        return set()
+
+
+def sandbox_controllers(layout: str = "auto") -> frozenset[str]:
+    """The cgroup controllers a systemd sandbox of *layout* gets on this host.
+
+    The v1 layouts mount every v1 controller the host has.  ``unified``'s
+    cgroup2 root is a new child of this process's cgroup2 cgroup, so it gets
+    what that cgroup enables for its children (``cgroup.subtree_control``):
+    nothing on a hybrid host whose controllers are all bound to v1.
+
+    Example::
+
+        if {"memory", "pids"} <= sandbox_controllers("unified"): ...
+    """
+    from pytest_runtimefaults.leaks import mount_table
+
+    layout = resolve_layout(layout)
+    mounts = [m for m in mount_table() if m.fstype in ("cgroup", "cgroup2")]
+    if layout != "unified":
+        known = _known_controllers()
+        return frozenset(
+            c for m in mounts if m.fstype == "cgroup" for c in m.super_options if c in known
+        )
+    with open("/proc/self/cgroup") as f:
+        own = next((ln.rstrip("\n")[3:] for ln in f if ln.startswith("0::")), None)
+    for m in mounts:
+        if m.fstype == "cgroup2" and own is not None and m.target.startswith("/sys/fs/cgroup"):
+            try:
+                text = Path(m.target + own.rstrip("/"), "cgroup.subtree_control").read_text()
+            except OSError:
+                return frozenset()
+            return frozenset(text.split())
+    return frozenset()
+
+
+def sandbox_controllers_capability() -> Capability:
+    """The capability ``sandbox-cgroup-controllers``: what each sandbox layout gets here."""
+    found: dict[str, frozenset[str]] = {}
+    for layout in SANDBOX_LAYOUTS[1:]:
+        try:
+            found[layout] = sandbox_controllers(layout)
+        except ValueError:
+            continue  # a layout this host cannot build
+    detail = "; ".join(f"{k}: {' '.join(sorted(v)) or 'none'}" for k, v in found.items())
+    return Capability(
+        "sandbox-cgroup-controllers",
+        bool(sandbox_controllers("auto")),
+        detail,
+        CONTROLLERS_REMEDY,
+        "runtime tests that set resource limits",
+    )
+
+
+def require_cgroup_controllers(
+    request: pytest.FixtureRequest,
+    needed: Iterable[str],
+    *,
+    layout: str = "auto",
+    available: Iterable[str] | None = None,
+) -> None:
+    """Skip (or fail under ``--runtimefaults-strict``) unless the sandbox has *needed*.
+
+    *available* is what a booted sandbox has (``SystemdSandbox.controllers``);
+    without it, what a sandbox of *layout* would get on this host.
+
+    Example::
+
+        caps.require_cgroup_controllers(request, {"memory", "pids"}, available=sd.controllers)
+    """
+    resolved = resolve_layout(layout)
+    have = frozenset(available) if available is not None else sandbox_controllers(resolved)
+    missing = sorted(set(needed) - have)
+    require(
+        request,
+        not missing,
+        f"the {resolved} systemd sandbox has no {', '.join(missing)} cgroup controller "
+        f"(it has: {' '.join(sorted(have)) or 'none'}; this host is cgroup {cgroup_layout()})",
+        CONTROLLERS_REMEDY,
+    )

@@ -23,12 +23,27 @@ system_bus_socket`` (:attr:`SystemdSandbox.bus_address`).  Programs that pass
 PIDs to systemd (a runtime creating a scope) must run inside the sandbox's
 namespaces: :meth:`SystemdSandbox.command` prefixes ``nsenter``.
 
-Layouts: on a cgroup v1 "hybrid" host (this project's machine) the sandbox
-mounts every v1 controller, ``name=systemd`` and, with ``layout="hybrid"``, the
-cgroup2 hierarchy at ``unified``; ``layout="legacy"`` leaves cgroup2 out (crun
-refuses a hybrid layout whose cgroup2 still holds a controller, and this keeps
-the host's controllers where they are).  On a cgroup v2 host the sandbox mounts
-cgroup2 at ``/sys/fs/cgroup`` (``layout="unified"``; designed, not tested here).
+Layouts (``layout=``, or ``--runtimefaults-cgroup-layout``): ``"hybrid"``
+mounts every v1 controller, ``name=systemd`` and cgroup2 at ``unified``;
+``"legacy"`` leaves cgroup2 out (crun refuses a hybrid layout whose cgroup2
+still holds a controller); ``"unified"`` mounts a pure cgroup2 at
+``/sys/fs/cgroup``, on a cgroup v2 host and on a v1 or hybrid one alike (it then
+has the controllers the host leaves to cgroup2: none on this project's hybrid
+machine, where every controller but hugetlb is bound to v1).  ``"auto"`` is the
+host's own layout.  :func:`sandbox_controllers` says which controllers a layout
+gets before booting; :attr:`SystemdSandbox.controllers` what it got.
+
+The guard before systemd starts checks, inside the new namespaces, that the
+cgroup namespace is not the host's, that every cgroup mount under
+``/sys/fs/cgroup`` is rooted at ``/`` (a fresh mount in a new cgroup namespace
+is; a copy or bind of the host's shows ``/..``), and, for v1 layouts, that
+``/sys/fs/cgroup`` is a tmpfs other than the host's.  Device numbers alone
+cannot tell: cgroup2 (and each v1 hierarchy) is one superblock, so a fresh
+mount has the host's ``st_dev``.
+
+systemd's console is a pty whose master the sandbox drains into
+``console.log``: with a file on ``/dev/console`` systemd gets ENOTTY, closes
+it and says nothing, so a sandbox that fails to boot could not say why.
 
 Inspection (:class:`SystemdInspector`) lists units over any bus address with
 pystemd and finds what a runtime left behind: transient scopes, slices such as
@@ -46,12 +61,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import select
 import shlex
 import shutil
 import signal
 import subprocess
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_runtimefaults import caps
+from pytest_runtimefaults.core.log import logger, swallowed
 from pytest_runtimefaults.journal import Journal, process_starttime, register_reaper
 from pytest_runtimefaults.naming import unique_name
 
@@ -71,10 +90,18 @@ __all__ = [
     "UnitInfo",
     "cgroup_mounts",
     "host_cgroup_state",
+    "resolve_layout",
+    "sandbox_controllers",
     "thaw",
 ]
 
 SYSTEMD = "/lib/systemd/systemd"
+# The layouts, and what each gets on this host, are host facts kept in caps (the
+# capability ``sandbox-cgroup-controllers``); re-exported here.
+LAYOUTS = caps.SANDBOX_LAYOUTS
+resolve_layout = caps.resolve_layout
+sandbox_controllers = caps.sandbox_controllers
+REFUSED = 97  # the launcher's exit status when the guard refuses to start systemd
 SANDBOX_CGROUPS = "systemd-sandbox-cgroups"  # the journal kind of a sandbox's cgroups
 INNER_BUS_PATH = "/run/dbus/system_bus_socket"
 TARGET = "runtimefaults-sandbox.target"
@@ -191,6 +218,87 @@ def _own_cgroups() -> dict[str, str]:
     return out
 
 
+# The guard, run by awk over /proc/self/mountinfo inside the new namespaces just
+# before systemd would start.  It prints why it refuses, or nothing.  Fields:
+# $3 major:minor, $4 the mount's root within its filesystem (for cgroup
+# filesystems: relative to the reader's cgroup namespace root), $5 the mount
+# point; the filesystem type follows the "-" separator.
+GUARD_AWK = r"""
+{
+    for (i = 7; i <= NF && $i != "-"; i++) ;
+    fs = $(i + 1); root = $4; mp = $5
+    under = (mp == "/sys/fs/cgroup" || index(mp, "/sys/fs/cgroup/") == 1)
+    if (mp == "/sys/fs/cgroup") { topfs = fs; topdev = $3 }
+    if (under && (fs == "cgroup" || fs == "cgroup2") && root != "/")
+        bad = bad " " mp " (" fs ", root " root ")"
+}
+END {
+    if (bad != "")
+        print "the host's cgroup hierarchy is still mounted:" bad
+    else if (layout == "unified" && topfs != "cgroup2")
+        print "/sys/fs/cgroup is " (topfs == "" ? "not mounted" : topfs) ", not a fresh cgroup2"
+    else if (layout != "unified" && (topfs != "tmpfs" || topdev == hostdev))
+        print "/sys/fs/cgroup is still the host one (" topfs " " topdev ")"
+}
+"""
+
+_ANSI = re.compile(rb"\x1b(?:\[[0-9;?!]*[A-Za-z]|[()][0-9A-B]|[=>c])")
+
+
+class _ConsoleDrain:
+    """A pty for systemd's console; a thread copies what it writes into a file.
+
+    systemd, as PID 1, writes its log to ``/dev/console`` and closes it if that
+    is not a terminal (ENOTTY).  The sandbox binds the slave of this pty on
+    ``/dev/console``; the master must be read all the time, or systemd blocks
+    once the pty's buffer is full.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.master, self.slave = os.openpty()
+        self.slave_path = os.ttyname(self.slave)
+        self._out = open(path, "ab")  # noqa: SIM115 - closed in close()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"console {path}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                stopping = self._stop.is_set()
+                ready, _, _ = select.select([self.master], [], [], 0 if stopping else 0.1)
+                if not ready:
+                    if stopping:
+                        return
+                    continue
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:  # EIO: every slave end is closed
+                    return
+                if not data:
+                    return
+                # The tty turns "\n" into "\r\n"; colours and resets are noise in a file.
+                self._out.write(_ANSI.sub(b"", data).replace(b"\r", b""))
+                self._out.flush()
+        except BaseException as exc:  # surfaced by close()
+            self.error = exc
+
+    def close(self) -> None:
+        """Copy what is left, stop the thread, close the pty (idempotent)."""
+        if self._out.closed:
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        os.close(self.slave)
+        os.close(self.master)
+        self._out.close()
+        if self._thread.is_alive():
+            raise SandboxError("the console reader thread did not stop")
+        if self.error is not None:
+            raise SandboxError(f"the console reader thread failed: {self.error!r}")
+
+
 # --- the sandbox --------------------------------------------------------------
 
 
@@ -198,11 +306,13 @@ class SystemdSandbox:
     """systemd 252+ as PID 1 of its own PID, mount and cgroup namespaces.
 
     A context manager; ``start()``/``stop()`` are idempotent.  Every resource is
-    journaled (*journal*), so a killed pytest's sandbox is reaped by the next run.
+    journaled, in *journal* or else the default one (:meth:`Journal.default`,
+    the journal ``runtimefaults cleanup`` reads), so a sandbox whose owner was
+    killed is reaped by the next pytest run or by ``runtimefaults cleanup``.
 
     Args:
         layout: ``"auto"`` (the host's layout), ``"hybrid"``, ``"legacy"``
-            (cgroup v1 only) or ``"unified"`` (cgroup v2).
+            (cgroup v1 only) or ``"unified"`` (a pure cgroup2, on any host).
         boot_timeout: seconds to wait for systemd to reach ``running``.
         workdir_parent: where the work directory (units, bus config, log) goes;
             it must be visible inside the sandbox, so not under ``/run``.
@@ -221,16 +331,10 @@ class SystemdSandbox:
         log_level: str = "notice",
         systemd: str = SYSTEMD,
     ) -> None:
-        if layout not in ("auto", "hybrid", "legacy", "unified"):
-            raise ValueError(f"layout must be auto, hybrid, legacy or unified, not {layout!r}")
-        host = caps.cgroup_layout()
-        if layout == "auto":
-            layout = {"v2": "unified", "hybrid": "hybrid", "v1": "legacy"}[host]
-        if (layout == "unified") != (host == "v2"):
-            raise ValueError(f"layout {layout!r} cannot be built on a cgroup {host} host")
-        self.layout = layout
+        self.layout = resolve_layout(layout)
         self.boot_timeout = boot_timeout
-        self.journal = journal
+        # Journaled by default: a library user's killed script must be reapable too.
+        self.journal = journal if journal is not None else Journal.default()
         self.workdir_parent = Path(workdir_parent)
         self.extra_units = dict(extra_units or {})
         self.log_level = log_level
@@ -239,7 +343,11 @@ class SystemdSandbox:
         self.workdir: Path | None = None
         self.pid: int | None = None  # systemd, as the host sees it
         self.boot_seconds: float | None = None
+        self.controllers: frozenset[str] = frozenset()
+        """The cgroup controllers systemd can use in the sandbox (set at boot)."""
         self._launcher: subprocess.Popen[bytes] | None = None
+        self._go: int | None = None  # the launcher's stdin: a line releases it to exec systemd
+        self._console: _ConsoleDrain | None = None
         self._cgroup_dirs: list[Path] = []
         self._exec_procs: list[str] = []
         self._exec_mkdirs: list[str] = []
@@ -286,8 +394,10 @@ class SystemdSandbox:
     """``/run`` inside is the sandbox's own tmpfs: state kept there goes with it."""
 
     def _track(self, kind: str, **fields: Any) -> None:
-        if self.journal is not None:
-            self._rids.append(self.journal.add(kind, **fields))
+        self._rids.append(self.journal.add(kind, **fields))
+
+    def _track_process(self, pid: int) -> None:
+        self._rids.append(self.journal.add_process(pid))
 
     def start(self) -> SystemdSandbox:
         if self._launcher is not None:
@@ -305,8 +415,7 @@ class SystemdSandbox:
             self._spawn(procs_files)
             self._wait_booted(t0)
             self._make_exec_cgroups()
-            if self.layout == "unified":
-                self._move_launcher_out()
+            self.controllers = self._read_controllers()
         except BaseException:
             self.stop()
             raise
@@ -344,37 +453,39 @@ class SystemdSandbox:
         for name, content in self.extra_units.items():
             (units / name).write_text(content)
         (self.workdir / "console.log").touch()
-        (self.workdir / "inner.sh").write_text(self._inner_script())
+        (self.workdir / "guard.awk").write_text(GUARD_AWK)
 
     def _inner_script(self) -> str:
-        """The shell that runs as PID 1 of the new namespaces, then execs systemd."""
+        """The shell that runs as PID 1 of the new namespaces, then execs systemd.
+
+        It checks its cgroup namespace, mounts, checks the mounts
+        (:data:`GUARD_AWK`), waits for the host's go
+        (a line on stdin: on cgroup v2 the launcher must leave the sandbox's
+        root cgroup first), then execs systemd.
+        """
         assert self.workdir is not None
         host_dev = os.stat("/sys/fs/cgroup").st_dev
+        host_cgroupns = os.readlink("/proc/self/ns/cgroup")
+        console = "/dev/console"
+        refuse = f'echo "runtimefaults: refusing to start systemd: $why" >&2; exit {REFUSED}'
         lines = [
             "set -eu",
+            # The guard that keeps the host safe, part 1, before any mount: a
+            # cgroup namespace of its own.  In the host's, a fresh cgroup mount
+            # would be rooted at the host's root (and show "/" too), and a
+            # cgroup2 mount's options (nsdelegate, memory_recursiveprot...) would
+            # apply to the whole machine.
+            f'if [ "$(readlink /proc/self/ns/cgroup)" = {shlex.quote(host_cgroupns)} ]; then',
+            "  why='its cgroup namespace is the host one'",
+            f"  {refuse}",
+            "fi",
             "mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run",
             "mkdir -p /run/dbus",
-            # PID 1 logs to /dev/console: make that the sandbox's log, not the machine's.
-            f"mount --bind {self.workdir / 'console.log'} /dev/console",
+            # PID 1 logs to /dev/console: make that the sandbox's pty, not the machine's.
+            f"mount --bind {shlex.quote(self._console_path())} {console}",
             "umount -R /sys/fs/cgroup",
+            *self._cgroup_mount_lines(),
         ]
-        if self.layout == "unified":
-            lines.append("mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup")
-        else:
-            lines.append("mount -t tmpfs -o mode=755,nosuid,nodev,noexec cgroupfs /sys/fs/cgroup")
-            for m in cgroup_mounts():
-                if m.fstype == "cgroup2":
-                    continue
-                sub = "/sys/fs/cgroup/" + os.path.basename(m.mount_point)
-                opts = m.options if not m.options.startswith("name=") else "none," + m.options
-                lines.append(f"mkdir -p {sub}")
-                lines.append(f"mount -t cgroup -o nosuid,nodev,noexec,{opts} cgroup {sub}")
-            if self.layout == "hybrid":
-                lines.append("mkdir -p /sys/fs/cgroup/unified")
-                lines.append(
-                    "mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup/unified"
-                )
-        # The guard that keeps the host safe: never exec systemd on the host's cgroup fs.
         # systemd chooses its layout from its command line (in a container: the
         # env below); without it, it would add cgroup2 to a "legacy" sandbox.
         cmdline = {
@@ -384,19 +495,65 @@ class SystemdSandbox:
             "systemd.legacy_systemd_cgroup_controller=1",
         }[self.layout]
         lines += [
-            f'if [ "$(stat -c %d /sys/fs/cgroup)" = "{host_dev}" ]; then',
-            "  echo 'runtimefaults: /sys/fs/cgroup is still the host one; refusing' >&2",
-            "  exit 97",
+            # Part 2: every cgroup mount is fresh (GUARD_AWK).
+            f"why=$(awk -v layout={self.layout} -v hostdev={os.major(host_dev)}:"
+            f"{os.minor(host_dev)} -f {shlex.quote(str(self.workdir / 'guard.awk'))} "
+            "/proc/self/mountinfo)",
+            f'if [ -n "$why" ]; then {refuse}; fi',
+            'if ! read -r go || [ "$go" != go ]; then',
+            "  echo 'runtimefaults: the launcher gave no go; not starting systemd' >&2",
+            "  exit 98",
             "fi",
             "exec env -i container=other PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+            " SYSTEMD_COLORS=0 SYSTEMD_LOG_COLOR=0"
             f" SYSTEMD_PROC_CMDLINE={shlex.quote(cmdline)}"
             f" SYSTEMD_UNIT_PATH={self.workdir / 'units'}"
             f" SYSTEMD_GENERATOR_PATH={self.workdir / 'generators'}"
             f" SYSTEMD_ENVIRONMENT_GENERATOR_PATH={self.workdir / 'generators'}"
             f" {self.systemd} --system --unit={TARGET} --log-target=console"
-            f" --log-level={self.log_level} --show-status=no",
+            f" --log-level={self.log_level} --show-status=no </dev/null",
         ]
         return "\n".join(lines) + "\n"
+
+    def _console_path(self) -> str:
+        """What the launcher binds on ``/dev/console``: the pty's slave (or the log file)."""
+        assert self.workdir is not None
+        if self._console is not None:
+            return self._console.slave_path
+        return str(self.workdir / "console.log")
+
+    def _cgroup_mount_lines(self) -> list[str]:
+        """Fresh cgroup mounts for the layout, after ``umount -R /sys/fs/cgroup``."""
+        flags = "nosuid,nodev,noexec"
+        if self.layout == "unified":
+            return [f"mount -t cgroup2 -o {flags} cgroup2 /sys/fs/cgroup"]
+        lines = [f"mount -t tmpfs -o mode=755,{flags} cgroupfs /sys/fs/cgroup"]
+        for m in cgroup_mounts():
+            if m.fstype == "cgroup2":
+                continue
+            sub = "/sys/fs/cgroup/" + os.path.basename(m.mount_point)
+            opts = m.options if not m.options.startswith("name=") else "none," + m.options
+            lines.append(f"mkdir -p {sub}")
+            lines.append(f"mount -t cgroup -o {flags},{opts} cgroup {sub}")
+        if self.layout == "hybrid":
+            lines.append("mkdir -p /sys/fs/cgroup/unified")
+            lines.append(f"mount -t cgroup2 -o {flags} cgroup2 /sys/fs/cgroup/unified")
+        return lines
+
+    def _unshare_argv(self) -> list[str]:
+        # --kill-child: should the launcher be killed (a reaper, a crash), PID 1
+        # gets SIGKILL, and with it the whole PID namespace.
+        return [
+            "unshare",
+            "--cgroup",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount",
+            "--mount-proc",
+            "--propagation",
+            "private",
+        ]
 
     def _make_cgroups(self) -> list[str]:
         """Step 1: a cgroup of the sandbox's own on every hierarchy; its cgroup.procs files."""
@@ -424,26 +581,45 @@ class SystemdSandbox:
 
     def _spawn(self, procs_files: Sequence[str]) -> None:
         assert self.workdir is not None
+        # Without a pty (no devpts), systemd's console is the bare file: it then
+        # writes nothing, but the sandbox still boots.
+        with swallowed(OSError, "opening a pty for systemd's console"):
+            self._console = _ConsoleDrain(self.workdir / "console.log")
+        # Written now: the script names the pty's slave.
+        (self.workdir / "inner.sh").write_text(self._inner_script())
         join = "; ".join(f"echo $$ > {shlex.quote(p)}" for p in procs_files)
-        script = (
-            f"{join}; exec unshare --cgroup --pid --fork --mount --mount-proc "
-            f"--propagation private /bin/sh {shlex.quote(str(self.workdir / 'inner.sh'))}"
-        )
+        unshare = " ".join(self._unshare_argv())
+        script = f"{join}; exec {unshare} /bin/sh {shlex.quote(str(self.workdir / 'inner.sh'))}"
         self._log = open(self.workdir / "systemd.log", "wb")  # noqa: SIM115
-        self._launcher = subprocess.Popen(
-            ["/bin/sh", "-c", script],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        )
-        self._track(
-            "process", pid=self._launcher.pid, starttime=process_starttime(self._launcher.pid)
-        )
+        go_read, self._go = os.pipe()
+        try:
+            self._launcher = subprocess.Popen(
+                ["/bin/sh", "-c", script],
+                stdin=go_read,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            )
+        finally:
+            os.close(go_read)
+        self._track_process(self._launcher.pid)
+        if self.layout != "unified":
+            self._release_launcher()
+
+    def _release_launcher(self) -> None:
+        """Tell the launcher's shell to exec systemd (one line on its stdin)."""
+        go, self._go = self._go, None
+        if go is not None:
+            try:
+                os.write(go, b"go\n")
+            except BrokenPipeError:
+                pass  # it already exited; _wait_booted reports its status and log
+            finally:
+                os.close(go)
 
     def log(self) -> str:
-        """What systemd (and the launcher) wrote to the console so far."""
+        """What the launcher and systemd (its console) wrote so far."""
         if self.workdir is None:
             return ""
         try:
@@ -476,7 +652,12 @@ class SystemdSandbox:
                 pid = self._find_pid()
                 if pid is not None:
                     self.pid = pid
-                    self._track("process", pid=pid, starttime=process_starttime(pid))
+                    self._track_process(pid)
+                    if self.layout == "unified":
+                        # unshare's child exists, so the cgroup namespace is made:
+                        # unshare may leave its root, and must, before systemd starts.
+                        self._move_launcher_out()
+                        self._release_launcher()
             if self.pid is not None and os.path.exists(self.bus_path):
                 state = self._system_state()
                 if state in ("running", "degraded"):
@@ -508,28 +689,44 @@ class SystemdSandbox:
         self._exec_procs = []
         self._exec_mkdirs = []
         for root in self._cgroup_dirs:
-            if self.layout == "unified":
+            # Only the cgroup2 root systemd manages needs the leaf; a v1 hierarchy
+            # of a unified sandbox is not systemd's (and a cpuset leaf would need
+            # its cpus and mems first).
+            if self.layout == "unified" and root == self._tracking_dir:
                 self._exec_mkdirs.append(str(root / "runtimefaults.exec"))
                 self._exec_procs.append(str(root / "runtimefaults.exec" / "cgroup.procs"))
             else:
                 self._exec_procs.append(str(root / "cgroup.procs"))
 
     def _move_launcher_out(self) -> None:
-        """cgroup v2: take ``unshare`` out of the sandbox's root cgroup after boot.
+        """cgroup2: take ``unshare`` out of the sandbox's root cgroup before systemd starts.
 
-        The namespace's root was fixed when it was created; a process left in
-        it would stop systemd from enabling controllers below (no internal
-        processes in v2).  Designed for cgroup v2 hosts; not run on the
-        project's hybrid machine.
+        The namespace's root was fixed when it was created.  A process left in
+        it would stop systemd from enabling controllers below it (cgroup v2
+        allows no process in a cgroup that enables controllers for its
+        children: EBUSY), so unshare goes back to this process's own cgroup2
+        cgroup.  Its v1 cgroups stay the sandbox's (v1 has no such rule).
         """
         assert self._launcher is not None
+        own = _own_cgroups().get("")
         for m in cgroup_mounts():
-            rel = _own_cgroups().get(m.name)
-            if m.fstype == "cgroup2" and rel is not None:
-                with contextlib.suppress(OSError):
-                    Path(m.mount_point + rel.rstrip("/"), "cgroup.procs").write_text(
+            if m.fstype == "cgroup2" and own is not None:
+                with swallowed(OSError, "moving the launcher out of %s", m.mount_point):
+                    Path(m.mount_point + own.rstrip("/"), "cgroup.procs").write_text(
                         str(self._launcher.pid)
                     )
+
+    def _read_controllers(self) -> frozenset[str]:
+        """The controllers systemd can use: its cgroup2 root's, or the v1 ones mounted."""
+        if self.layout != "unified":
+            return sandbox_controllers(self.layout)
+        if self._tracking_dir is None:
+            return frozenset()
+        try:
+            return frozenset((self._tracking_dir / "cgroup.controllers").read_text().split())
+        except OSError:
+            logger.debug("no cgroup.controllers in %s", self._tracking_dir, exc_info=True)
+            return frozenset()
 
     def command(self, argv: Sequence[str]) -> list[str]:
         """*argv* wrapped to run inside the sandbox's PID, mount and cgroup namespaces."""
@@ -613,9 +810,18 @@ class SystemdSandbox:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(launcher.pid, signal.SIGKILL)
                 launcher.wait(timeout=10)
+        if self._go is not None:
+            os.close(self._go)
+            self._go = None
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._console is not None:
+            try:
+                self._console.close()
+            except SandboxError as exc:
+                errors.append(str(exc))
+            self._console = None
         for path in reversed(self._cgroup_dirs):
             if not _rmdir_tree(path):
                 errors.append(f"cgroup {path} could not be removed")
@@ -623,7 +829,7 @@ class SystemdSandbox:
         if self.workdir is not None and not os.environ.get("RUNTIMEFAULTS_KEEP_SANDBOX"):
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.pid = None
-        if self.journal is not None and not errors:
+        if not errors:
             for rid in self._rids:
                 self.journal.release(rid)
             self._rids = []
@@ -652,12 +858,53 @@ def thaw(roots: Iterable[Path | str]) -> list[str]:
     return thawed
 
 
+def _sandbox_cgroup_ok(path: str) -> bool:
+    """A journaled sandbox cgroup may be reaped: an ``rfsd*`` directory below a cgroup mount."""
+    if not isinstance(path, str) or not os.path.basename(path).startswith("rfsd"):
+        return False
+    real = os.path.realpath(path)
+    return real == path and any(
+        real.startswith(m.mount_point.rstrip("/") + "/") for m in cgroup_mounts()
+    )
+
+
+def _cgroup_pids(root: Path) -> set[int]:
+    pids: set[int] = set()
+    if root.is_dir():
+        for procs in root.rglob("cgroup.procs"):
+            with swallowed(OSError, "reading %s", procs):
+                pids.update(int(p) for p in procs.read_text().split())
+    return pids
+
+
 def _reap_sandbox_cgroups(record: dict[str, Any]) -> None:
-    """Journal reaper: remove a dead sandbox's cgroups (its processes were killed first)."""
-    thaw(record.get("cgroups", []))
-    left = [p for p in record.get("cgroups", []) if not _rmdir_tree(Path(p), timeout=10)]
-    if left:
-        raise SandboxError(f"cgroups still busy: {left}")
+    """Journal reaper: kill what is left in a dead sandbox's cgroups, then remove them.
+
+    The sandbox's systemd and launcher are journaled as processes and killed
+    first (newest first); whatever still lives in its cgroups (a process that
+    joined them from the host, ``nsenter``'s waiting parent) is the sandbox's
+    by construction, and is killed here.  Only ``rfsd*`` directories under a
+    cgroup mount are touched.
+    """
+    paths = [p for p in record.get("cgroups", []) if _sandbox_cgroup_ok(p)]
+    refused = [p for p in record.get("cgroups", []) if p not in paths]
+    ours = {os.getpid(), 1}
+    deadline = time.monotonic() + 10
+    while True:
+        thaw(paths)
+        pids = set().union(*(_cgroup_pids(Path(p)) for p in paths)) - ours
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if not pids or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    left = [p for p in paths if not _rmdir_tree(Path(p), timeout=10)]
+    if left or refused:
+        raise SandboxError(
+            (f"cgroups still busy: {left}" if left else "")
+            + (f"; not sandbox cgroups, left alone: {refused}" if refused else "")
+        )
 
 
 register_reaper(SANDBOX_CGROUPS, _reap_sandbox_cgroups)
@@ -889,6 +1136,7 @@ def describe(sandbox: SystemdSandbox) -> str:  # pragma: no cover - CLI helper
     return textwrap.dedent(
         f"""\
         systemd PID {sandbox.pid} (layout {sandbox.layout}), booted in {sandbox.boot_seconds:.3f} s
+        cgroup controllers: {" ".join(sorted(sandbox.controllers)) or "none"}
         bus (host side): {sandbox.bus_address}
         run inside:      nsenter -t {sandbox.pid} -m -p -C -- CMD  (after joining its cgroups)
         """

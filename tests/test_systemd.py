@@ -7,6 +7,7 @@ host's systemd, system bus or cgroup mounts, and check that.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pytest_runtimefaults import caps
-from pytest_runtimefaults.journal import Journal, reap_dead_owners
+from pytest_runtimefaults.journal import Journal, default_state_dir, reap_dead_owners
 from pytest_runtimefaults.systemd import (
     SandboxError,
     SystemdInspector,
@@ -22,7 +23,12 @@ from pytest_runtimefaults.systemd import (
     _own_cgroups,
     cgroup_mounts,
     host_cgroup_state,
+    sandbox_controllers,
 )
+
+# Every layout this host can build: all three on a v1 or hybrid host, only
+# unified on a cgroup v2 host.
+LAYOUTS = ["unified"] if caps.cgroup_layout() == "v2" else ["hybrid", "legacy", "unified"]
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, cgroups)"),
@@ -85,10 +91,13 @@ def _assert_host_unchanged(before: tuple[list[str], set[str]], sd: SystemdSandbo
     assert not {d for d in _cgroup_dirs() - dirs if d.endswith("/" + sd.name)}
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_boots_well_under_two_seconds_and_answers_on_its_bus(
-    host_before: tuple[list[str], set[str]],
+    layout: str, host_before: tuple[list[str], set[str]]
 ) -> None:
-    with SystemdSandbox() as sd:
+    with SystemdSandbox(layout=layout) as sd:
+        assert sd.layout == layout
+        print(f"{layout}: booted in {sd.boot_seconds:.3f} s")
         assert sd.boot_seconds is not None
         assert sd.boot_seconds < 2.0, sd.boot_seconds
         inspector = sd.inspector()
@@ -102,22 +111,70 @@ def test_boots_well_under_two_seconds_and_answers_on_its_bus(
         # It is PID 1 of its own PID namespace.
         status = Path(f"/proc/{sd.pid}/status").read_text()
         assert f"NSpid:\t{sd.pid}\t1\n" in status
+        # The layout inside is the one asked for.
+        inside = sd.run(["cat", "/proc/self/mountinfo"], check=True).stdout.decode()
+        fstypes = {
+            ln.split(" - ")[1].split()[0] for ln in inside.splitlines() if "/sys/fs/cgroup" in ln
+        }
+        expected = {"unified": {"cgroup2"}, "hybrid": {"tmpfs", "cgroup", "cgroup2"}}
+        assert fstypes == expected.get(layout, {"tmpfs", "cgroup"}), inside
     _assert_host_unchanged(host_before, sd)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_systemds_console_reaches_the_sandbox_log(layout: str) -> None:
+    """A pty on /dev/console: systemd keeps it (a file gets ENOTTY and is closed)."""
+    with SystemdSandbox(layout=layout, log_level="info") as sd:
+        assert sd.workdir is not None
+        console = (sd.workdir / "console.log").read_text()
+        assert re.search(r"^systemd \d+\S* running in system mode", console, re.M), console
+        assert "Detected virtualization container-other" in console
+        assert "\r" not in console
+        assert "\x1b" not in console
+        assert console in sd.log()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_controllers_are_what_the_layout_gets_on_this_host(layout: str) -> None:
+    with SystemdSandbox(layout=layout) as sd:
+        assert sd.controllers == sandbox_controllers(layout)
+        if layout == "unified":
+            inside = sd.run(["cat", "/sys/fs/cgroup/cgroup.controllers"], check=True)
+            assert frozenset(inside.stdout.decode().split()) == sd.controllers
+        else:
+            mounted = sd.run(["ls", "/sys/fs/cgroup"], check=True).stdout.decode().split()
+            assert {m for c in sd.controllers for m in mounted if c in m.split(",")}, mounted
+    if caps.cgroup_layout() == "hybrid":
+        # This host binds every controller but hugetlb to v1, and leaves hugetlb
+        # disabled on its cgroup2 root: a unified sandbox gets none.
+        assert sandbox_controllers("unified") == frozenset()
+        assert {"memory", "pids", "cpu"} <= sandbox_controllers("hybrid")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_systemd_remounts_only_its_own_cgroup_tmpfs_read_only(
-    host_before: tuple[list[str], set[str]],
+    layout: str, host_before: tuple[list[str], set[str]]
 ) -> None:
     """The incident: systemd remounts /sys/fs/cgroup read-only.  It must be its own."""
-    with SystemdSandbox() as sd:
+    with SystemdSandbox(layout=layout) as sd:
         inside = sd.run(["cat", "/proc/self/mountinfo"], check=True).stdout.decode()
         line = next(ln for ln in inside.splitlines() if ln.split()[4] == "/sys/fs/cgroup")
-        # systemd did remount it read-only (what once hit the whole machine) ...
-        assert line.split()[5].startswith("ro"), line
-        # ... but it is a fresh tmpfs, not the host's superblock.
         host_dev = os.stat("/sys/fs/cgroup").st_dev
         dev = f"{os.major(host_dev)}:{os.minor(host_dev)}"
-        assert line.split()[2] != dev, line
+        if layout == "unified":
+            # One cgroup2 superblock for the machine; this mount is rooted at the
+            # sandbox's own cgroup (the namespace's "/"), not the host's root.
+            assert line.split()[3] == "/", line
+            assert " - cgroup2 " in line, line
+        else:
+            # systemd did remount it read-only (what once hit the whole machine) ...
+            assert line.split()[5].startswith("ro"), line
+            # ... but it is a fresh tmpfs, not the host's superblock.
+            assert line.split()[2] != dev, line
+        # Every cgroup mount inside is rooted at the sandbox's cgroup.
+        for ln in inside.splitlines():
+            if " - cgroup" in ln and ln.split()[4].startswith("/sys/fs/cgroup"):
+                assert ln.split()[3] == "/", ln
         # And the host's view is still read-write while it runs.
         assert host_cgroup_state() == host_before[0]
         with open("/sys/fs/cgroup/.rf-write-probe", "w"):
@@ -126,28 +183,139 @@ def test_systemd_remounts_only_its_own_cgroup_tmpfs_read_only(
     _assert_host_unchanged(host_before, sd)
 
 
-def test_launcher_refuses_to_exec_systemd_on_the_host_cgroup_fs(tmp_path: Path) -> None:
-    """The guard before exec: a launcher that forgot the fresh mounts stops there.
+class _SkipsFreshMounts(SystemdSandbox):
+    """Forgets to unmount the host's cgroup mounts and to mount fresh ones."""
+
+    def _cgroup_mount_lines(self) -> list[str]:
+        return []
+
+    def _inner_script(self) -> str:
+        return super()._inner_script().replace("umount -R /sys/fs/cgroup\n", "")
+
+
+HOST_CGROUP2 = next((m.mount_point for m in cgroup_mounts() if m.fstype == "cgroup2"), "")
+
+
+class _BindsHostCgroup2(SystemdSandbox):
+    """Puts a bind of the host's cgroup2 mount where the fresh cgroup2 should be."""
+
+    def _cgroup_mount_lines(self) -> list[str]:
+        return ["mount --bind /run/rf-host-cgroup2 /sys/fs/cgroup"]
+
+    def _inner_script(self) -> str:
+        keep = f"mkdir /run/rf-host-cgroup2\nmount --bind {HOST_CGROUP2} /run/rf-host-cgroup2\n"
+        script = super()._inner_script()
+        return script.replace("umount -R /sys/fs/cgroup\n", keep + "umount -R /sys/fs/cgroup\n")
+
+
+class _BindsHostTmpfs(SystemdSandbox):
+    """Puts a (non-recursive) bind of the host's cgroup tmpfs back at /sys/fs/cgroup."""
+
+    def _cgroup_mount_lines(self) -> list[str]:
+        return ["mount --bind /run/rf-host-tmpfs /sys/fs/cgroup"]
+
+    def _inner_script(self) -> str:
+        keep = "mkdir /run/rf-host-tmpfs\nmount --bind /sys/fs/cgroup /run/rf-host-tmpfs\n"
+        script = super()._inner_script()
+        return script.replace("umount -R /sys/fs/cgroup\n", keep + "umount -R /sys/fs/cgroup\n")
+
+
+class _HostCgroupNamespace(SystemdSandbox):
+    """Runs in the host's cgroup namespace (a fresh cgroup2 would then be rooted at the
+    host's root, and show as "/" too).  The guard refuses before any mount: in the
+    host's namespace a cgroup2 mount's options would apply to the whole machine."""
+
+    def _unshare_argv(self) -> list[str]:
+        return [a for a in super()._unshare_argv() if a != "--cgroup"]
+
+
+GUARD_CASES = [
+    *[
+        (_SkipsFreshMounts, layout, "the host's cgroup hierarchy is still mounted")
+        for layout in LAYOUTS
+    ],
+    (_HostCgroupNamespace, "unified", "its cgroup namespace is the host one"),
+]
+if HOST_CGROUP2:
+    GUARD_CASES.append(
+        (
+            _BindsHostCgroup2,
+            "unified",
+            "the host's cgroup hierarchy is still mounted: /sys/fs/cgroup (cgroup2, root /..",
+        )
+    )
+if caps.cgroup_layout() != "v2":
+    GUARD_CASES += [
+        (_BindsHostTmpfs, "hybrid", "/sys/fs/cgroup is still the host one (tmpfs"),
+        (_HostCgroupNamespace, "hybrid", "its cgroup namespace is the host one"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cls", "layout", "reason"),
+    GUARD_CASES,
+    ids=[f"{c.__name__[1:]}-{layout}" for c, layout, _ in GUARD_CASES],
+)
+def test_the_guard_refuses_to_start_systemd_on_the_hosts_cgroup_mounts(
+    cls: type[SystemdSandbox], layout: str, reason: str
+) -> None:
+    """The guard before exec: a launcher that got the mounts wrong stops there.
 
     /bin/true stands in for systemd, so even a broken guard cannot hurt the host.
     """
-
-    class Forgetful(SystemdSandbox):
-        def _inner_script(self) -> str:
-            script = super()._inner_script()
-            return "\n".join(
-                ln
-                for ln in script.splitlines()
-                if not (ln.startswith(("mount", "umount", "mkdir")) and "/sys/fs/cgroup" in ln)
-            )
-
     before = host_cgroup_state()
-    sandbox = Forgetful(systemd="/bin/true", boot_timeout=5)
+    sandbox = cls(layout=layout, systemd="/bin/true", boot_timeout=5)
     with pytest.raises(SandboxError) as info:
         sandbox.start()
     assert "status 97" in str(info.value)
-    assert "still the host one" in str(info.value)
+    assert "refusing to start systemd: " + reason in str(info.value)
     assert host_cgroup_state() == before
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_guard_lets_fresh_mounts_through(layout: str) -> None:
+    """The control for the test above: right mounts, and /bin/true is exec'd (status 0)."""
+    with pytest.raises(SandboxError) as info:
+        SystemdSandbox(layout=layout, systemd="/bin/true", boot_timeout=5).start()
+    assert "exited with status 0" in str(info.value)
+    assert "refusing" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"log_level": "bogus"}, 'Failed to parse log level "bogus"'),
+        (
+            {
+                "extra_units": {
+                    "runtimefaults-sandbox.target": "[Unit]\nDefaultDependencies=no\n"
+                    "Requires=rf-nope.service\nAfter=rf-nope.service\n"
+                }
+            },
+            "Unit rf-nope.service not found",
+        ),
+    ],
+    ids=["bad-argument", "missing-unit"],
+)
+def test_a_failed_boot_says_why(kwargs: dict[str, object], says: str) -> None:
+    """systemd's own words reach the error: its console is a pty drained into console.log."""
+    with pytest.raises(SandboxError) as info:
+        SystemdSandbox(boot_timeout=10, **kwargs).start()  # type: ignore[arg-type]
+    assert says in str(info.value)
+    assert "Exiting PID 1" in str(info.value)
+
+
+def test_a_sandbox_journals_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a journal argument, the default journal (the one cleanup reads) records it."""
+    monkeypatch.setenv("RUNTIMEFAULTS_STATE_DIR", str(tmp_path / "state"))
+    assert default_state_dir() == tmp_path / "state"
+    with SystemdSandbox() as sd:
+        journals = list((tmp_path / "state").glob("*.jsonl"))
+        assert [j.name.split("-")[0] for j in journals] == [str(os.getpid())]
+        assert sd.journal.path == journals[0]
+        kinds = sorted({r["kind"] for r in sd.journal.live()})
+        assert kinds == ["path", "process", "systemd-sandbox-cgroups"]
+    assert not list((tmp_path / "state").glob("*.jsonl"))  # all released, file removed
 
 
 def test_commands_run_in_the_sandbox_namespaces() -> None:
@@ -193,10 +361,11 @@ def test_inspector_finds_and_resets_leftovers() -> None:
             proc.wait()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_stop_is_idempotent_and_kills_everything_inside(
-    host_before: tuple[list[str], set[str]],
+    layout: str, host_before: tuple[list[str], set[str]]
 ) -> None:
-    sd = SystemdSandbox()
+    sd = SystemdSandbox(layout=layout)
     sd.start()
     sd.start()
     subprocess.Popen(sd.command(["sleep", "300"]), stdout=subprocess.DEVNULL)
@@ -215,14 +384,15 @@ def test_stop_is_idempotent_and_kills_everything_inside(
     _assert_host_unchanged(host_before, sd)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_killed_runs_sandbox_is_reaped_from_its_journal(
-    tmp_path: Path, host_before: tuple[list[str], set[str]]
+    layout: str, tmp_path: Path, host_before: tuple[list[str], set[str]]
 ) -> None:
     # An owner PID that is gone: the journal looks like a SIGKILLed pytest's.
     dead = subprocess.Popen(["true"])
     dead.wait()
     journal = Journal(tmp_path, owner_pid=dead.pid)
-    sd = SystemdSandbox(journal=journal)
+    sd = SystemdSandbox(layout=layout, journal=journal)
     sd.start()
     pid, workdir = sd.pid, sd.workdir
     kinds = sorted({r["kind"] for r in journal.live()})
@@ -237,14 +407,19 @@ def test_a_killed_runs_sandbox_is_reaped_from_its_journal(
     assert workdir is not None
     assert not workdir.exists()
     sd._launcher = None  # what a new process would see: nothing left to stop
+    sd.stop()  # closes its console pty; nothing else is left
     _assert_host_unchanged(host_before, sd)
 
 
-def test_layout_must_match_the_host() -> None:
-    wrong = "legacy" if caps.cgroup_layout() == "v2" else "unified"
-    with pytest.raises(ValueError, match="cannot be built"):
-        SystemdSandbox(layout=wrong)
-    with pytest.raises(ValueError, match="layout must be"):
+def test_layouts_this_host_cannot_build_are_refused() -> None:
+    if caps.cgroup_layout() == "v2":
+        for wrong in ("hybrid", "legacy"):
+            with pytest.raises(ValueError, match="cannot be built on a cgroup v2 host"):
+                SystemdSandbox(layout=wrong)
+    else:
+        assert SystemdSandbox(layout="unified").layout == "unified"  # any host can
+    assert SystemdSandbox(layout="auto").layout in LAYOUTS
+    with pytest.raises(ValueError, match="layout must be auto, hybrid, legacy or unified"):
         SystemdSandbox(layout="v3")
 
 
@@ -293,3 +468,13 @@ def test_stop_thaws_a_frozen_process_left_by_a_killed_runtime(
     assert time.monotonic() - t0 < 20  # the stop did not hang on the frozen process
     proc.wait(timeout=5)
     _assert_host_unchanged(host_before, sd)
+
+
+def test_on_a_v2_host_only_unified_can_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout rules for a cgroup v2 host (this machine is hybrid: the host fact is
+    replaced, nothing is booted)."""
+    monkeypatch.setattr(caps, "cgroup_layout", lambda: "v2")
+    assert SystemdSandbox(layout="auto").layout == "unified"
+    for layout in ("hybrid", "legacy"):
+        with pytest.raises(ValueError, match="cannot be built on a cgroup v2 host"):
+            SystemdSandbox(layout=layout)

@@ -166,3 +166,95 @@ def test_leak_checks_catch_a_container_left_behind(pytester: pytest.Pytester) ->
     assert "units:systemd" in out
     assert "left-behind" in out
     assert "processes:runtime" in out
+
+
+@pytest.mark.parametrize(
+    "layout", ["unified"] if caps.cgroup_layout() == "v2" else ["unified", "legacy"]
+)
+def test_cgroup_layout_option_and_ini_key_choose_the_sandbox_layout(
+    pytester: pytest.Pytester, layout: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        def test_it(systemd, runtime, oci_bundle):
+            assert systemd.layout == "{layout}"
+            assert runtime.lifecycle(oci_bundle).ok
+        """
+    )
+    by_option = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", f"--runtimefaults-cgroup-layout={layout}"
+    )
+    by_option.assert_outcomes(passed=1)
+    pytester.makeini(f"[pytest]\nruntimefaults_cgroup_layout = {layout}\n")
+    by_ini = pytester.runpytest_subprocess("-p", "runtimefaults")
+    by_ini.assert_outcomes(passed=1)
+
+
+def test_bad_cgroup_layout_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-cgroup-layout=v3"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*--runtimefaults-cgroup-layout=v3: cgroup layout must be auto, hybrid, legacy or *"]
+    )
+
+
+def test_cli_cgroup_layout_unified_boots_and_leaves_the_host_unchanged(
+    pytester: pytest.Pytester,
+) -> None:
+    result = pytester.run(
+        sys.executable,
+        "-m",
+        "pytest_runtimefaults",
+        "systemd",
+        "--cgroup-layout",
+        "unified",
+        "--",
+        "sh",
+        "-c",
+        "stat -f -c %T /sys/fs/cgroup; busctl call org.freedesktop.systemd1 "
+        "/org/freedesktop/systemd1 org.freedesktop.DBus.Properties Get ss "
+        "org.freedesktop.systemd1.Manager Version",
+    )
+    assert result.ret == 0, result.stderr.str()
+    result.stdout.fnmatch_lines(
+        [
+            "systemd PID * (layout unified), booted in *",
+            "cgroup controllers: *",
+            "cgroup2fs",
+            'v s "*"',
+            "host cgroup mounts: unchanged",
+        ]
+    )
+
+
+@pytest.mark.skipif(
+    caps.cgroup_layout() == "v2", reason="the unified sandbox may have controllers on v2"
+)
+def test_a_test_needing_controllers_the_layout_lacks_skips_or_fails_under_strict(
+    pytester: pytest.Pytester,
+) -> None:
+    """On this hybrid host a unified sandbox has no controllers: skip naming it."""
+    pytester.makepyfile(
+        """
+        from pytest_runtimefaults import caps
+
+        def test_limits(request, systemd):
+            caps.require_cgroup_controllers(
+                request, {"memory"}, layout=systemd.layout, available=systemd.controllers
+            )
+        """
+    )
+    args = ("-p", "runtimefaults", "--runtimefaults-cgroup-layout=unified", "-rs")
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(
+        ["*the unified systemd sandbox has no memory cgroup controller (it has: none*"]
+    )
+    strict = pytester.runpytest_subprocess(*args, "--runtimefaults-strict")
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines(["*runtimefaults strict mode: the unified systemd sandbox*"])
+    hybrid = pytester.runpytest_subprocess("-p", "runtimefaults", "--runtimefaults-strict")
+    hybrid.assert_outcomes(passed=1)

@@ -4,6 +4,7 @@ Examples::
 
     runtimefaults systemd                      # boot, print the bus, wait for Ctrl-C
     runtimefaults systemd --boot-only          # boot, print the boot time, stop
+    runtimefaults systemd --cgroup-layout unified   # a pure cgroup2 inside, on any host
     runtimefaults systemd -- runc --systemd-cgroup list   # run one command inside
     runtimefaults systemd --lifecycles 50 --runtime crun  # churn and report leftovers
 """
@@ -28,10 +29,13 @@ def register(subparsers: Any) -> None:
         "for Ctrl-C. The host's cgroup mounts are checked unchanged at the end.",
     )
     parser.add_argument(
+        "--cgroup-layout",
         "--layout",
+        dest="layout",
         default="auto",
         choices=("auto", "hybrid", "legacy", "unified"),
-        help="cgroup layout inside the sandbox (default: the host's)",
+        help="cgroup layout inside the sandbox (default: the host's); unified is a pure "
+        "cgroup2 with the controllers the host leaves to it",
     )
     parser.add_argument("--boot-only", action="store_true", help="boot, print, stop")
     parser.add_argument(
@@ -58,7 +62,12 @@ def _systemd(args: argparse.Namespace) -> int:
     before = host_cgroup_state()
     command = [c for c in args.command if c != "--"] if args.command else []
     status = 0
-    with SystemdSandbox(layout=args.layout, journal=Journal.default()) as sd:
+    try:
+        sandbox = SystemdSandbox(layout=args.layout, journal=Journal.default())
+    except ValueError as exc:
+        print(f"runtimefaults systemd: {exc}", file=sys.stderr)
+        return 2
+    with sandbox as sd:
         print(describe(sd), end="", flush=True)
         if command:
             env = {
