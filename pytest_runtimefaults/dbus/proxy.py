@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
+from pytest_runtimefaults.core.log import logger
 from pytest_runtimefaults.dbus.auth import AuthError, SaslRelay
 from pytest_runtimefaults.dbus.rules import Action, FaultEngine, Output, Rule
 from pytest_runtimefaults.dbus.trace import TO_BUS, TO_CLIENT, Trace
@@ -711,6 +712,16 @@ class DBusFaultProxy:
             self._received(r, data, anc, flags)
         except (WireError, AuthError, ProxyError) as exc:
             self._malformed(r, exc)
+        except Exception as exc:
+            # A bug of ours on this connection's bytes: it ends this connection, not
+            # the loop and every other client with it.  Named in ``errors``.
+            logger.debug("proxy: connection #%d failed", conn.id, exc_info=True)
+            side = "client" if r.direction == TO_BUS else "bus"
+            self._error(
+                f"connection #{conn.id}: internal error on data from the {side}: {exc!r} "
+                "(a bug of the proxy: please report it); connection closed"
+            )
+            self._close(conn)
         finally:
             if not conn.closed:
                 for reader in conn.readers.values():
