@@ -92,8 +92,8 @@ def message_type(raw: bytes, kind: int) -> bytes:
 
 
 #: (name, bytes) of every crafted message the issue lists, little-endian.
-def crafted() -> list[tuple[str, bytes]]:
-    base = method_call()
+def crafted(big: bool = False) -> list[tuple[str, bytes]]:
+    base = method_call(big=big)
     return [
         ("a() field", with_field(base, 42, b"a()", array_of_empty_structs)),
         ("v holding s without NUL", with_field(base, 42, b"v", variant_string_without_nul)),
