@@ -488,6 +488,10 @@ def skip_value(
     byte-swapped where it lies, which re-marshals the values in the other byte
     order (the layout is the same in both).  Anything malformed raises
     :class:`WireError` saying what and at which byte.
+
+    >>> data = struct.pack("<I", 2) + b"hi" + bytes(1)
+    >>> skip_value(data, 0, parse_signature("s"), "<", len(data))
+    7
     """
     u32 = _U32[endian]
     # A frame: [types, next index, array end or -1 for a sequence, nesting depth].
