@@ -478,7 +478,13 @@ def test_trace_read_after_the_loop_ended_does_not_wait_for_it(bus: PrivateBus, s
         proxy._wake()
         loop.join(10)
         t = time.monotonic()
-        assert [e.member for e in proxy.trace.messages()][-2:] == ["Ping", None]
+        # The Ping and its reply (the last bytes relayed) are framed by this read.
+        # (Not "the last two entries": the bus's NameAcquired may be relayed after
+        # the Ping, which the client sent as soon as it had its Hello reply; that
+        # made this test fail 3 runs in 15 under load.)
+        entries = proxy.trace.messages()
+        (call,) = [e for e in entries if e.member == "Ping"]
+        assert [e.direction for e in entries if e.reply_serial == call.serial] == ["to_client"]
         proxy.sync()
         assert time.monotonic() - t < 2
     finally:
@@ -550,7 +556,15 @@ def test_a_reply_is_traced_even_if_the_client_disables_the_trace_at_once(
     # A client may act on a reply the moment it is written: here the trace is
     # disabled inside the very write.  Whether a chunk is traced must be decided
     # before the write (CI once saw the last reply go missing from the trace).
+    # The test was wrong twice (the proxy decides before the write, as it must):
+    # it called ``Echo(ay)`` with a string, which killed the test service, so the
+    # "reply" was the bus's NoReply error; and it asserted at once that the trace
+    # was off, racing the loop thread, which disables it just after its send()
+    # returns while the client may already hold the reply (6 failures in 10 under
+    # load).  Now it waits for that write (``fired``), which must carry the Echo
+    # reply (``b"last"``), not whatever goes to the client next.
     armed: list[DBusFaultProxy] = []
+    fired = threading.Event()
     init = proxy_module._Reader.__init__
 
     def wrapped(self: Any, conn: Any, direction: str) -> None:
@@ -558,10 +572,12 @@ def test_a_reply_is_traced_even_if_the_client_disables_the_trace_at_once(
         send = self.send
 
         def send_then_disable(data: bytes) -> int:
-            fire = bool(armed) and direction == "to_client"  # armed before this write began
+            # Armed before this write began, and the write carries the Echo reply.
+            fire = bool(armed) and direction == "to_client" and b"last" in bytes(data)
             n: int = send(data)
             if fire:
-                armed[0].trace.enabled = False
+                armed.pop().trace.enabled = False
+                fired.set()
             return n
 
         self.send = send_then_disable
@@ -570,8 +586,10 @@ def test_a_reply_is_traced_even_if_the_client_disables_the_trace_at_once(
     with DBusFaultProxy(upstream=bus.address) as proxy:
         conn = open_dbus_connection(bus=proxy.address)
         conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"))  # NameAcquired is in
-        armed.append(proxy)  # the next write to the client disables the trace
-        conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Echo", "s", ("last",)))
+        armed.append(proxy)  # the write of the Echo reply disables the trace
+        reply = conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Echo", "ay", (b"last",)))
+        assert reply.body == (b"last",)
+        assert fired.wait(10), "the Echo reply did not go out on the hot path's send"
         assert not proxy.trace.enabled
         (call,) = [e for e in proxy.trace.messages("to_bus") if e.member == "Echo"]
         replies = [e for e in proxy.trace.messages("to_client") if e.reply_serial == call.serial]

@@ -4,13 +4,25 @@ fields, in-place serial rewrites and clear errors, cross-checked against jeepney
 from __future__ import annotations
 
 import random
+import re
 import struct
 
 import pytest
+from dbus_crafted import (
+    array_of_empty_structs,
+    message_type,
+    method_call,
+    nested_variants,
+    string_array,
+    struct_sv,
+    variant_string_without_nul,
+    with_field,
+)
 from jeepney import DBusAddress, new_method_call
 from jeepney.low_level import Endianness, Header, HeaderFields
 from jeepney.low_level import Message as JMessage
 from jeepney.low_level import MessageType as JType
+from jeepney.low_level import parse_signature as jeepney_signature
 
 from pytest_runtimefaults.dbus.wire import (
     MAX_MESSAGE_LENGTH,
@@ -18,12 +30,15 @@ from pytest_runtimefaults.dbus.wire import (
     HeaderField,
     Message,
     MessageType,
+    RawField,
     WireError,
     build_error,
     build_method_return,
     build_signal,
     flip_byte_order,
     member_pattern,
+    parse_signature,
+    skip_value,
     whole_messages_without,
 )
 
@@ -177,7 +192,8 @@ def test_unknown_header_fields_are_skipped_as_the_spec_says() -> None:
     head += b"\0" * ((8 - len(head) % 8) % 8)
     msg = Message(head)
     assert msg.member == "M"
-    assert msg.fields[42] == ["x"]
+    # Kept as its exact bytes (the value from its aligned start), not decoded.
+    assert msg.fields[42] == RawField("as", struct.pack("<II", 6, 1) + b"x\0")
 
 
 def test_truncated_stream_stays_pending() -> None:
@@ -221,3 +237,162 @@ def test_whole_messages_without_finds_the_member_behind_a_lookalike() -> None:
     assert Message(raw).member == "M7"
     assert not whole_messages_without(raw, member_pattern({b"M7"}))
     assert whole_messages_without(raw, member_pattern({b"M8"}))
+
+
+# -- hostile input: everything malformed is a WireError naming what and where -------
+
+
+@pytest.mark.timeout(10)  # jeepney's parser looped for ever on the first of these
+@pytest.mark.parametrize(
+    ("sig", "value", "error"),
+    [
+        (b"a()", array_of_empty_structs, r"header field 42 at byte \d+.*'a\(\)'.*empty struct"),
+        (b"v", variant_string_without_nul, r"header field 42 .*string at byte \d+ lacks its NUL"),
+        (b"({sv})", struct_sv, r"'\(\{sv\}\)' is invalid at 1: a dict entry outside an array"),
+        (b"v", nested_variants(2000), r"nests containers more than 64 deep"),
+        (b"v", nested_variants(70), r"nests containers more than 64 deep"),
+    ],
+    ids=[
+        "array-of-empty-structs",
+        "string-without-nul",
+        "dict-entry-in-struct",
+        "2000-variants",
+        "70-variants",
+    ],
+)
+@pytest.mark.parametrize("big", [False, True], ids=["little", "big"])
+def test_a_hostile_unknown_header_field_is_a_wire_error(
+    sig: bytes, value: object, error: str, big: bool
+) -> None:
+    raw = with_field(method_call(big=big), 42, sig, value)  # type: ignore[arg-type]
+    (msg,) = Framer().feed(raw)  # framing reads the fixed header only: it frames
+    for read in (lambda: msg.member, lambda: msg.fields, lambda: flip_byte_order(msg)):
+        with pytest.raises(WireError, match=error):
+            read()
+    assert "bad header" in repr(msg)  # repr never raises
+
+
+def test_variants_nest_up_to_the_limit() -> None:
+    # In a header field a value is already 3 deep (array, struct, variant): 60 more
+    # variants and a byte is 64 deep, legal; one more is not.
+    ok = with_field(method_call(), 42, b"v", nested_variants(60))
+    assert Message(ok).fields[42].signature == "v"
+    assert flip_byte_order(flip_byte_order(Message(ok))).raw == ok
+    with pytest.raises(WireError, match="more than 64 deep"):
+        _ = Message(with_field(method_call(), 42, b"v", nested_variants(61))).fields
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["little", "big"])
+def test_a_legal_unknown_field_is_kept_and_flipped_correctly(big: bool) -> None:
+    raw = with_field(method_call(big=big), 42, b"as", string_array)
+    msg = Message(raw)
+    assert msg.member == "Ping"
+    flipped = flip_byte_order(msg)  # raised ValueError: 42 is not a valid HeaderFields
+    assert flipped.big_endian is not big
+    assert flipped.member == "Ping"
+    field = flipped.fields[42]
+    assert field.signature == "as"
+    # jeepney reads the kept value in the new byte order: it was swapped, not copied.
+    at = flipped.raw.index(field.data, 16)
+    order = Endianness.little if big else Endianness.big
+    assert jeepney_signature(list("as")).parse_data(flipped.raw, at, order)[0] == ["x"]
+    assert flip_byte_order(flipped).raw == raw
+
+
+def test_an_unknown_message_type_passes_untouched() -> None:
+    raw = message_type(with_field(method_call(), 42, b"as", string_array), 5)
+    msg = Message(raw)
+    assert (msg.type, msg.type_name, msg.member) == (5, "type5", "Ping")
+    assert flip_byte_order(msg) is msg  # raised ValueError: 5 is not a valid MessageType
+    (framed,) = Framer().feed(raw)
+    assert framed.raw == raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"", "has 0 bytes, fewer than the 16 of the fixed header"),  # was IndexError
+        (b"l\x01\x00\x01", "has 4 bytes, fewer than the 16"),  # was struct.error
+        (b"l\x01\x00\x01" + struct.pack("<III", 0, 1, 9) + b"\0" * 8, "header says 32"),
+    ],
+    ids=["empty", "four-bytes", "short"],
+)
+def test_a_short_message_is_a_wire_error(raw: bytes, error: str) -> None:
+    with pytest.raises(WireError, match=error):
+        Message(raw)
+
+
+@pytest.mark.parametrize(
+    ("sig", "error"),
+    [
+        ("a", "an array without an element type"),
+        ("(i", "an unclosed struct"),
+        ("()", "an empty struct"),
+        ("a{s}", "a dict entry needs a key and one value"),
+        ("a{sss}", "a key and one value only"),
+        ("a{vs}", "key must be a basic type"),
+        ("{ss}", "a dict entry outside an array"),
+        ("i)", "closes nothing"),
+        ("(a)", "an array without an element type"),
+        ("z", "unknown type code 'z'"),
+        ("a" * 33 + "y", "more than 32 arrays nested"),
+        ("(" * 33 + "y" + ")" * 33, "more than 32 structs nested"),
+        ("a{s" * 17 + "y" + "}" * 17, ""),  # 17 arrays and 17 dict entries: legal
+        ("y" * 256, "256 bytes long, the spec allows 255"),
+    ],
+)
+def test_signatures_are_validated_as_the_spec_says(sig: str, error: str) -> None:
+    if not error:
+        assert len(parse_signature(sig)) == 1
+        return
+    with pytest.raises(WireError, match=re.escape(error)):
+        parse_signature(sig)
+
+
+def test_the_deepest_legal_signature_parses() -> None:
+    sig = "a" * 32 + "(" * 32 + "y" + ")" * 32
+    ((code, _),) = parse_signature(sig)
+    assert chr(code) == "a"
+
+
+@pytest.mark.parametrize(
+    ("sig", "data", "error"),
+    [
+        ("ai", struct.pack("<I", 2**26 + 4), "over the spec's 64 MiB limit"),
+        ("ai", struct.pack("<I", 6) + b"\0" * 8, "not a whole number of 4-byte 'i'"),
+        ("b", struct.pack("<I", 2), "boolean at byte 0 is 2"),
+        ("ab", struct.pack("<II", 4, 3), "non-0/1"),
+        ("s", struct.pack("<I", 100) + b"ab\0", "runs past byte 7"),
+        ("s", struct.pack("<I", 1) + b"\xff\0", "not UTF-8"),
+        ("s", struct.pack("<I", 2) + b"a\0\0", "contains a NUL"),
+        ("v", b"\x02ii\0" + b"\0" * 8, "not one single complete type"),
+        ("g", b"\x01a\0", "an array without an element type"),
+        ("u", b"\0\0", "needs 4 bytes"),
+        (
+            "a(yy)",
+            struct.pack("<I", 3) + b"\0" * 4 + b"\1\2" + b"\0" * 6 + b"\3\4",
+            "overruns its array's end at byte 11",
+        ),
+    ],
+)
+def test_values_are_walked_with_bounds(sig: str, data: bytes, error: str) -> None:
+    with pytest.raises(WireError, match=re.escape(error)):
+        skip_value(data, 0, parse_signature(sig), "<", len(data))
+
+
+def test_the_walker_matches_jeepney_on_valid_values() -> None:
+    types = ["a{sv}", "(yaxd)", "ah", "g", "ab"]
+    values = [
+        {"k": ("as", ["a", "bc"]), "n": ("(ib)", (-3, True))},
+        (9, [1, -2], 0.5),
+        [0, 1],
+        "a{sv}",
+        [True, False],
+    ]
+    for order, e in ((Endianness.little, "<"), (Endianness.big, ">")):
+        for start in range(8):  # alignment is counted from the start of the message
+            data = b"\0" * start
+            for sig, value in zip(types, values, strict=True):
+                data += jeepney_signature(list(sig)).serialise(value, len(data), order, fds=[])
+            end = skip_value(data, start, parse_signature("".join(types)), e, len(data))
+            assert end == len(data)

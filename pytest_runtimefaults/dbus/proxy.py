@@ -46,15 +46,20 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
+from pytest_runtimefaults.core.log import logger
 from pytest_runtimefaults.dbus.auth import AuthError, SaslRelay
+from pytest_runtimefaults.dbus.routing import (
+    Delivery,
+    Route,
+    deliver,
+    may_read_fast,
+    route_read,
+    route_received,
+    route_settled,
+)
 from pytest_runtimefaults.dbus.rules import Action, FaultEngine, Output, Rule
 from pytest_runtimefaults.dbus.trace import TO_BUS, TO_CLIENT, Trace
-from pytest_runtimefaults.dbus.wire import (
-    Framer,
-    Message,
-    WireError,
-    whole_messages_without,
-)
+from pytest_runtimefaults.dbus.wire import Framer, Message, WireError
 from pytest_runtimefaults.journal import Journal
 
 __all__ = ["HOST_BUS_PATHS", "DBusFaultProxy", "ProxyError", "parse_address"]
@@ -545,9 +550,6 @@ class DBusFaultProxy:
         wake_fd = self._wake_r
         by_fd = self._by_fd
         engine = self.engine
-        trace = self.trace
-        unframed = self._unframed
-        now = time.monotonic
         try:
             while not self._stopping:
                 timeout = self._timeout() if engine.holding or self._paused else -1
@@ -570,7 +572,7 @@ class DBusFaultProxy:
                         self._flush(conn, r.back)
                     if not mask & _READABLE or conn.closed:
                         continue
-                    if not (r.fast and not r.lane.queue and not r.pending_fds):
+                    if not may_read_fast(r.fast, bool(r.lane.queue), bool(r.pending_fds)):
                         self._read(r)
                         continue
                     try:
@@ -588,35 +590,22 @@ class DBusFaultProxy:
                     if not data:
                         self._eof(conn, r.direction)
                         continue
-                    if engine.idle:
-                        # The hottest path, no rule at all: the bytes go out as they
-                        # came, even a piece of a message, and are framed later.
-                        r.dirty = True
-                    elif (
-                        r.dirty
-                        or not r.aligned
-                        or (pattern := engine.prefilter) is None
-                        or not whole_messages_without(data, pattern)
-                    ):
+                    route = route_read(
+                        data,
+                        idle=engine.idle,
+                        dirty=r.dirty,
+                        aligned=r.aligned,
+                        prefilter=engine.prefilter,
+                    )
+                    if route is Route.EXACT:
                         self._handle(r, data, [], 0)
                         continue
-                    # (else whole messages no rule concerns: the same, and the framer
-                    # stays on a message boundary)
-                    # Whether it is traced is decided before the write: once written,
-                    # the client may act on it (disable the trace, read it) at once.
-                    t = now() if trace.enabled else None
-                    try:
-                        sent = r.send(data)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except OSError:
-                        self._close(conn)
-                        continue
-                    if sent < len(data):
-                        self._queue_rest(r, data, sent)
-                    unframed.append((t, r, data))
-                    if len(unframed) >= _SETTLE_AT:
-                        self._settle()
+                    # RELAY (no rule at all: even a piece of a message goes out as it
+                    # came, framed later) or RELAY_WHOLE (whole messages no rule
+                    # concerns: the same, and the framer stays on a message boundary).
+                    if route is Route.RELAY:
+                        r.dirty = True
+                    self._straight(r, data)
                 if engine.holding:
                     deadline = engine.next_deadline()
                     if deadline is not None and deadline <= time.monotonic():
@@ -711,6 +700,16 @@ class DBusFaultProxy:
             self._received(r, data, anc, flags)
         except (WireError, AuthError, ProxyError) as exc:
             self._malformed(r, exc)
+        except Exception as exc:
+            # A bug of ours on this connection's bytes: it ends this connection, not
+            # the loop and every other client with it.  Named in ``errors``.
+            logger.debug("proxy: connection #%d failed", conn.id, exc_info=True)
+            side = "client" if r.direction == TO_BUS else "bus"
+            self._error(
+                f"connection #{conn.id}: internal error on data from the {side}: {exc!r} "
+                "(a bug of the proxy: please report it); connection closed"
+            )
+            self._close(conn)
         finally:
             if not conn.closed:
                 for reader in conn.readers.values():
@@ -776,7 +775,15 @@ class DBusFaultProxy:
                 raise ProxyError("file descriptors were truncated (more than 253)")
         lane = r.lane
         engine = self.engine
-        if r.straight and engine.idle and not pending_fds and not lane.queue:
+        if (
+            route_received(
+                straight=r.straight,
+                idle=engine.idle,
+                pending_fds=bool(pending_fds),
+                queued=bool(lane.queue),
+            )
+            is Route.RELAY
+        ):
             # No rule at all (fd passing negotiated, or the first chunk after the
             # handshake): as on the loop's hottest path, write now, frame later.
             r.dirty = True
@@ -789,12 +796,16 @@ class DBusFaultProxy:
                 return
         framer = r.framer
         if (
-            not conn.in_auth[direction]
-            and not conn.owed[direction]
-            and not pending_fds
-            and not lane.queue
-            and not framer.pending
-            and engine.passthrough(data)
+            route_settled(
+                data,
+                in_auth=conn.in_auth[direction],
+                owed=bool(conn.owed[direction]),
+                pending_fds=bool(pending_fds),
+                queued=bool(lane.queue),
+                framer_pending=bool(framer.pending),
+                prefilter=engine.prefilter,
+            )
+            is Route.RELAY_WHOLE
         ):
             # Nothing queued, whole messages no rule concerns: write them now, frame
             # them later (the framer stays on a message boundary).
@@ -806,18 +817,37 @@ class DBusFaultProxy:
             if conn.closed:
                 return
         if conn.in_auth[direction]:
-            relay = conn.relay
-            text, data = (relay.client_data if direction == TO_BUS else relay.server_data)(data)
-            if text:
-                self._queue(conn, lane, Output(conn.id, direction, text))
-            if relay.client_done if direction == TO_BUS else relay.server_done:
-                conn.in_auth[direction] = False
-                other = TO_CLIENT if direction == TO_BUS else TO_BUS
-                if relay.server_done and relay.client_done:
-                    conn.in_auth[other] = False
-            if not data:
-                self._flush(conn, lane)
-                return
+            data = self._handshake(r, data)
+        if data:
+            self._exact(r, data)
+        self._flush(conn, lane)
+
+    def _handshake(self, r: _Reader, data: bytes) -> bytes:
+        """Relay the SASL text in *data*; return the bytes after it (the first messages)."""
+        conn = r.conn
+        direction = r.direction
+        relay = conn.relay
+        text, data = (relay.client_data if direction == TO_BUS else relay.server_data)(data)
+        if text:
+            self._queue(conn, r.lane, Output(conn.id, direction, text))
+        if relay.client_done if direction == TO_BUS else relay.server_done:
+            conn.in_auth[direction] = False
+            other = TO_CLIENT if direction == TO_BUS else TO_BUS
+            if relay.server_done and relay.client_done:
+                conn.in_auth[other] = False
+        return data
+
+    def _exact(self, r: _Reader, data: bytes) -> None:
+        """Frame *data* and queue what it completes, through the engine if a rule may care.
+
+        The caller flushes the lane.
+        """
+        conn = r.conn
+        direction = r.direction
+        lane = r.lane
+        engine = self.engine
+        pending_fds = r.pending_fds
+        framer = r.framer
         msgs = framer.feed(data)
         owed = conn.owed[direction]
         if owed:
@@ -826,24 +856,23 @@ class DBusFaultProxy:
             if not msgs:
                 conn.owed[direction] = framer.pending
                 self._queue(conn, lane, Output(conn.id, direction, data))
-                self._flush(conn, lane)
                 return
             first = msgs.pop(0)
             conn.owed[direction] = 0
             self._record(conn.id, direction, first)
             self._queue(conn, lane, Output(conn.id, direction, first.raw[owed:]))
         if not msgs:
-            self._flush(conn, lane)
             return
-        if (
-            not pending_fds
-            and not lane.queue
-            and (engine.idle or all(engine.bypass(direction, m) for m in msgs))
-        ):
+        delivery = deliver(
+            unconcerned=engine.idle or all(engine.bypass(direction, m) for m in msgs),
+            pending_fds=bool(pending_fds),
+            queued=bool(lane.queue),
+        )
+        if delivery is Delivery.BATCH:
             for msg in msgs:
                 self._record(conn.id, direction, msg)
             self._queue(conn, lane, Output(conn.id, direction, b"".join(m.raw for m in msgs)))
-        elif engine.idle or all(engine.bypass(direction, m) for m in msgs):
+        elif delivery is Delivery.EACH:
             for msg in msgs:
                 self._record(conn.id, direction, msg)
                 self._queue(
@@ -859,7 +888,6 @@ class DBusFaultProxy:
             if engine.notes:
                 self._drain_notes()
             self._enqueue(outputs)
-        self._flush(conn, lane)
 
     def _straight(self, r: _Reader, data: bytes) -> bool:
         """Write *data* now (queue what the socket does not take), frame it later.

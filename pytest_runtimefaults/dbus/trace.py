@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from pytest_runtimefaults.core.log import logger
 from pytest_runtimefaults.dbus.wire import Message, WireError
 
 __all__ = ["TO_BUS", "TO_CLIENT", "Trace", "TraceEntry", "write_pcap"]
@@ -53,12 +54,32 @@ class TraceEntry:
         self.fault = fault
 
     def _get(self, name: str) -> object:
+        """A header field of the message, or None if absent or malformed.
+
+        A trace holds what peers sent, hostile bytes included; reading it (a
+        failing test's report) must never raise, so a malformed header reads as
+        absent (:attr:`problem` says why).
+        """
         if self.message is None:
             return None
         try:
             return getattr(self.message, name)
         except WireError:
             return None
+        except Exception:  # a bug of the codec: still never break a report
+            logger.debug("trace: reading %s of %r failed", name, self.message, exc_info=True)
+            return None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the message's header fields cannot be read (None when they can)."""
+        if self.message is None:
+            return None
+        try:
+            _ = self.message.fields
+        except Exception as exc:  # WireError, or a bug of the codec: said, not raised
+            return str(exc)
+        return None
 
     type = property(lambda self: self.message.type_name if self.message else None)
     serial = property(lambda self: self.message.serial if self.message else None)
@@ -96,11 +117,20 @@ class TraceEntry:
         what = ".".join(x for x in (self.interface, self.member) if x) or self.error_name or ""
         extra = f" reply_serial={self.reply_serial}" if self.reply_serial is not None else ""
         fault = f"  [fault: {self.fault}]" if self.fault else ""
-        return (
+        problem = self.problem
+        bad = f"  [malformed: {problem}]" if problem else ""
+        line = (
             f"{self.monotonic - t0:9.4f} #{self.conn} {arrow} {self.type} "
             f"serial={self.serial}{extra} {what} "
-            f"{self.sender or ''}->{self.destination or ''} {self.size}B{fault}"
+            f"{self.sender or ''}->{self.destination or ''} {self.size}B{fault}{bad}"
         )
+        # Names come from peers: no control character may reach a terminal or a report.
+        return line if line.isprintable() else _printable(line)
+
+
+def _printable(text: str) -> str:
+    """*text* with every non-printable character escaped (as ``repr`` does)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class Trace:
