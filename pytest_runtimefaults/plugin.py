@@ -16,7 +16,12 @@ import pytest
 
 from pytest_runtimefaults import caps
 from pytest_runtimefaults.faults import FaultRegistry
-from pytest_runtimefaults.journal import Journal, default_state_dir, reap_dead_owners
+from pytest_runtimefaults.journal import (
+    Journal,
+    StateDirError,
+    default_state_dir,
+    reap_dead_owners,
+)
 
 pytest_plugins = [
     "pytest_runtimefaults.fixtures.dbus",
@@ -102,7 +107,10 @@ def pytest_configure(config: pytest.Config) -> None:
     journal = Journal(state_dir or default_state_dir())
     config.stash[JOURNAL_KEY] = journal
     if not _is_worker(config) and not config.option.runtimefaults_no_reap:
-        _reap(config, journal, "killed run(s)")
+        try:
+            _reap(config, journal, "killed run(s)")
+        except StateDirError as exc:
+            raise pytest.UsageError(str(exc)) from None
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -111,11 +119,12 @@ def _is_worker(config: pytest.Config) -> bool:
 
 def _reap(config: pytest.Config, journal: Journal, whose: str) -> None:
     result = reap_dead_owners(journal.state_dir)
-    if result.reaped or result.errors:
+    if result.reaped or result.errors or result.warnings:
         message = (
             f"runtimefaults reaped {len(result.reaped)} resource(s) left by "
             f"{result.journals} {whose} (journals in {journal.state_dir})"
             + (f"; errors: {result.errors[:3]}" if result.errors else "")
+            + (f"; warnings: {result.warnings[:3]}" if result.warnings else "")
         )
         config.issue_config_time_warning(pytest.PytestWarning(message), stacklevel=2)
 

@@ -36,7 +36,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import queue
 import random
@@ -50,6 +49,7 @@ import threading
 import time
 from pathlib import Path
 
+from pytest_runtimefaults.core.log import swallowed
 from pytest_runtimefaults.journal import Journal
 from pytest_runtimefaults.transports.unixline import UnixLineTransport
 
@@ -239,7 +239,7 @@ class _Server:
 
         def watcher() -> None:
             # The stream's context: ends when the subscriber hangs up.
-            with contextlib.suppress(OSError):
+            with swallowed(OSError, "reading from a subscriber"):
                 while conn.recv(4096):
                     pass
             if self.bug == "remove-while-ranging":
@@ -257,7 +257,7 @@ class _Server:
         threading.Thread(target=watcher, daemon=True).start()
         wg.wait()
         # The handler returns; with the fix, the stream is closed exactly once.
-        with contextlib.suppress(OSError):
+        with swallowed(OSError, "closing a subscriber's stream"):
             conn.close()
 
 
@@ -295,7 +295,9 @@ class Broadcaster:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="rf-bcast-"))
         self.socket_path = str(self.directory / "events.sock")
         self.log_path = self.directory / "broadcaster.log"
-        self.journal = journal
+        # Journaled by default (the journal `runtimefaults cleanup` reads): a
+        # killed script's server process and directory are reaped too.
+        self.journal = journal if journal is not None else Journal.default()
         self.process: subprocess.Popen[bytes] | None = None
         self._rids: list[int] = []
 
@@ -314,9 +316,9 @@ class Broadcaster:
     def start(self, timeout: float = 10.0) -> None:
         if self.process is not None:
             return
-        if self.journal is not None and self._own_dir:
+        if self._own_dir:
             self._rids.append(self.journal.add("path", path=str(self.directory)))
-        with contextlib.suppress(FileNotFoundError):
+        with swallowed(FileNotFoundError, "removing a stale %s", self.socket_path):
             os.unlink(self.socket_path)
         argv = [sys.executable, "-m", "pytest_runtimefaults.transports.broadcaster"]
         argv += ["--socket", self.socket_path] + (["--bug", self.bug] if self.bug else [])
@@ -324,8 +326,7 @@ class Broadcaster:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
             )
-        if self.journal is not None:
-            self._rids.append(self.journal.add_process(self.process.pid))
+        self._rids.append(self.journal.add_process(self.process.pid, cmdline=argv))
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -376,25 +377,26 @@ class Broadcaster:
     def wait(self, timeout: float = 10.0) -> int | None:
         """The exit status, or None if still running after *timeout*."""
         assert self.process is not None
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
             return self.process.wait(timeout)
-        return None
+        except subprocess.TimeoutExpired:
+            return None  # still running: what the caller asked to learn
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
+            with swallowed(ProcessLookupError, "killing the broadcaster"):
                 os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
-        with contextlib.suppress(FileNotFoundError):
+        with swallowed(FileNotFoundError, "removing %s", self.socket_path):
             os.unlink(self.socket_path)
         if self._own_dir and self.directory.exists():
-            shutil.rmtree(self.directory, ignore_errors=True)
-        if self.journal is not None:
-            for rid in self._rids:
-                self.journal.release(rid)
+            with swallowed(OSError, "removing %s", self.directory):
+                shutil.rmtree(self.directory)
+        for rid in self._rids:
+            self.journal.release(rid)
         self._rids.clear()
 
 
