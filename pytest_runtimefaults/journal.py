@@ -522,7 +522,7 @@ def _read_journal(path: Path, data: bytes, warnings: list[str]) -> list[dict[str
             why = _malformed(entry)
         if why:
             message = f"{path}:{number}: skipped a malformed journal line ({why}): {raw[:80]!r}"
-            logger.warning("%s", message)
+            logger.debug("%s", message)
             warnings.append(message)
             continue
         if entry["op"] == "add":

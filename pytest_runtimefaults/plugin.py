@@ -110,7 +110,10 @@ def pytest_configure(config: pytest.Config) -> None:
         try:
             _reap(config, journal, "killed run(s)")
         except StateDirError as exc:
-            raise pytest.UsageError(str(exc)) from None
+            # A UsageError raised in pytest_configure is shown as a traceback;
+            # pytest.exit prints the one line and exits with the usage code.
+            del config.stash[JOURNAL_KEY]  # nor reaped again at unconfigure
+            pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def _is_worker(config: pytest.Config) -> bool:
