@@ -36,9 +36,7 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import http.client
-import io
 import json
 import os
 import re
@@ -46,7 +44,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -57,6 +54,7 @@ from pytest_runtimefaults.core.log import swallowed
 from pytest_runtimefaults.daemon import Daemon
 from pytest_runtimefaults.host import cgroups
 from pytest_runtimefaults.host import proc as host_proc
+from pytest_runtimefaults.host.rootfs import busybox_image_tar
 from pytest_runtimefaults.journal import Journal, RefusedToReap, check_owned_path
 from pytest_runtimefaults.leaks import mount_table
 from pytest_runtimefaults.naming import unique_name
@@ -254,67 +252,12 @@ def _reap_containerd(record: dict[str, Any]) -> None:
 
 
 def busybox_oci_tar(busybox: str = "/bin/busybox", tag: str = "latest") -> bytes:
-    """An OCI image layout (as tar bytes) of one layer: ``/bin/busybox`` and its applets."""
-    applets = ("sh", "true", "false", "sleep", "cat", "echo", "ls", "ps", "kill", "env")
-    layer_io = io.BytesIO()
-    with tarfile.open(fileobj=layer_io, mode="w", format=tarfile.PAX_FORMAT) as layer:
-        for d in ("bin", "tmp", "proc", "sys", "dev", "etc"):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
-            layer.addfile(info)
-        with open(busybox, "rb") as f:
-            data = f.read()
-        info = tarfile.TarInfo("bin/busybox")
-        info.size, info.mode = len(data), 0o755
-        layer.addfile(info, io.BytesIO(data))
-        for applet in applets:
-            info = tarfile.TarInfo(f"bin/{applet}")
-            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
-            layer.addfile(info)
-    blobs: dict[str, bytes] = {}
+    """An OCI image layout (as tar bytes) of a busybox rootfs, tagged *tag*.
 
-    def blob(data: bytes) -> dict[str, Any]:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        blobs[digest] = data
-        return {"digest": digest, "size": len(data)}
-
-    layer_desc = blob(layer_io.getvalue())
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]},
-    }
-    config_desc = blob(json.dumps(config).encode())
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config_desc},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **layer_desc}],
-    }
-    manifest_desc = blob(json.dumps(manifest).encode())
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                **manifest_desc,
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }
-        ],
-    }
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as t:
-        files = {
-            "oci-layout": b'{"imageLayoutVersion": "1.0.0"}',
-            "index.json": json.dumps(index).encode(),
-        }
-        files |= {f"blobs/sha256/{d.split(':')[1]}": b for d, b in blobs.items()}
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    Kept for compatibility: built by the one builder,
+    :func:`pytest_runtimefaults.host.rootfs.busybox_image_tar`.
+    """
+    return busybox_image_tar(busybox, ref=f"localhost/runtimefaults/busybox:{tag}")
 
 
 class Containerd:
@@ -629,7 +572,7 @@ class Containerd:
         libraries in the container).
         """
         tar = self.directory / "busybox-oci.tar"
-        tar.write_bytes(busybox_oci_tar(busybox, tag=ref.rsplit(":", 1)[-1]))
+        tar.write_bytes(busybox_image_tar(busybox, ref=ref))
         base = ref.rsplit(":", 1)[0]
         self.ctr("images", "import", "--base-name", base, str(tar))
         tar.unlink()
