@@ -650,7 +650,8 @@ class Containerd:
             bundle = self.state / "io.containerd.runtime.v2.task" / self.namespace / tid
             for target in _mounts_under(str(bundle)):
                 subprocess.run(["umount", "-l", target], check=False, capture_output=True)
-            shutil.rmtree(bundle, ignore_errors=True)
+            with swallowed(OSError, "removing the orphan bundle %s", bundle):
+                shutil.rmtree(bundle)
         return removed
 
     def orphans(self) -> set[str]:

@@ -174,7 +174,7 @@ def check_state_dir(directory: Path | str, *, create: bool) -> bool:
     """
     path = Path(directory)
     if create:
-        with contextlib.suppress(FileExistsError):  # the expected case after the first call
+        with swallowed(FileExistsError, "creating %s (made before: checked below)", path):
             path.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(path, 0o700)
     try:

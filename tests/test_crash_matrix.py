@@ -163,24 +163,30 @@ def _descendants(pid: int) -> dict[int, int | None]:
     return {c.pid: proc.starttime(c.pid) for c in children}
 
 
+def _tagged_cgroups(tag: str) -> list[Path]:
+    return [
+        child
+        for mount in cgroups.cgroup_mounts()
+        if os.path.isdir(mount)
+        for child in Path(mount).iterdir()
+        if child.is_dir() and tag in child.name
+    ]
+
+
 def _leftovers(tag: str, tmpdir: Path, pids: dict[int, int | None]) -> dict[str, list[str]]:
+    live = {p for p, start in pids.items() if proc.starttime(p) == start and proc.alive(p)}
+    # Daemonised processes (containerd's shims) are no descendants of the
+    # script: they are found by the private path they name, their containers
+    # by the cgroups named after the script.
+    live |= {p for p in proc.pids_with_arg(str(tmpdir)) if proc.alive(p)}
+    live |= {p for p in cgroups.tasks(_tagged_cgroups(tag)) if proc.alive(p)}
     found = {
-        "process": [
-            f"{p} {proc.comm(p)}"
-            for p, start in pids.items()
-            if proc.starttime(p) == start and proc.alive(p)
-        ],
+        "process": sorted(f"{p} {proc.comm(p)}" for p in live),
         "path": sorted(os.listdir(tmpdir)),
         "mount": sorted(m for m in leaks.mounts(tmpdir)),
         "netns": sorted(n for n in leaks.netns_names() if tag in n),
         "link": sorted(n for n in leaks.links() if tag in n),
-        "cgroup": sorted(
-            str(child)
-            for mount in cgroups.cgroup_mounts()
-            if os.path.isdir(mount)
-            for child in Path(mount).iterdir()
-            if child.is_dir() and tag in child.name
-        ),
+        "cgroup": sorted(str(c) for c in _tagged_cgroups(tag)),
     }
     return {kind: items for kind, items in found.items() if items}
 
@@ -197,9 +203,12 @@ def _wait_clean(tag: str, tmpdir: Path, pids: dict[int, int | None]) -> dict[str
 
 def _force_clean(tag: str, tmpdir: Path, pids: dict[int, int | None]) -> None:
     """After a failure: leave the host as it was (only what this test's script made)."""
-    for pid, start in pids.items():
-        if proc.starttime(pid) == start:
-            os.kill(pid, signal.SIGKILL)
+    left = {p for p, start in pids.items() if proc.starttime(p) == start}
+    left |= set(proc.pids_with_arg(str(tmpdir))) | cgroups.tasks(_tagged_cgroups(tag))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    for root in _tagged_cgroups(tag):
+        cgroups.remove_tree(root, timeout=2)
     for name in leaks.netns_names():
         if tag in name:
             subprocess.run(["ip", "netns", "delete", name], check=False)

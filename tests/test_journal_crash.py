@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_runtimefaults.host import proc
 from pytest_runtimefaults.journal import Journal, process_starttime, reap_dead_owners
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,13 +46,7 @@ def test_crashes(resources):
 
 def _gone(pid: int, starttime: int | None) -> bool:
     """True once *pid* is no longer that process (a zombie counts as gone)."""
-    if process_starttime(pid) != starttime:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except OSError:
-        return True
+    return process_starttime(pid) != starttime or not proc.alive(pid)
 
 
 def _wait(predicate: object, timeout: float = 10.0) -> bool:

@@ -532,3 +532,66 @@ def test_the_journal_file_is_not_written_through_a_planted_symlink(tmp_path: Pat
     with pytest.raises(OSError):
         journal.add("path", path="/tmp/rfx")
     assert not target.exists()
+
+
+# --- kinds reaped by other modules ------------------------------------------------------
+
+
+@pytest.mark.parametrize("directory", ["/", "/tmp", "/var/tmp/rfctd-x", "relative/rfctd-x"])
+def test_a_containerd_entry_for_a_directory_not_of_ours_is_refused(
+    directory: str, tmp_path: Path
+) -> None:
+    """The containerd reaper kills every process naming its directory: ``/`` would be all."""
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        _dead_journal(tmp_path / "state").add("containerd", dir=directory, namespace="")
+        result = reap_dead_owners(tmp_path / "state")
+        assert result.reaped == []
+        assert "refused to reap containerd" in result.errors[0], result.errors
+        time.sleep(0.2)
+        assert bystander.poll() is None, "the containerd reaper killed a bystander"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_containerd_entry_for_a_users_directory_is_reaped_but_kept(tmp_path: Path) -> None:
+    """A directory the user gave (not a name of ours) holding the config.toml a
+    Containerd writes is recognisably ours: its processes go, the directory stays."""
+    from pytest_runtimefaults.containerd import Containerd
+
+    users = tmp_path / "my-containerd"
+    ctd = Containerd(directory=users, journal=_dead_journal(tmp_path / "state"))
+    ctd.prepare()  # writes config.toml and journals the directory (never started)
+    shim = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)", str(users / "containerd.sock")]
+    )
+    try:
+        result = reap_dead_owners(tmp_path / "state")
+        assert result.errors == [], result.errors
+        assert shim.wait(timeout=10) == -signal.SIGKILL
+        assert (users / "config.toml").exists(), "the user's directory was removed"
+    finally:
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait()
+
+
+def test_a_daemon_entry_whose_pid_runs_another_command_is_refused(tmp_path: Path) -> None:
+    """The daemon reaper kills a whole session: only while the leader is still the daemon."""
+    leader = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        _dead_journal(tmp_path / "state").add(
+            "daemon",
+            name="containerd",
+            pid=leader.pid,
+            starttime=proc.starttime(leader.pid),
+            cmdline=["containerd", "--config", "/tmp/rfctd-x/config.toml"],
+        )
+        result = reap_dead_owners(tmp_path / "state")
+        assert "now runs ['sleep', '300']" in result.errors[0], result.errors
+        time.sleep(0.2)
+        assert leader.poll() is None, "a session that is not ours was killed"
+    finally:
+        leader.kill()
+        leader.wait()
