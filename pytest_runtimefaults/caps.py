@@ -1,9 +1,10 @@
 """What this host can do, and what to install for what it cannot.
 
 Used by the report header, by ``runtimefaults doctor`` and by fixtures that
-need a capability: :func:`require` skips the test with the reason and the
-Debian package that provides what is missing, or fails it when the user asked
-for ``--runtimefaults-strict``.
+need a capability.  The pytest-facing checks (:func:`require` skips the test
+with the reason and the Debian package that provides what is missing, or fails
+it when the user asked for ``--runtimefaults-strict``) live in
+:mod:`pytest_runtimefaults.fixtures._common`; the names here delegate to it.
 
 Example::
 
@@ -257,30 +258,33 @@ def install_commands(capabilities: tuple[Capability, ...] | None = None) -> list
 
 
 def strict_key() -> pytest.StashKey[bool]:
-    from pytest_runtimefaults.plugin import STRICT_KEY
+    """The stash key of ``--runtimefaults-strict`` (kept for old callers)."""
+    from pytest_runtimefaults._keys import STRICT_KEY
 
     return STRICT_KEY
 
 
+# The pytest-facing checks live in fixtures._common; these names stay for old
+# callers.  Imported when called, so that ``runtimefaults doctor`` (which reads
+# only the probes above) does not load pytest.
+
+
 def require(request: pytest.FixtureRequest, ok: bool, reason: str, remedy: str = "") -> None:
     """Skip (or fail under ``--runtimefaults-strict``) unless *ok*."""
-    if ok:
-        return
-    import pytest
+    from pytest_runtimefaults.fixtures import _common
 
-    message = f"{reason} ({remedy})" if remedy else reason
-    if request.config.stash.get(strict_key(), False):
-        pytest.fail(f"runtimefaults strict mode: {message}", pytrace=False)
-    pytest.skip(message)
+    _common.require(request, ok, reason, remedy)
 
 
 def require_command(request: pytest.FixtureRequest, name: str, *, package: str) -> str:
     """Return the path of command *name*, or skip naming the Debian *package*."""
-    path = shutil.which(name)
-    require(request, path is not None, f"{name} not found on PATH", f"apt-get install {package}")
-    assert path is not None
-    return path
+    from pytest_runtimefaults.fixtures import _common
+
+    return _common.require_command(request, name, package=package)
 
 
 def require_root(request: pytest.FixtureRequest, why: str) -> None:
-    require(request, os.geteuid() == 0, f"needs root: {why}", "run the tests as root")
+    """Skip (or fail when strict) unless running as root; *why* says what needs it."""
+    from pytest_runtimefaults.fixtures import _common
+
+    _common.require_root(request, why)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from pytest_runtimefaults.core.fault import Fault, describe
+from pytest_runtimefaults.core.log import logger
 
 _F = TypeVar("_F", bound=Fault)
 
@@ -155,6 +156,7 @@ class FaultRegistry:
             try:
                 self.lift(record)
             except BaseException as exc:
+                logger.debug("lifting %s failed", record.name, exc_info=True)
                 first_error = first_error or exc
             lifted.append(record.name)
         if first_error is not None:

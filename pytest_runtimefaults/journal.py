@@ -101,7 +101,7 @@ REAPERS: dict[str, str] = {
     "cgroup": "pytest_runtimefaults.journal:_reap_cgroup",
     "daemon": "pytest_runtimefaults.daemon:_reap_daemon",
     "containerd": "pytest_runtimefaults.containerd:_reap_containerd",
-    "cgroup-tree": "pytest_runtimefaults.cni:_reap_cgroup_tree",
+    "cgroup-tree": "pytest_runtimefaults.cni.cgroups:_reap_cgroup_tree",
     "systemd-sandbox-cgroups": "pytest_runtimefaults.systemd:_reap_sandbox_cgroups",
 }
 

@@ -15,7 +15,11 @@ from collections.abc import Iterator
 import pytest
 
 from pytest_runtimefaults import caps
+
+# The stash keys live in the leaf module _keys; re-exported here, where they were.
+from pytest_runtimefaults._keys import ENV_KEY, FAULTS_KEY, JOURNAL_KEY, SEED_KEY, STRICT_KEY
 from pytest_runtimefaults.faults import FaultRegistry
+from pytest_runtimefaults.fixtures._common import option, option_int
 from pytest_runtimefaults.journal import (
     Journal,
     StateDirError,
@@ -32,11 +36,17 @@ pytest_plugins = [
     "pytest_runtimefaults.fixtures.subscribers",
 ]
 
-SEED_KEY = pytest.StashKey[int]()
-STRICT_KEY = pytest.StashKey[bool]()
-JOURNAL_KEY = pytest.StashKey[Journal]()
-ENV_KEY = pytest.StashKey["str | None"]()
-FAULTS_KEY = pytest.StashKey[FaultRegistry]()
+__all__ = [
+    "ENV_KEY",
+    "FAULTS_KEY",
+    "JOURNAL_KEY",
+    "SEED_KEY",
+    "STRICT_KEY",
+    "runtimefaults_faults",
+    "runtimefaults_journal",
+    "runtimefaults_rng",
+    "runtimefaults_seed",
+]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -74,14 +84,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _seed(config: pytest.Config) -> int:
-    if config.option.runtimefaults_seed is not None:
-        return int(config.option.runtimefaults_seed)
-    ini = str(config.getini("runtimefaults_seed")).strip()
-    if ini:
-        try:
-            return int(ini)
-        except ValueError:
-            raise pytest.UsageError(f"ini runtimefaults_seed must be an integer, got {ini!r}")
+    seed = option_int(config, "seed")
+    if seed is not None:
+        return seed
     # xdist workers must agree with the controller: it hands its seed down.
     workerinput = getattr(config, "workerinput", None)
     if workerinput and "runtimefaults_seed" in workerinput:
@@ -93,11 +98,8 @@ def _seed(config: pytest.Config) -> int:
 def pytest_configure(config: pytest.Config) -> None:
     # tryfirst: the families' pytest_configure use the seed, strictness and journal.
     config.stash[SEED_KEY] = _seed(config)
-    strict = config.option.runtimefaults_strict
-    config.stash[STRICT_KEY] = bool(
-        strict if strict is not None else config.getini("runtimefaults_strict")
-    )
-    state_dir = config.option.runtimefaults_state_dir
+    config.stash[STRICT_KEY] = bool(option(config, "strict"))
+    state_dir = config.option.runtimefaults_state_dir  # no ini key: a command-line choice
     if state_dir:
         # Library classes that make their own Journal.default() (and the
         # processes fixtures start) must use the same directory; restored in
@@ -194,7 +196,8 @@ def runtimefaults_rng(request: pytest.FixtureRequest, runtimefaults_seed: int) -
 def runtimefaults_faults(request: pytest.FixtureRequest) -> Iterator[FaultRegistry]:
     """The test's :class:`~pytest_runtimefaults.faults.FaultRegistry` (function scope).
 
-    Fault fixtures register what they inject (``add(name, lift=fn)``), the
+    Fault fixtures hand it every fault they inject (``register(fault)``, any
+    :class:`~pytest_runtimefaults.core.Fault`), the
     health probes they offer (``add_probe(name, fn)``) and their leak checks
     (``add_leak_check(name, snapshot)``).  The ``recovers`` marker lifts every
     fault before probing; the report lists them; faults still active at

@@ -33,7 +33,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_runtimefaults.core.log import logger
+
 __all__ = [
+    "MAX_BUDGET_RUNS",
     "BudgetResult",
     "BudgetSpec",
     "CallableProbe",
@@ -248,6 +251,7 @@ def wait_until_healthy(
             try:
                 probe.check(max(deadline - clock(), 0.05))
             except Exception as exc:  # a probe's error is data, not a crash
+                logger.debug("probe %s: not healthy yet", probe.name, exc_info=True)
                 kind = "" if isinstance(exc, ProbeFailed) else f"{type(exc).__name__}: "
                 failed = f"{probe.name}: {kind}{exc}"
                 break
@@ -380,6 +384,7 @@ class RunContext:
             try:
                 fn()
             except Exception as exc:
+                logger.debug("a deferred undo failed", exc_info=True)
                 first = first or exc
         if first is not None:
             raise first
@@ -395,6 +400,12 @@ class RecoversSpec:
     within: float
     probe: ProbeSpec | None = None
     leaks: bool | tuple[str, ...] = True
+
+
+#: The most runs one ``failure_budget`` may ask for.  An item holds its fixtures
+#: for all of them and the report keeps every figure: 100 000 fast runs take
+#: minutes, a typo such as ``runs=10**12`` would run for days.
+MAX_BUDGET_RUNS = 100_000
 
 
 @dataclass(frozen=True)
@@ -459,6 +470,11 @@ def parse_budget(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> BudgetSpec
     runs = kwargs["runs"]
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
+    if runs > MAX_BUDGET_RUNS:
+        raise ValueError(
+            f"runs must be at most {MAX_BUDGET_RUNS:,}, got {runs:,} "
+            "(split the budget over several tests or runs of pytest)"
+        )
     max_rate = _number("max_rate", kwargs["max_rate"])
     if not 0 <= max_rate < 1:
         raise ValueError(

@@ -51,6 +51,7 @@ __all__ = [
     "CommandRunner",
     "Runtime",
     "RuntimeCommandError",
+    "RuntimeNotFound",
     "RuntimeResult",
     "resolve_runtime",
 ]
@@ -103,15 +104,76 @@ class RuntimeResult:
         return json.loads(self.stdout)
 
 
+class RuntimeNotFound(FileNotFoundError):
+    """The runtime a user asked for is not there; :attr:`kind` says how.
+
+    * ``"missing"``: a known name (:data:`KNOWN_RUNTIMES`) that is not
+      installed: a missing capability (tests skip, saying :attr:`remedy`);
+    * ``"path"``: a path that does not exist or is not an executable file;
+    * ``"unknown"``: a name that is not known and not on ``PATH`` (a typo?).
+
+    The last two are the user's mistake: the plugin makes them a usage error.
+    """
+
+    def __init__(self, spec: str, kind: str, message: str, remedy: str = "") -> None:
+        super().__init__(message)
+        self.spec = spec
+        self.kind = kind
+        self.remedy = remedy
+
+    @property
+    def usage_error(self) -> bool:
+        """True when what was typed is wrong (not a runtime this host lacks)."""
+        return self.kind in ("path", "unknown")
+
+
+#: How to get each known runtime (what a skipped test says).
+RUNTIME_REMEDIES = {
+    "runc": "apt-get install runc",
+    "crun": "apt-get install crun",
+    "youki": "youki is not packaged for Debian: install a release binary and give its path",
+}
+
+
 def resolve_runtime(spec: str) -> str:
-    """``runc``/``crun``/``youki`` or a path -> the executable's absolute path."""
-    path = shutil.which(spec) if os.sep not in spec else spec
-    if path is None or not os.access(path, os.X_OK):
-        raise FileNotFoundError(
-            f"OCI runtime {spec!r} not found"
-            + (f" (apt-get install {spec})" if spec in ("runc", "crun") else "")
+    """``runc``/``crun``/``youki``, any name on ``PATH``, or a path -> the absolute path.
+
+    Raises :class:`RuntimeNotFound` (a ``FileNotFoundError``) naming what
+    was wrong: a known runtime that is not installed (and how to install it),
+    a path that does not exist or cannot be run, or an unknown name (and
+    which names are known).
+    """
+    if not spec or not spec.strip():
+        raise RuntimeNotFound(
+            spec,
+            "unknown",
+            f"no OCI runtime given: name one of {', '.join(KNOWN_RUNTIMES)} "
+            "or give the path of an OCI runtime CLI",
         )
-    return os.path.abspath(path)
+    if os.sep in spec:
+        if not os.path.exists(spec):
+            raise RuntimeNotFound(
+                spec, "path", f"OCI runtime {spec!r} not found: no such file (check the path)"
+            )
+        if not os.path.isfile(spec) or not os.access(spec, os.X_OK):
+            raise RuntimeNotFound(
+                spec, "path", f"OCI runtime {spec!r} is not an executable file (check the path)"
+            )
+        return os.path.abspath(spec)
+    path = shutil.which(spec)
+    if path is not None:
+        return os.path.abspath(path)
+    if spec in KNOWN_RUNTIMES:
+        remedy = RUNTIME_REMEDIES[spec]
+        raise RuntimeNotFound(
+            spec, "missing", f"OCI runtime {spec!r} not found on PATH ({remedy})", remedy
+        )
+    raise RuntimeNotFound(
+        spec,
+        "unknown",
+        f"unknown OCI runtime {spec!r}: not on PATH and not one of the known names "
+        f"{', '.join(KNOWN_RUNTIMES)}; give one of those or the path of an OCI runtime CLI",
+    )
 
 
 class Runtime:

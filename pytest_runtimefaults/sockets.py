@@ -47,7 +47,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import os
 import random
@@ -57,10 +56,13 @@ import stat
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_runtimefaults.core.fault import FaultBase
+from pytest_runtimefaults.core.log import logger, swallowed
 from pytest_runtimefaults.daemon import Daemon, DaemonExited, DaemonNotReady, connect_error
 from pytest_runtimefaults.naming import unique_name
 
@@ -235,7 +237,7 @@ def bind_with_policy(path: str, policy: str) -> socket.socket:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     address: str | bytes = b"\0" + path[1:].encode() if path.startswith("@") else path
     if policy == "always-unlink" and isinstance(address, str):
-        with contextlib.suppress(FileNotFoundError):
+        with swallowed(FileNotFoundError, "unlinking %s (nothing there)", address):
             os.unlink(address)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -258,7 +260,7 @@ def demo_daemon(path: str, policy: str) -> int:
     hello = f"demo-daemon {os.getpid()}\n".encode()
     while True:
         conn, _ = sock.accept()
-        with contextlib.suppress(OSError):
+        with swallowed(OSError, "greeting a client of the demo daemon"):
             conn.sendall(hello)
         conn.close()
 
@@ -304,16 +306,19 @@ class Verdict:
         return text
 
 
-class StaleSocket:
-    """Leave one variant (see :data:`VARIANTS`) at a socket path.
+class StaleSocket(FaultBase):
+    """Leave one variant (see :data:`VARIANTS`) at a socket path (a fault).
 
     *path*: where (default: ``daemon.sock`` in a new private directory; for
     ``abstract``, ``@<unique name>``).  The private directory, and everything
     planted, is removed on :meth:`stop`; a planted object the daemon replaced
     is left alone (it is the daemon's now).  *rng* chooses the content and
     tokens (seeded: runs replay).  With *journal*, the helper processes and the
-    directory are recorded; with *registry*, the variant is registered as a
-    fault whose lift removes what was planted.
+    directory are recorded.  As a fault, ``start()`` plants, ``lift()``
+    removes what was planted (:meth:`remove`), ``stop()`` also deletes the
+    private directory, and ``applied`` is 1 once planted; hand it to a test's
+    registry with ``runtimefaults_faults.register(stale)``.  *registry* is
+    deprecated (it registered the fault from ``start()``).
 
     Attributes: :attr:`path` (give it to the daemon), :attr:`expected`
     (``serve`` or ``refuse``), :attr:`client_view` (``bind-mount``: the
@@ -334,6 +339,14 @@ class StaleSocket:
         if variant not in VARIANTS:
             raise ValueError(
                 f"unknown stale_socket variant {variant!r}; choose one of {', '.join(VARIANTS)}"
+            )
+        super().__init__()
+        if registry is not None:
+            warnings.warn(
+                "StaleSocket(registry=...) is deprecated: call registry.register(stale) "
+                "(the one way a fault reaches a test's registry)",
+                DeprecationWarning,
+                stacklevel=2,
             )
         self.variant = variant
         self.expected = EXPECTED[variant]
@@ -360,14 +373,10 @@ class StaleSocket:
         self._planted: dict[str, tuple[int, ...]] = {}  # path -> _identity()
         self._file_content = b""
         self._restore_dir: tuple[str, int, int, int] | None = None  # path, mode, uid, gid
-        self._started = False
 
-    def __enter__(self) -> StaleSocket:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"stale_socket {self.variant}"
 
     def __repr__(self) -> str:
         return f"<StaleSocket {self.variant} at {self.path}>"
@@ -410,21 +419,14 @@ class StaleSocket:
             return False
         return self._planted.get(path) == _identity(st)
 
-    def start(self) -> StaleSocket:
-        """Plant the variant (idempotent)."""
-        if self._started:
-            return self
-        self._started = True
+    def _start(self) -> None:
+        """Plant the variant (``start()``: once; a failed start removes what it made)."""
         if self._own_dir is not None and self.journal is not None:
             self._journal_ids.append(self.journal.add("path", path=self._own_dir))
-        try:
-            self._plant()
-        except BaseException:
-            self.stop()
-            raise
-        if self.registry is not None:
-            self.registry.add(f"stale_socket {self.variant}", lift=self.remove)
-        return self
+        self._plant()
+        self._fired()
+        if self.registry is not None:  # deprecated path, kept for old callers
+            self.registry.register(self)
 
     def _plant(self) -> None:
         v, path = self.variant, self.path
@@ -594,10 +596,11 @@ class StaleSocket:
             try:
                 helper.stop()
             except BaseException as exc:
+                logger.debug("stopping a helper of %r failed", self, exc_info=True)
                 errors.append(exc)
         if self._restore_dir is not None:
             parent, mode, uid, gid = self._restore_dir
-            with contextlib.suppress(FileNotFoundError):
+            with swallowed(FileNotFoundError, "restoring the owner and mode of %s", parent):
                 os.chown(parent, uid, gid)
                 os.chmod(parent, mode)
             self._restore_dir = None
@@ -606,14 +609,17 @@ class StaleSocket:
                 if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path, ignore_errors=True)
                 else:
-                    with contextlib.suppress(FileNotFoundError):
+                    with swallowed(FileNotFoundError, "unlinking %s (gone already)", path):
                         os.unlink(path)
             del self._planted[path]
         if errors:
             raise errors[0]
 
-    def stop(self) -> None:
-        """:meth:`remove`, then delete the private directory (idempotent)."""
+    def _lift(self) -> None:
+        self.remove()
+
+    def _stop(self) -> None:
+        """:meth:`remove` (again: a failed start skips the lift), then the private directory."""
         try:
             self.remove()
         finally:

@@ -43,7 +43,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import random
@@ -55,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from pytest_runtimefaults.core.fault import FaultBase
+from pytest_runtimefaults.core.log import logger, swallowed
 from pytest_runtimefaults.journal import process_starttime
 
 __all__ = [
@@ -185,6 +186,8 @@ class ThreadedSubscription:
             try:
                 pump(self._queue.put, self._cancelled.is_set)
             except BaseException as exc:
+                # After a cancel the reader's error is expected (its socket was shut).
+                logger.debug("reader %s ended with an error", name, exc_info=True)
                 if not self._cancelled.is_set():
                     self._error = exc
             finally:
@@ -219,7 +222,7 @@ class ThreadedSubscription:
         if self._cancelled.is_set():
             return
         self._cancelled.set()
-        with contextlib.suppress(Exception):
+        with swallowed(Exception, "unblocking the reader of %s", self._thread.name):
             self._on_cancel()
 
     def join(self, timeout: float | None = None) -> None:
@@ -413,8 +416,8 @@ class _Live:
         self.connection: Connection | None = None
 
 
-class Swarm:
-    """N concurrent subscribers with seeded churn, plus a witness.
+class Swarm(FaultBase):
+    """N concurrent subscribers with seeded churn, plus a witness (a fault).
 
     ``start()`` opens the witness and the subscribers; ``prime(make_event)``
     produces events until the witness and every steady subscriber have
@@ -432,6 +435,11 @@ class Swarm:
 
     Background errors (a subscriber thread that died) are re-raised by
     ``stop()`` and ``report()``, in the test that caused them.
+
+    As a fault: ``start()`` returns the swarm, ``lift()`` disconnects every
+    subscriber and joins the threads (raising if one is stuck or died),
+    ``stop()`` lifts, and ``applied`` counts the connections the churn
+    cancelled.  Hand it to a test's registry with ``registry.register(swarm)``.
     """
 
     def __init__(
@@ -448,6 +456,8 @@ class Swarm:
     ) -> None:
         if subscribers < 1:
             raise ValueError("a swarm needs at least one subscriber")
+        super().__init__()
+        self.stop_timeout = 10.0
         self.transport = transport
         # The reference may come another way than the swarm's own streams: straight
         # from the daemon while the subscribers go through a fault proxy.
@@ -473,22 +483,23 @@ class Swarm:
         self._thread_errors: list[BaseException] = []
         self._started_at = 0.0
         self._stopped_at: float | None = None
-        self._started = False
+
+    # the fault
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"subscriber swarm x{self.n} on {self.transport.name}"
+
+    @property
+    def applied(self) -> int:
+        """How many connections the churn cancelled so far."""
+        with self._lock:
+            return sum(1 for r in self.records for c in r.connections if c.end == "cancel")
 
     # lifecycle
 
-    def __enter__(self) -> Swarm:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        """Open the witness first, then start every subscriber's thread."""
-        if self._started:
-            return
-        self._started = True
+    def _start(self) -> None:
+        """Open the witness first, then start every subscriber's thread (``start()``)."""
         self._started_at = time.monotonic()
         self._spawn(self.witness, random.Random(0))
         # The witness must be subscribed before anyone else, or the reference
@@ -508,21 +519,32 @@ class Swarm:
             try:
                 self._subscriber(rec, rng)
             except BaseException as exc:  # surfaced by stop()/report()
+                logger.debug("swarm thread %s died", name, exc_info=True)
                 self._thread_errors.append(exc)
 
         t = threading.Thread(target=target, name=f"swarm-{name}", daemon=True)
         self._threads.append(t)
         t.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel every open subscription and join the threads (idempotent)."""
-        if self._stopped_at is None and self._started:
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel every open subscription and join the threads (idempotent).
+
+        Raises if a thread died or is still alive *timeout* seconds (default
+        :attr:`stop_timeout`) after it was asked to stop.
+        """
+        if timeout is not None:
+            self.stop_timeout = timeout
+        super().stop()
+
+    def _lift(self) -> None:
+        timeout = self.stop_timeout
+        if self._stopped_at is None:
             self._stopped_at = time.monotonic()
         self._stopping.set()
         with self._lock:
             subs = [lv.subscription for lv in self._live.values() if lv.subscription]
         for sub in subs:
-            with contextlib.suppress(Exception):
+            with swallowed(Exception, "cancelling a subscription of %s", self.name):
                 sub.cancel()
         deadline = time.monotonic() + timeout
         for t in self._threads:
@@ -558,6 +580,7 @@ class Swarm:
                 self._stopping.wait(self._backoff(rng, failures))
                 continue
             except Exception as exc:
+                logger.debug("%s: subscribe() crashed", transport.name, exc_info=True)
                 conn.closed, conn.end, conn.error = time.monotonic(), "crash", repr(exc)
                 failures += 1
                 self._stopping.wait(self._backoff(rng, failures))
@@ -593,6 +616,7 @@ class Swarm:
             except SubscriptionError as exc:
                 end, error = "error", str(exc) or type(exc).__name__
             except Exception as exc:
+                logger.debug("%s: receive() crashed", transport.name, exc_info=True)
                 end, error = "crash", repr(exc)
             finally:
                 sub.cancel()
@@ -884,7 +908,8 @@ class DaemonWatch:
         except OSError:
             return out
         for p in entries:
-            with contextlib.suppress(OSError):
+            # A descriptor closed between the listing and the readlink.
+            with swallowed(OSError, "reading %s", p):
                 out.add(f"{p.name} -> {os.readlink(p)}")
         return out
 
@@ -895,7 +920,7 @@ class DaemonWatch:
         if self.goroutines is not None:
             self.base_goroutines = self.goroutines()
         if self.log_path is not None:
-            with contextlib.suppress(OSError):
+            with swallowed(OSError, "sizing the daemon log %s", self.log_path):
                 self.log_offset = Path(self.log_path).stat().st_size
 
     def panics(self) -> list[str]:

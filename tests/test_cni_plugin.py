@@ -99,6 +99,53 @@ def test_option_sets_the_plugin_dir(pytester: pytest.Pytester) -> None:
     assert "no CNI plugins" in missing.stdout.str()
 
 
+def test_a_fault_factory_stops_every_fault_and_raises_the_first_error(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        WHOLE = b'{"name": "a", "type": "bridge"}\\n'
+
+        def test_writers(cni_dir, cni_racing_writer, cni_delete_recreate, runtimefaults_faults):
+            # Made first, stopped last: still mid-file when stopped (5 chunks, 0.4 s apart).
+            stuck = cni_racing_writer({"10-a.conflist": WHOLE}, chunk=(8, 8), pause=(0.4, 0.4))
+            stuck.join_timeout = 0.1
+            cni_racing_writer({"20-b.conflist": cni_dir.bridge()})
+            cni_delete_recreate("30-c.conflist", cni_dir.bridge())
+            assert len(runtimefaults_faults.records) == 3
+
+        def test_newest_stopped_first(cni_dir, cni_racing_writer):
+            first = cni_racing_writer({"10-a.conflist": WHOLE}, chunk=(8, 8), pause=(0.4, 0.4))
+            first.join_timeout = 0.1
+            second = cni_racing_writer({"20-b.conflist": WHOLE}, chunk=(8, 8), pause=(0.4, 0.4))
+            second.join_timeout = 0.1
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "runtimefaults", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=2)
+    out = result.stdout.str()
+    sections = dict(
+        re.findall(r"_ ERROR at teardown of (\w+) _+\n(.*?)(?=\n_{5,} |\n={5,})", out, re.S)
+    )
+    raised = {
+        test: re.findall(
+            r"^E\s+\S*FaultThreadError: racing writer on (\S+): its thread is still", text, re.M
+        )
+        for test, text in sections.items()
+    }
+    # One teardown error per test, the first raised: in the first test the stuck
+    # writer's (the other two faults stopped cleanly), in the second the newest's ...
+    assert {test: set(names) for test, names in raised.items()} == {
+        "test_writers": {"10-a.conflist"},
+        "test_newest_stopped_first": {"20-b.conflist"},
+    }, out
+    # ... and the older writer was stopped as well, its error logged, not raised.
+    assert (
+        "tearing down <RacingWriter 'racing writer on 10-a.conflist'"
+        in sections["test_newest_stopped_first"]
+    )
+
+
 def _rf_namespaces() -> set[str]:
     try:
         names = set(os.listdir("/var/run/netns"))

@@ -383,6 +383,33 @@ def test_bad_marker_arguments_are_usage_errors_naming_the_test(
     result.stderr.fnmatch_lines([f"ERROR: *::test_bad_args: bad @pytest.mark.{name}: *{message}*"])
 
 
+@pytest.mark.parametrize(
+    ("runs", "figures"),
+    [("10**12", "got 1,000,000,000,000"), ("100_001", "got 100,001")],
+)
+def test_a_budget_of_too_many_runs_is_a_usage_error_with_the_figure(
+    pytester: pytest.Pytester, runs: str, figures: str
+) -> None:
+    # Before: accepted, and the item looped for days (here: until --timeout).
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.failure_budget(runs={runs}, max_rate=0.01)
+        def test_forever():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "runtimefaults", "--timeout=20")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "ERROR: *::test_forever: bad @pytest.mark.failure_budget: runs must be at most "
+            f"100,000, {figures} (split the budget over several tests or runs of pytest)"
+        ]
+    )
+
+
 def test_budget_on_an_async_test_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """

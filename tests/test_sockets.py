@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_runtimefaults.core.fault import Fault
 from pytest_runtimefaults.daemon import Daemon, connect_error
 from pytest_runtimefaults.faults import FaultRegistry
 from pytest_runtimefaults.sockets import (
@@ -182,16 +183,31 @@ def test_unknown_variant_names_the_choices() -> None:
 
 def test_registry_lift_removes_what_was_planted_but_not_a_daemon_socket() -> None:
     registry = FaultRegistry()
-    with StaleSocket(variant="file", registry=registry) as s:
+    with StaleSocket(variant="file") as s:
+        assert isinstance(s, Fault)
+        assert s.applied == 1
+        assert registry.register(s) is s
         assert [r.name for r in registry.active] == ["stale_socket file"]
+        assert [r.applied for r in registry.records] == [1]
         registry.lift_all()
         assert not os.path.exists(s.path)
+        assert os.path.isdir(os.path.dirname(s.path))  # lifted, not stopped
+    assert not os.path.exists(os.path.dirname(s.path))
     with StaleSocket(variant="stale") as s:
         os.unlink(s.path)
         with socket.socket(socket.AF_UNIX) as server:
             server.bind(s.path)  # the daemon's socket now
             s.remove()
             assert os.path.exists(s.path)
+
+
+def test_the_registry_keyword_still_works_but_is_deprecated() -> None:
+    registry = FaultRegistry()
+    with pytest.warns(DeprecationWarning, match=r"registry.register\(stale\)"):
+        stale = StaleSocket(variant="file", registry=registry)
+    with stale:
+        assert [r.name for r in registry.active] == ["stale_socket file"]
+    assert stale.start() is stale  # idempotent, and start() returns the fault
 
 
 # --- safe_bind, the reference ------------------------------------------------------

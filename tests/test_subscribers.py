@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from pytest_runtimefaults.core.fault import Fault
+from pytest_runtimefaults.faults import FaultRegistry
 from pytest_runtimefaults.subscribers import (
     Churn,
     DaemonWatch,
@@ -194,6 +196,33 @@ def test_fixed_broadcaster_survives_the_swarm(seed: int) -> None:
         assert server.stats() == 0
         events = first_events(server.transport(), lambda: server.publish(1), count=2)
         assert len(events) == 2
+
+
+@pytest.mark.timeout(60)
+def test_the_swarm_is_a_fault_the_registry_lifts() -> None:
+    with Broadcaster(bug=None) as server:
+        swarm = Swarm(
+            server.transport(), subscribers=8, seed=5, churn=Churn(max_events=3, steady=2)
+        )
+        assert isinstance(swarm, Fault)
+        registry = FaultRegistry()
+        assert registry.register(swarm) is swarm
+        assert swarm.start() is swarm
+        assert swarm.start() is swarm  # idempotent
+        swarm.prime(lambda: server.publish(1))
+        for _ in range(10):
+            server.publish(10, burst=5, pause=0.005)
+        deadline = time.monotonic() + 10
+        while swarm.applied == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert registry.lift_all() == [f"subscriber swarm x8 on {server.transport().name}"]
+        # Lifted: every subscriber disconnected, every thread joined.
+        assert not any(t.is_alive() for t in swarm._threads)
+        assert all(c.closed is not None for r in swarm.records for c in r.connections)
+        report = swarm.report()
+        assert swarm.applied == report.cancels > 0
+        assert registry.records[0].applied == report.cancels
+        swarm.stop()  # idempotent after the lift
 
 
 @pytest.mark.timeout(60)

@@ -77,17 +77,20 @@ def test_bad_cgroup_driver_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(["*--runtimefaults-cgroup-driver must be systemd or cgroupfs*"])
 
 
+@pytest.mark.skipif(shutil.which("youki") is not None, reason="youki is installed here")
 def test_missing_runtime_skips_with_the_package(pytester: pytest.Pytester) -> None:
+    # A known runtime this host lacks is a skip; a path that does not exist is a
+    # usage error (tests/test_runtime_option.py).
     pytester.makepyfile("def test_x(runtime): pass")
     result = pytester.runpytest_subprocess(
-        "-p", "runtimefaults", "--runtimefaults-runtime=/nonexistent/runtime", "-rs"
+        "-p", "runtimefaults", "--runtimefaults-runtime=youki", "-rs"
     )
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["*OCI runtime '/nonexistent/runtime' not found*"])
+    result.stdout.fnmatch_lines(["*OCI runtime 'youki' not found*"])
     strict = pytester.runpytest_subprocess(
         "-p",
         "runtimefaults",
-        "--runtimefaults-runtime=/nonexistent/runtime",
+        "--runtimefaults-runtime=youki",
         "--runtimefaults-strict",
     )
     strict.assert_outcomes(errors=1)

@@ -239,7 +239,7 @@ class _Server:
 
         def watcher() -> None:
             # The stream's context: ends when the subscriber hangs up.
-            with swallowed(OSError, "reading from a subscriber"):
+            with swallowed(OSError, "reading from a subscriber that hung up"):
                 while conn.recv(4096):
                     pass
             if self.bug == "remove-while-ranging":
@@ -318,7 +318,7 @@ class Broadcaster:
             return
         if self._own_dir:
             self._rids.append(self.journal.add("path", path=str(self.directory)))
-        with swallowed(FileNotFoundError, "removing a stale %s", self.socket_path):
+        with swallowed(FileNotFoundError, "removing an old socket %s", self.socket_path):
             os.unlink(self.socket_path)
         argv = [sys.executable, "-m", "pytest_runtimefaults.transports.broadcaster"]
         argv += ["--socket", self.socket_path] + (["--bug", self.bug] if self.bug else [])
@@ -380,17 +380,17 @@ class Broadcaster:
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            return None  # still running: what the caller asked to learn
+            return None  # still running: the documented answer, not an error
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            with swallowed(ProcessLookupError, "killing the broadcaster"):
+            with swallowed(ProcessLookupError, "killing broadcaster %d", self.process.pid):
                 os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
-        with swallowed(FileNotFoundError, "removing %s", self.socket_path):
+        with swallowed(FileNotFoundError, "removing the socket %s", self.socket_path):
             os.unlink(self.socket_path)
         if self._own_dir and self.directory.exists():
             with swallowed(OSError, "removing %s", self.directory):

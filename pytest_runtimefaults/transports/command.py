@@ -21,13 +21,13 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
+from pytest_runtimefaults.core.log import swallowed
 from pytest_runtimefaults.journal import Journal
 from pytest_runtimefaults.subscribers import (
     Event,
@@ -110,7 +110,7 @@ class CommandTransport:
                         f"{self.argv[0]} exited with status {rc}: {tail or '(no stderr)'}"
                     )
             finally:
-                with contextlib.suppress(ProcessLookupError):
+                with swallowed(ProcessLookupError, "killing %s (pid %d)", self.argv[0], proc.pid):
                     proc.kill()
                 proc.wait()
                 stdout.close()
@@ -122,7 +122,9 @@ class CommandTransport:
         def cancel() -> None:
             # Only our own child, by PID, and only while it is not yet reaped.
             if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
+                with swallowed(
+                    ProcessLookupError, "cancelling %s (pid %d)", self.argv[0], proc.pid
+                ):
                     os.kill(proc.pid, signal.SIGKILL)
 
         return ThreadedSubscription(pump, on_cancel=cancel, name=f"{self.name}-reader")

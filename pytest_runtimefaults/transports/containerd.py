@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pytest_runtimefaults.core.log import logger
 from pytest_runtimefaults.subscribers import (
     Event,
     Subscription,
@@ -51,6 +52,7 @@ def require_client() -> str | None:
         import grpc  # noqa: F401
         from containerd.services.events.v1 import events_pb2_grpc  # noqa: F401
     except Exception as exc:  # ImportError, or protobuf>=4 refusing old stubs
+        logger.debug("containerd's gRPC client does not import", exc_info=True)
         return (
             f"containerd's gRPC client does not import ({exc}): "
             "pip install grpcio containerd 'protobuf<4'"

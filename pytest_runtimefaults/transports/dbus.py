@@ -22,11 +22,11 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from collections.abc import Callable
 from typing import Any
 
+from pytest_runtimefaults.core.log import swallowed
 from pytest_runtimefaults.subscribers import (
     Event,
     Subscription,
@@ -127,7 +127,7 @@ class DBusSignals:
                 conn.close()
 
         def cancel() -> None:
-            with contextlib.suppress(OSError):
+            with swallowed(OSError, "shutting down a D-Bus signal subscription"):
                 conn.sock.shutdown(socket.SHUT_RDWR)
 
         return ThreadedSubscription(pump, on_cancel=cancel, name="dbus-signals")

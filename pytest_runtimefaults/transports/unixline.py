@@ -15,10 +15,10 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from collections.abc import Callable
 
+from pytest_runtimefaults.core.log import swallowed
 from pytest_runtimefaults.subscribers import (
     Event,
     Subscription,
@@ -107,7 +107,7 @@ class UnixLineTransport:
 
         def cancel() -> None:
             # shutdown() wakes the reader blocked in recv(); close() alone does not.
-            with contextlib.suppress(OSError):
+            with swallowed(OSError, "shutting down %s", self.name):
                 sock.shutdown(socket.SHUT_RDWR)
 
         return ThreadedSubscription(pump, on_cancel=cancel, name=f"{self.name}-reader")
