@@ -111,6 +111,9 @@ PROJECT_PREFIXES = ("rf", "runtimefaults")
 _NAME = re.compile(r"^(?:rf|runtimefaults)[A-Za-z0-9_.-]{0,240}$")
 
 _REGISTERED: dict[str, Reaper] = {}
+# The names the registry had before the table (tests of other families read them).
+_REAPERS = _REGISTERED
+_REAPER_MODULES: dict[str, str] = {}
 _instances = itertools.count(1)
 
 
@@ -130,6 +133,7 @@ def register_reaper(kind: str, reaper: Reaper) -> None:
     for one of them changes nothing.
     """
     _REGISTERED[kind] = reaper
+    _REAPER_MODULES[kind] = reaper.__module__
 
 
 def _reaper_for(kind: str) -> Reaper | None:
