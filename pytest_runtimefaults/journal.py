@@ -63,6 +63,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -450,7 +451,7 @@ class Journal:
         when none is given: the reaper kills only what still runs it.
         """
         if kind in ("process", "daemon") and "cmdline" not in fields and "pid" in fields:
-            fields["cmdline"] = proc.cmdline(int(fields["pid"]))
+            fields["cmdline"] = _settled_cmdline(int(fields["pid"]))
         with self._lock:
             rid = next(self._ids)
             record = {"op": "add", "id": rid, "kind": kind, **fields}
@@ -487,6 +488,18 @@ class Journal:
     def live(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._live.values())
+
+
+def _settled_cmdline(pid: int) -> list[str] | None:
+    # Popen returns when the child's close-on-exec pipe closes, which the
+    # kernel does in execve *before* it sets up the new argument vector: for a
+    # moment /proc/PID/cmdline is empty.  Wait (briefly) for the real one.
+    deadline = time.monotonic() + 0.5
+    while True:
+        argv = proc.cmdline(pid)
+        if argv or argv is None or time.monotonic() > deadline:
+            return argv
+        time.sleep(0.001)
 
 
 _defaults: dict[Path, Journal] = {}
