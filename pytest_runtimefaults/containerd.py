@@ -54,9 +54,9 @@ from pytest_runtimefaults.core.log import swallowed
 from pytest_runtimefaults.daemon import Daemon
 from pytest_runtimefaults.host import cgroups
 from pytest_runtimefaults.host import proc as host_proc
+from pytest_runtimefaults.host.mounts import mount_table
 from pytest_runtimefaults.host.rootfs import busybox_image_tar
 from pytest_runtimefaults.journal import Journal, RefusedToReap, check_owned_path
-from pytest_runtimefaults.leaks import mount_table
 from pytest_runtimefaults.naming import unique_name
 
 if TYPE_CHECKING:

@@ -71,6 +71,7 @@ from typing import Any
 
 from pytest_runtimefaults.core.log import logger, swallowed
 from pytest_runtimefaults.host import cgroups, proc
+from pytest_runtimefaults.host.mounts import mount_table
 
 __all__ = [
     "PROJECT_PREFIXES",
@@ -307,8 +308,6 @@ def check_owned_path(text: object, *, any_component: bool = False) -> Path:
 
 
 def _mounts_under(path: Path) -> list[str]:
-    from pytest_runtimefaults.leaks import mount_table
-
     text = str(path)
     return [m.target for m in mount_table() if m.target == text or _below(m.target, text)]
 

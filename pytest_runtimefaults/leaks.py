@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_runtimefaults.host import proc as host_proc
+
+# The mount table moved to host.mounts; re-exported here, where it was.
+from pytest_runtimefaults.host.mounts import MountEntry, mount_table
 
 __all__ = [
     "LEAK_KINDS",
@@ -64,58 +66,6 @@ LEAK_KINDS = (
 )
 
 NETNS_DIR = Path("/run/netns")
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of ``/proc/PID/mountinfo``: where, what, and read-only or not."""
-
-    mount_id: int
-    target: str
-    fstype: str
-    source: str
-    mount_options: tuple[str, ...]
-    super_options: tuple[str, ...]
-
-    @property
-    def readonly(self) -> bool:
-        """True if the mount *or* its superblock is read-only."""
-        return "ro" in self.mount_options or "ro" in self.super_options
-
-
-def mount_table(pid: int | str = "self") -> list[MountEntry]:
-    """Parse ``/proc/PID/mountinfo`` (see proc(5))."""
-    entries: list[MountEntry] = []
-    with open(f"/proc/{pid}/mountinfo") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) < 6 or len(rfields) < 3:
-                continue
-            entries.append(
-                MountEntry(
-                    mount_id=int(fields[0]),
-                    target=_unescape_mountinfo(fields[4]),
-                    fstype=rfields[0],
-                    source=_unescape_mountinfo(rfields[1]),
-                    mount_options=tuple(fields[5].split(",")),
-                    super_options=tuple(rfields[2].split(",")),
-                )
-            )
-    return entries
 
 
 def mounts(under: str | os.PathLike[str] = "/", pid: int | str = "self") -> set[str]:

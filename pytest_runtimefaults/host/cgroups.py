@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pytest_runtimefaults.core.log import swallowed
 from pytest_runtimefaults.host import proc
+from pytest_runtimefaults.host.mounts import mount_table
 
 __all__ = ["cgroup_mounts", "is_below_cgroup_mount", "kill_tree", "remove_tree", "tasks"]
 
@@ -33,15 +34,7 @@ _CGROUP_FSTYPES = ("cgroup", "cgroup2")
 
 def cgroup_mounts(pid: int | str = "self") -> list[str]:
     """Mount points of cgroup (v1) and cgroup2 filesystems in *pid*'s mount namespace."""
-    found = []
-    with open(f"/proc/{pid}/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) >= 5 and rfields and rfields[0] in _CGROUP_FSTYPES:
-                # mountinfo escapes a space as \040; cgroup mount points have none in practice.
-                found.append(fields[4].replace("\\040", " "))
-    return found
+    return [m.target for m in mount_table(pid) if m.fstype in _CGROUP_FSTYPES]
 
 
 def is_below_cgroup_mount(path: str | os.PathLike[str]) -> bool:
