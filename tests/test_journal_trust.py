@@ -392,6 +392,24 @@ def test_malformed_lines_are_skipped_with_a_warning_naming_file_and_line(tmp_pat
         shutil.rmtree(legit, ignore_errors=True)
 
 
+def test_malformed_lines_do_not_break_doctor(tmp_path: Path) -> None:
+    path, legit = _journal_with_bad_lines(tmp_path / "state")
+    try:
+        done = subprocess.run(
+            [*CLI, "doctor"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "RUNTIMEFAULTS_STATE_DIR": str(tmp_path / "state")},
+        )
+        assert "Traceback" not in done.stderr, done.stderr
+        assert f"warning: {path}:2: skipped a malformed journal line" in done.stdout
+        assert "1 resource(s) left by 1 killed run(s)" in done.stdout, done.stdout
+        assert legit.exists(), "doctor only looks"
+    finally:
+        shutil.rmtree(legit, ignore_errors=True)
+
+
 def test_malformed_lines_do_not_break_a_pytest_run(
     pytester: pytest.Pytester, tmp_path: Path
 ) -> None:
