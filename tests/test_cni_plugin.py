@@ -139,9 +139,9 @@ def test_a_fault_factory_stops_every_fault_and_raises_the_first_error(
         "test_writers": {"10-a.conflist"},
         "test_newest_stopped_first": {"20-b.conflist"},
     }, out
-    # ... and the older writer was stopped as well, its error logged, not raised.
+    # ... and the older writer was stopped as well, its error noted, not raised.
     assert (
-        "tearing down <RacingWriter 'racing writer on 10-a.conflist'"
+        "also failed while stopping: FaultThreadError('racing writer on 10-a.conflist"
         in sections["test_newest_stopped_first"]
     )
 

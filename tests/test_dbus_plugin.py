@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,6 +71,11 @@ def test_failing_test_shows_the_trace_and_still_cleans_up(pytester: pytest.Pytes
         ('"Delay(1) membr=X"', "match fields are"),
         ("42", "is not a rule"),
         ('rule="Delay(1)"', "positional arguments"),
+        # issue 11: these were an INTERNALERROR (ValueError, TypeError) or accepted
+        ('"Delay(1) probability=abc"', "probability needs a number in [0, 1], got 'abc'"),
+        ('"Delay(1) reply_to.bogus=x"', "unknown match field 'reply_to.bogus'"),
+        ('"Delay(1e999) member=X"', "Delay seconds must be a number of seconds"),
+        ('"SplitMessage(pause=-1) member=X"', "SplitMessage pause must be"),
     ],
 )
 def test_bad_marker_is_a_usage_error_naming_the_test(
@@ -94,6 +100,7 @@ def test_bad_marker_is_a_usage_error_naming_the_test(
         ]
     )
     assert message in result.stderr.str()
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
 
 
 def test_marker_accepts_rule_objects_and_counts_per_test(pytester: pytest.Pytester) -> None:
@@ -117,6 +124,45 @@ def test_marker_accepts_rule_objects_and_counts_per_test(pytester: pytest.Pytest
         """
     )
     pytester.runpytest_subprocess("-p", "runtimefaults").assert_outcomes(passed=2)
+
+
+def test_the_report_counts_what_each_rule_applied(pytester: pytest.Pytester) -> None:
+    # The registry reads each rule's own count, live: the report is built when the
+    # call ends, before teardown (where the count used to be copied, too late).
+    pytester.makepyfile(
+        """
+        import subprocess, pytest
+
+        @pytest.mark.dbus_faults("Delay(0.01) reply_to=ListNames")
+        def test_counted(dbus_proxy):
+            for _ in range(2):
+                subprocess.run(["busctl", "--address", dbus_proxy.address, "call",
+                                "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                "org.freedesktop.DBus", "ListNames"],
+                               check=True, capture_output=True)
+            assert dbus_proxy.rules[0].applied == 2
+
+        @pytest.mark.dbus_faults("Drop() member=Nothing")
+        def test_lifted_by_the_registry(dbus_proxy, runtimefaults_faults):
+            from pytest_runtimefaults.dbus.actions import Delay
+
+            added = dbus_proxy.add(Delay(5).on(member="ListNames"))
+            assert [r.fault for r in runtimefaults_faults.records][-1] is added
+            assert runtimefaults_faults.lift_all() == [
+                f"dbus_proxy: {added.describe()}", "dbus_proxy: Drop() on member=Nothing"
+            ]
+            assert dbus_proxy.rules == []
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-report=report.json"
+    )
+    result.assert_outcomes(passed=2)
+    tests = json.loads((pytester.path / "report.json").read_text())["tests"]
+    (test,) = [t for t in tests if t["nodeid"].endswith("test_counted")]
+    (fault,) = test["faults"]
+    assert fault["name"].startswith("dbus_proxy: Delay(seconds=0.01")
+    assert fault["applied"] == 2
 
 
 def test_malformed_data_fails_the_test_unless_acknowledged(pytester: pytest.Pytester) -> None:

@@ -171,6 +171,28 @@ class PrivateBus:
         # may add a guid, which clients accept either way.
         return buf.split(b"\n", 1)[0].decode().strip()
 
+    def exit_report(self) -> str | None:
+        """None while the daemon runs; once it died, how, with its last output.
+
+        Example: ``dbus-daemon (pid 812) was killed by SIGKILL; it printed nothing``.
+        """
+        process = self.process
+        if process is None or process.poll() is None:
+            return None
+        code = process.returncode
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code < 0 and -code in signal.valid_signals()
+            else f"exited with status {code}"
+        )
+        output = b""
+        for stream in (process.stderr, process.stdout):
+            if stream is not None:
+                output += _read_left(stream.fileno())
+        lines = output.decode(errors="replace").strip().splitlines()[-20:]
+        last = "; its last output:\n" + "\n".join(lines) if lines else "; it printed nothing"
+        return f"{self.dbus_daemon} (pid {process.pid}) {how}{last}"
+
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None:
@@ -210,3 +232,14 @@ class PrivateBus:
 
     def __repr__(self) -> str:
         return f"<PrivateBus {self.address or 'stopped'} pid={self.pid}>"
+
+
+def _read_left(fd: int, limit: int = 65536) -> bytes:
+    """What is left to read on *fd* of a dead process (bounded: a child may keep it open)."""
+    data = b""
+    while len(data) < limit and select.select([fd], [], [], 0.1)[0]:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
