@@ -50,6 +50,7 @@ side effect.  :func:`register_reaper` still works for kinds of your own.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import importlib
@@ -113,6 +114,8 @@ PROJECT_PREFIXES = ("rf", "runtimefaults")
 _NAME = re.compile(r"^(?:rf|runtimefaults)[A-Za-z0-9_.-]{0,240}$")
 
 _REGISTERED: dict[str, Reaper] = {}
+# The state directories being reaped now: a path record may not name them.
+_reaping: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("_reaping", default=())
 # The names the registry had before the table (tests of other families read them).
 _REAPERS = _REGISTERED
 _REAPER_MODULES: dict[str, str] = {}
@@ -301,9 +304,9 @@ def check_owned_path(text: object, *, any_component: bool = False) -> Path:
             f"{text}: the name does not start with one of the project's prefixes "
             f"{list(PROJECT_PREFIXES)}"
         )
-    state = os.path.realpath(default_state_dir())
-    if state == full or _below(state, full):
-        raise RefusedToReap(f"{text} holds the journal directory itself")
+    for state in {os.path.realpath(default_state_dir()), *_reaping.get()}:
+        if state == full or _below(state, full):
+            raise RefusedToReap(f"{text} holds the journal directory itself")
     return Path(full)
 
 
@@ -570,6 +573,15 @@ def reap_dead_owners(state_dir: Path | str | None = None, *, dry_run: bool = Fal
     result = ReapResult(reaped=[], errors=[], journals=0)
     if not check_state_dir(directory, create=False):
         return result
+    token = _reaping.set((*_reaping.get(), os.path.realpath(directory)))
+    try:
+        _reap_directory(directory, result, dry_run)
+    finally:
+        _reaping.reset(token)
+    return result
+
+
+def _reap_directory(directory: Path, result: ReapResult, dry_run: bool) -> None:
     for path in sorted(directory.glob("*.jsonl")):
         try:
             pid_s, start_s = path.stem.split("-")[:2]
@@ -601,7 +613,6 @@ def reap_dead_owners(state_dir: Path | str | None = None, *, dry_run: bool = Fal
             _reap_one(path, fd, result, dry_run)
         finally:
             os.close(fd)
-    return result
 
 
 def _reap_one(path: Path, fd: int, result: ReapResult, dry_run: bool) -> None:

@@ -71,7 +71,10 @@ def _start_and_kill(pytester: pytest.Pytester, state: Path) -> tuple[int, int | 
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        assert _wait(ready.exists, 30), "the inner pytest never reached its fixture"
+        # write_text creates the file before it writes: wait for both words.
+        assert _wait(lambda: ready.exists() and len(ready.read_text().split()) == 2, 30), (
+            "the inner pytest never reached its fixture"
+        )
         pid_s, directory = ready.read_text().split()
         pid, starttime = int(pid_s), process_starttime(int(pid_s))
         # While the inner run lives, nobody may touch its resources.

@@ -120,6 +120,11 @@ def _case_dotdot(v: Callable[..., Path], cwd: Path) -> tuple[str, Path]:
     return f"/tmp/rfx/../..{victim}", victim
 
 
+def _case_state_dir(v: Callable[..., Path], cwd: Path) -> tuple[str, Path]:
+    # Set by the test below: the journal directory being reaped, named by a record.
+    return "STATE", Path("STATE")
+
+
 def _case_other_uid(v: Callable[..., Path], cwd: Path) -> tuple[str, Path]:
     victim = v("/tmp", "rfforeign")  # the project's prefix, another user's directory
     os.chown(victim, 65534, 65534)
@@ -134,6 +139,7 @@ PATH_CASES = {
     "parent is a symlink out of /tmp": _case_symlinked_parent,
     "not normalised (..)": _case_dotdot,
     "owned by another uid": _case_other_uid,
+    "the state directory itself": _case_state_dir,
 }
 
 
@@ -144,12 +150,18 @@ def test_a_crafted_path_entry_is_refused(
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     text, victim = PATH_CASES[case](victims, cwd)
+    if text == "STATE":
+        # An rf-named state directory below /tmp: only its being the journal's own saves it.
+        state_dir = Path(victims("/tmp", "rfstate"))
+        text, victim = str(state_dir), state_dir
+    else:
+        state_dir = tmp_path / "state"
     legit = Path(tempfile.mkdtemp(prefix="rflegit", dir="/tmp"))
     try:
-        journal = _dead_journal(tmp_path / "state")
+        journal = _dead_journal(state_dir)
         journal.add("path", path=text)
         journal.add("path", path=str(legit))  # newest: reaped first
-        done = _cleanup(tmp_path / "state", cwd=cwd)
+        done = _cleanup(state_dir, cwd=cwd)
         print(done.stdout)
         assert (victim / "precious").exists(), f"cleanup deleted {victim}: {done.stdout}"
         assert "refused to reap path" in done.stdout, done.stdout
