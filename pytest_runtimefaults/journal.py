@@ -29,8 +29,8 @@ Reaping kills processes and deletes files, so it trusts nothing it reads:
 ========  =====================  ===========================================================
 kind      fields                 reaped by (only if ...)
 ========  =====================  ===========================================================
-process   pid, starttime,        SIGKILL (same start time, same command line, never PID 1
-          cmdline                or an ancestor of the reaper)
+process   pid, starttime,        SIGKILL (same start time, and the same command line or a
+          cmdline                cgroup the project named; never PID 1 or a reaper's ancestor)
 path      path                   ``rm -r``, never following symlinks (a name starting with
                                  ``rf``/``runtimefaults``, under /tmp, ``$TMPDIR`` or /run,
                                  owned by this user)
@@ -256,6 +256,10 @@ def recorded_process_alive(record: dict[str, Any]) -> bool:
         raise RefusedToReap("no start time recorded: the PID may since be a stranger's")
     if process_starttime(pid) != starttime or not proc.alive(pid):
         return False
+    if _in_project_cgroup(pid):
+        # A process that exec'd since it was recorded (the sandbox's init:
+        # sh, then systemd) is still recognisable by the cgroup we made for it.
+        return True
     recorded = record.get("cmdline")
     if not isinstance(recorded, list) or not all(isinstance(a, str) for a in recorded):
         raise RefusedToReap("no command line recorded: cannot tell that PID is still ours")
@@ -265,6 +269,13 @@ def recorded_process_alive(record: dict[str, Any]) -> bool:
     if not _same_command(recorded, current):
         raise RefusedToReap(f"PID {pid} now runs {current!r}, not the recorded {recorded!r}")
     return True
+
+
+def _in_project_cgroup(pid: int) -> bool:
+    """True if *pid* is in a cgroup this project named (``/rfsd.../...``, ``/rfns.../...``)."""
+    return any(
+        part.startswith(PROJECT_PREFIXES) for path in proc.cgroups(pid) for part in Path(path).parts
+    )
 
 
 # --- paths ----------------------------------------------------------------------

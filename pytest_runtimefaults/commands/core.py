@@ -45,9 +45,11 @@ def _doctor(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     for error in pending.errors:
         print(f"would refuse: {error}")
-    if pending.reaped:
+    # Refused records are left by killed runs too: counted, and listed above.
+    left = len(pending.reaped) + len(pending.errors)
+    if left:
         print(
-            f"\n{len(pending.reaped)} resource(s) left by {pending.journals} killed run(s) in "
+            f"\n{left} resource(s) left by {pending.journals} killed run(s) in "
             f"{default_state_dir()}: run `runtimefaults cleanup` (or any pytest run) to undo them"
         )
     if not missing:
