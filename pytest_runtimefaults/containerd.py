@@ -36,10 +36,7 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import http.client
-import io
 import json
 import os
 import re
@@ -47,20 +44,23 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pytest_runtimefaults.core.log import swallowed
 from pytest_runtimefaults.daemon import Daemon
-from pytest_runtimefaults.journal import register_reaper
+from pytest_runtimefaults.host import cgroups
+from pytest_runtimefaults.host import proc as host_proc
+from pytest_runtimefaults.host.mounts import mount_table
+from pytest_runtimefaults.host.rootfs import busybox_image_tar
+from pytest_runtimefaults.journal import Journal, RefusedToReap, check_owned_path
 from pytest_runtimefaults.naming import unique_name
 
 if TYPE_CHECKING:
     from pytest_runtimefaults.faults import FaultRegistry
-    from pytest_runtimefaults.journal import Journal
 
 __all__ = [
     "CRI_PLUGIN",
@@ -119,72 +119,30 @@ def _toml_str(value: str | os.PathLike[str]) -> str:
 
 def _pids_mentioning(needle: str) -> list[int]:
     """PIDs whose command line contains *needle* (a unique private path)."""
-    pids = []
-    raw = needle.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if raw in cmdline:
-            pids.append(int(entry))
-    return pids
+    return host_proc.pids_with_arg(needle)
 
 
 def _mounts_under(directory: str) -> list[str]:
     """Mount points at or below *directory* in this mount namespace, deepest first."""
     prefix = directory.rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            target = line.split()[4].replace("\\040", " ")
-            if target == directory or target.startswith(prefix):
-                found.append(target)
-    return sorted(set(found), key=lambda t: -t.count("/"))
+    found = {
+        m.target for m in mount_table() if m.target == directory or m.target.startswith(prefix)
+    }
+    return sorted(found, key=lambda t: -t.count("/"))
 
 
 def _children_of(pids: Sequence[int]) -> list[int]:
     """All descendants of *pids* (the processes of containers a shim runs)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
-    out: list[int] = []
-    todo = list(pids)
-    while todo:
-        pid = todo.pop()
-        for child in parents.get(pid, []):
-            out.append(child)
-            todo.append(child)
-    return out
+    return [child for pid in pids for child in host_proc.children(pid, recursive=True)]
 
 
 def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
+    return host_proc.comm(pid)
 
 
 def _alive(pid: int) -> bool:
     """True if *pid* exists and is not a zombie (dead, its parent not yet waiting)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2 :].split()[0] != b"Z"
+    return host_proc.alive(pid)
 
 
 def cleanup_containerd_dir(directory: str, *, remove: bool = True) -> list[int]:
@@ -195,13 +153,14 @@ def cleanup_containerd_dir(directory: str, *, remove: bool = True) -> list[int]:
     :meth:`Containerd.stop` and by the journal reaper.
     """
     killed: list[int] = []
+    spared = host_proc.ancestors()
     for _ in range(3):  # a shim may spawn while we look; go round until none is left
         named = _pids_mentioning(directory)
-        victims = [p for p in [*_children_of(named), *named] if _alive(p)]
+        victims = [p for p in [*_children_of(named), *named] if p not in spared and _alive(p)]
         if not victims:
             break
         for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
+            with swallowed(ProcessLookupError, "killing %d", pid):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
         for pid in victims:
@@ -213,7 +172,8 @@ def cleanup_containerd_dir(directory: str, *, remove: bool = True) -> list[int]:
     for target in _mounts_under(directory):
         subprocess.run(["umount", "-l", target], check=False, capture_output=True, timeout=30)
     if remove:
-        shutil.rmtree(directory, ignore_errors=True)
+        with swallowed(OSError, "removing %s", directory):
+            shutil.rmtree(directory)
     return killed
 
 
@@ -221,8 +181,8 @@ def _namespace_cgroups(namespace: str) -> list[Path]:
     if not namespace or "/" in namespace or namespace in (".", ".."):
         return []
     found = []
-    for hierarchy in Path("/sys/fs/cgroup").iterdir():
-        top = hierarchy / namespace
+    for mount in cgroups.cgroup_mounts():
+        top = Path(mount) / namespace
         if top.is_dir() and not top.is_symlink():
             found.append(top)
     return found
@@ -235,20 +195,13 @@ def kill_namespace_processes(namespace: str) -> list[int]:
     dies its containers are reparented to PID 1 and nothing else names them.
     Only call it for a namespace name that is private to us.
     """
-    pids: set[int] = set()
-    for top in _namespace_cgroups(namespace):
-        for procs in top.rglob("cgroup.procs"):
-            with contextlib.suppress(OSError):
-                pids.update(int(p) for p in procs.read_text().split())
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    pids = cgroups.kill_tree(_namespace_cgroups(namespace), timeout=1.0)
     for pid in pids:
         for _ in range(200):
             if not _alive(pid):
                 break
             time.sleep(0.005)
-    return sorted(pids)
+    return pids
 
 
 def remove_namespace_cgroups(namespace: str) -> None:
@@ -256,89 +209,55 @@ def remove_namespace_cgroups(namespace: str) -> None:
     every v1 hierarchy and in cgroup2.  Only for a namespace name private to us."""
     kill_namespace_processes(namespace)
     for top in _namespace_cgroups(namespace):
-        subs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        for sub in [*subs, top]:
-            for _ in range(50):  # a killed task leaves its cgroup a moment later
-                try:
-                    sub.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)
+        # A killed task leaves its cgroup a moment later: remove_tree retries.
+        cgroups.remove_tree(top, timeout=0.5)
+
+
+def _is_our_containerd_dir(directory: str) -> bool:
+    # The config we generate names the directory's own root: a directory
+    # holding it is one a Containerd of ours made (the user's own included).
+    try:
+        text = (Path(directory) / "config.toml").read_text()
+    except OSError:
+        return False
+    return f"root = {_toml_str(Path(directory) / 'root')}" in text.splitlines()
 
 
 def _reap_containerd(record: dict[str, Any]) -> None:
-    cleanup_containerd_dir(record["dir"])
-    if record.get("namespace"):
-        remove_namespace_cgroups(record["namespace"])
+    """Journal reaper for kind ``containerd``: what a killed run's containerd left.
 
-
-register_reaper("containerd", _reap_containerd)
+    Refused unless the directory is recognisably ours: a name the project makes
+    under a temporary directory, or a directory holding the config.toml we
+    write.  Kills every process naming it, so a crafted ``/`` would be the host.
+    """
+    directory = record.get("dir")
+    if not isinstance(directory, str) or directory.count("/") < 2:
+        raise RefusedToReap(f"dir {directory!r} is not a containerd directory of ours")
+    try:
+        check_owned_path(directory)
+        generated_name = True
+    except RefusedToReap:
+        generated_name = False
+    if not generated_name and not _is_our_containerd_dir(directory):
+        raise RefusedToReap(
+            f"{directory} is neither a directory this project names nor one holding "
+            "the config.toml a Containerd writes"
+        )
+    cleanup_containerd_dir(directory, remove=generated_name and bool(record.get("remove", True)))
+    namespace = record.get("namespace")
+    if namespace:
+        if not isinstance(namespace, str) or not namespace.startswith("rfns"):
+            raise RefusedToReap(f"namespace {namespace!r} is not one this project makes")
+        remove_namespace_cgroups(namespace)
 
 
 def busybox_oci_tar(busybox: str = "/bin/busybox", tag: str = "latest") -> bytes:
-    """An OCI image layout (as tar bytes) of one layer: ``/bin/busybox`` and its applets."""
-    applets = ("sh", "true", "false", "sleep", "cat", "echo", "ls", "ps", "kill", "env")
-    layer_io = io.BytesIO()
-    with tarfile.open(fileobj=layer_io, mode="w", format=tarfile.PAX_FORMAT) as layer:
-        for d in ("bin", "tmp", "proc", "sys", "dev", "etc"):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
-            layer.addfile(info)
-        with open(busybox, "rb") as f:
-            data = f.read()
-        info = tarfile.TarInfo("bin/busybox")
-        info.size, info.mode = len(data), 0o755
-        layer.addfile(info, io.BytesIO(data))
-        for applet in applets:
-            info = tarfile.TarInfo(f"bin/{applet}")
-            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
-            layer.addfile(info)
-    blobs: dict[str, bytes] = {}
+    """An OCI image layout (as tar bytes) of a busybox rootfs, tagged *tag*.
 
-    def blob(data: bytes) -> dict[str, Any]:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        blobs[digest] = data
-        return {"digest": digest, "size": len(data)}
-
-    layer_desc = blob(layer_io.getvalue())
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]},
-    }
-    config_desc = blob(json.dumps(config).encode())
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config_desc},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **layer_desc}],
-    }
-    manifest_desc = blob(json.dumps(manifest).encode())
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                **manifest_desc,
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }
-        ],
-    }
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as t:
-        files = {
-            "oci-layout": b'{"imageLayoutVersion": "1.0.0"}',
-            "index.json": json.dumps(index).encode(),
-        }
-        files |= {f"blobs/sha256/{d.split(':')[1]}": b for d, b in blobs.items()}
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    Kept for compatibility: built by the one builder,
+    :func:`pytest_runtimefaults.host.rootfs.busybox_image_tar`.
+    """
+    return busybox_image_tar(busybox, ref=f"localhost/runtimefaults/busybox:{tag}")
 
 
 class Containerd:
@@ -401,7 +320,8 @@ class Containerd:
         self.namespace = namespace or unique_name("rfns")
         # Only a name we made up is ours: "k8s.io" cgroups may be a host's.
         self._own_namespace = namespace is None
-        self.journal = journal
+        # Journaled by default (the journal `runtimefaults cleanup` reads).
+        self.journal = journal if journal is not None else Journal.default()
         self._journal_id: int | None = None
         self.root = self.directory / "root"
         self.state = self.directory / "state"
@@ -423,7 +343,7 @@ class Containerd:
             ready_timeout=ready_timeout,
             name="containerd",
             log_path=self.directory / "containerd.log",
-            journal=journal,
+            journal=self.journal,
             registry=registry,
         )
 
@@ -488,12 +408,13 @@ class Containerd:
         For tests that start :attr:`daemon` themselves (e.g. through
         :meth:`~pytest_runtimefaults.sockets.StaleSocket.judge`).
         """
-        if self._journal_id is None and self.journal is not None:
+        if self._journal_id is None:
             # Recorded first, reaped last: after the daemon itself.
             self._journal_id = self.journal.add(
                 "containerd",
                 dir=str(self.directory),
                 namespace=self.namespace if self._own_namespace else "",
+                remove=self._own_dir,
             )
         for d in (self.directory, self.root, self.state, self.cni_conf_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -518,7 +439,7 @@ class Containerd:
         """
         try:
             if self.daemon.running:
-                with contextlib.suppress(Exception):
+                with swallowed(Exception, "removing containerd's containers through ctr"):
                     self.remove_all_containers(timeout=10)
             # Containers and shims first, while the shims are still their
             # parents (the daemon's stop kills its session, shims included,
@@ -531,7 +452,7 @@ class Containerd:
             cleanup_containerd_dir(str(self.directory), remove=self._own_dir)
             if self._own_namespace:
                 remove_namespace_cgroups(self.namespace)
-            if self._journal_id is not None and self.journal is not None:
+            if self._journal_id is not None:
                 self.journal.release(self._journal_id)
                 self._journal_id = None
 
@@ -651,7 +572,7 @@ class Containerd:
         libraries in the container).
         """
         tar = self.directory / "busybox-oci.tar"
-        tar.write_bytes(busybox_oci_tar(busybox, tag=ref.rsplit(":", 1)[-1]))
+        tar.write_bytes(busybox_image_tar(busybox, ref=ref))
         base = ref.rsplit(":", 1)[0]
         self.ctr("images", "import", "--base-name", base, str(tar))
         tar.unlink()
@@ -690,11 +611,7 @@ class Containerd:
         """Task ID -> PID of each shim of this containerd (its ``-id`` argument)."""
         found: dict[str, int] = {}
         for pid in self.shim_pids():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().decode(errors="replace").split("\0")
-            except OSError:
-                continue
+            argv = host_proc.cmdline(pid) or []
             if "-id" in argv[:-1]:
                 found[argv[argv.index("-id") + 1]] = pid
         return found
@@ -733,7 +650,8 @@ class Containerd:
             bundle = self.state / "io.containerd.runtime.v2.task" / self.namespace / tid
             for target in _mounts_under(str(bundle)):
                 subprocess.run(["umount", "-l", target], check=False, capture_output=True)
-            shutil.rmtree(bundle, ignore_errors=True)
+            with swallowed(OSError, "removing the orphan bundle %s", bundle):
+                shutil.rmtree(bundle)
         return removed
 
     def orphans(self) -> set[str]:
@@ -769,10 +687,7 @@ class Containerd:
             for sub in top.iterdir():
                 if not sub.is_dir():
                     continue
-                pids: set[int] = set()
-                for procs in sub.rglob("cgroup.procs"):
-                    with contextlib.suppress(OSError):
-                        pids.update(int(p) for p in procs.read_text().split())
+                pids = cgroups.tasks([sub])
                 if pids:
                     found.setdefault(sub.name, set()).update(pids)
         return found
@@ -783,7 +698,7 @@ class Containerd:
         tasks = set(self.ctr("tasks", "ls", "-q").stdout.split())
         victims = [p for cid, ps in self.cgroup_processes().items() if cid not in tasks for p in ps]
         for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
+            with swallowed(ProcessLookupError, "killing orphan %d", pid):
                 os.kill(pid, signal.SIGKILL)
         return victims
 
@@ -791,6 +706,6 @@ class Containerd:
         """SIGKILL :meth:`orphan_shims` (and their containers); returns what was killed."""
         orphans = self.orphan_shims()
         for pid in [*_children_of(list(orphans.values())), *orphans.values()]:
-            with contextlib.suppress(ProcessLookupError):
+            with swallowed(ProcessLookupError, "killing orphan shim %d", pid):
                 os.kill(pid, signal.SIGKILL)
         return orphans

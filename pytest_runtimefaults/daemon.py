@@ -55,11 +55,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_runtimefaults.journal import process_starttime, register_reaper
+from pytest_runtimefaults.core.log import logger, swallowed
+from pytest_runtimefaults.host import proc as host_proc
+from pytest_runtimefaults.journal import Journal, process_starttime, recorded_process_alive
 
 if TYPE_CHECKING:
     from pytest_runtimefaults.faults import FaultRegistry
-    from pytest_runtimefaults.journal import Journal
 
 __all__ = [
     "DEFAULT_FATAL_PATTERNS",
@@ -169,44 +170,33 @@ def _signal_name(sig: int) -> str:
 
 def _session_members(sid: int, not_before: int | None) -> list[int]:
     """PIDs whose session id is *sid* (and which started at or after *not_before*)."""
-    pids: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        # fields[0] is state (field 3): session is field 6, starttime field 22.
-        if int(fields[3]) != sid:
-            continue
-        if not_before is not None and int(fields[19]) < not_before:
-            continue
-        pids.append(int(entry))
-    return pids
+    return host_proc.session_members(sid, not_before)
 
 
 def _kill_session(sid: int, starttime: int | None) -> None:
+    spared = host_proc.ancestors()
     for pid in _session_members(sid, starttime):
-        with contextlib.suppress(ProcessLookupError):
+        if pid in spared:
+            continue  # never the reaper itself or what runs it, whatever a journal says
+        with swallowed(ProcessLookupError, "killing %d of session %d", pid, sid):
             os.kill(pid, signal.SIGKILL)
 
 
 def _reap_daemon(record: dict[str, Any]) -> None:
-    """Journal reaper for kind ``daemon``: its leader and its whole session."""
-    pid, starttime = int(record["pid"]), record.get("starttime")
-    if starttime is None:
-        # Without its start time a PID may since belong to a stranger: never kill it.
-        return
-    if process_starttime(pid) == starttime:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    _kill_session(pid, starttime)
+    """Journal reaper for kind ``daemon``: its leader and its whole session.
 
-
-register_reaper("daemon", _reap_daemon)
+    Only if the leader is recognisably the recorded daemon (same start time and
+    command line; :func:`~pytest_runtimefaults.journal.recorded_process_alive`),
+    or gone: a session whose id is a PID now held by a stranger is not ours.
+    """
+    # Raises RefusedToReap for PID 1, an ancestor, a missing start time or command
+    # line, or a PID that now runs something else.
+    if recorded_process_alive(record):
+        with swallowed(ProcessLookupError, "killing daemon %s", record["pid"]):
+            os.kill(int(record["pid"]), signal.SIGKILL)
+    elif process_starttime(int(record["pid"])) is not None and host_proc.alive(int(record["pid"])):
+        return  # the PID is a stranger's now: so is a session with its id
+    _kill_session(int(record["pid"]), int(record["starttime"]))
 
 
 # --- the harness ---------------------------------------------------------------
@@ -268,7 +258,9 @@ class Daemon:
         self.stop_signal = stop_signal
         self.stop_timeout = stop_timeout
         self.fatal_patterns = [re.compile(p, re.MULTILINE) for p in fatal_patterns]
-        self.journal = journal
+        # Journaled by default (the journal `runtimefaults cleanup` reads): a
+        # plain script killed half-way leaves nothing the next run cannot reap.
+        self.journal = journal if journal is not None else Journal.default()
         self.registry = registry
         self.die_with_parent = die_with_parent
         self.keep_logs = keep_logs
@@ -278,8 +270,8 @@ class Daemon:
             log_path = os.path.join(self._own_dir, "daemon.log")
         self.log_path = Path(log_path)
         self._dir_journal_id: int | None = None
-        if self._own_dir is not None and journal is not None:
-            self._dir_journal_id = journal.add("path", path=self._own_dir)
+        if self._own_dir is not None:
+            self._dir_journal_id = self.journal.add("path", path=self._own_dir)
         self.runs: list[Run] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._journal_ids: dict[int, int] = {}  # pid -> journal id
@@ -390,7 +382,7 @@ class Daemon:
                 log.flush()
                 offset = log.tell()
                 argv = (_pdeathsig_argv() if self.die_with_parent else []) + self.argv
-                proc = subprocess.Popen(
+                popen = subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -400,13 +392,15 @@ class Daemon:
                     start_new_session=True,
                 )
             # Recorded before anything else can raise, so stop() always finds it.
-            self._proc = proc
-            run = Run(number, proc.pid, time.monotonic(), offset, process_starttime(proc.pid))
+            self._proc = popen
+            run = Run(number, popen.pid, time.monotonic(), offset, process_starttime(popen.pid))
             self.runs.append(run)
-            if self.journal is not None:
-                self._journal_ids[proc.pid] = self.journal.add(
-                    "daemon", name=self.name, pid=proc.pid, starttime=run.starttime
-                )
+            # The command line it runs once setpriv has exec'd it: the reaper
+            # kills the PID only while it still runs this.
+            self._journal_ids[popen.pid] = self.journal.add(
+                "daemon", name=self.name, pid=popen.pid, starttime=run.starttime,
+                cmdline=self.argv,
+            )  # fmt: skip
 
     def start(self, *, wait: bool = True, timeout: float | None = None) -> float | None:
         """Start an instance (no-op if one is running); wait until it serves.
@@ -445,6 +439,8 @@ class Daemon:
                 if not self.ready_probe():
                     return False
             except Exception:
+                # A probe that raises means "not ready yet": logged, polled again.
+                logger.debug("%s: readiness probe raised", self.name, exc_info=True)
                 return False
         return True
 
@@ -513,7 +509,7 @@ class Daemon:
                 raise DaemonError(f"{self.name} is not running: nothing to kill")
             run.killed_at = time.monotonic()
             run.kill_signal = sig
-            with contextlib.suppress(ProcessLookupError):
+            with swallowed(ProcessLookupError, "killing %s", self.name):
                 if group:
                     os.killpg(proc.pid, sig)
                 else:
@@ -580,7 +576,7 @@ class Daemon:
 
     def _release(self, pid: int) -> None:
         rid = self._journal_ids.pop(pid, None)
-        if rid is not None and self.journal is not None:
+        if rid is not None:
             self.journal.release(rid)
 
     def _stop_current(self) -> None:
@@ -588,12 +584,12 @@ class Daemon:
         if proc is None:
             return
         if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
+            with swallowed(ProcessLookupError, "signalling %s", self.name):
                 proc.send_signal(self.stop_signal)
             try:
                 proc.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
+                with swallowed(ProcessLookupError, "killing %s", self.name):
                     proc.kill()
                 proc.wait()
         # Whatever the instance started in its session goes with it.
@@ -627,7 +623,7 @@ class Daemon:
             self._closed = True
             # A start may be under way on the spawner thread: let it finish so
             # its process is known and ended here.
-        with contextlib.suppress(Exception):
+        with swallowed(Exception, "waiting for a start under way on the spawner"):
             _spawn_executor().submit(lambda: None).result(timeout=10)
         with self._lock:
             try:
@@ -637,8 +633,9 @@ class Daemon:
                     _kill_session(run.pid, run.starttime)
                     self._release(run.pid)
                 if self._own_dir is not None and not self.keep_logs:
-                    shutil.rmtree(self._own_dir, ignore_errors=True)
-                if self._dir_journal_id is not None and self.journal is not None:
+                    with swallowed(OSError, "removing %s", self._own_dir):
+                        shutil.rmtree(self._own_dir)
+                if self._dir_journal_id is not None:
                     self.journal.release(self._dir_journal_id)
                     self._dir_journal_id = None
 

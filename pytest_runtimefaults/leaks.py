@@ -5,8 +5,11 @@ test and one after: whatever appears only in the second one was left behind.
 Each function here returns a ``set[str]`` naming resources so that it can be
 handed straight to :meth:`FaultRegistry.add_leak_check
 <pytest_runtimefaults.faults.FaultRegistry.add_leak_check>`; they read
-``/proc`` and ``/sys`` directly (no subprocess), so a snapshot costs well under
-a millisecond and can be polled while a runtime settles.
+``/proc`` (through psutil, :mod:`pytest_runtimefaults.host.proc`) and ``/sys``
+directly (no subprocess), so a snapshot costs a few milliseconds and can be
+polled while a runtime settles.  :func:`open_fds` reads ``/proc/PID/fd``
+itself: psutil lists only regular files (``open_files``) or counts
+(``num_fds``), and a leak check needs every target (``socket:[inode]``...).
 
 Example::
 
@@ -26,8 +29,12 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+
+from pytest_runtimefaults.host import proc as host_proc
+
+# The mount table moved to host.mounts; re-exported here, where it was.
+from pytest_runtimefaults.host.mounts import MountEntry, mount_table
 
 __all__ = [
     "LEAK_KINDS",
@@ -61,58 +68,6 @@ LEAK_KINDS = (
 NETNS_DIR = Path("/run/netns")
 
 
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of ``/proc/PID/mountinfo``: where, what, and read-only or not."""
-
-    mount_id: int
-    target: str
-    fstype: str
-    source: str
-    mount_options: tuple[str, ...]
-    super_options: tuple[str, ...]
-
-    @property
-    def readonly(self) -> bool:
-        """True if the mount *or* its superblock is read-only."""
-        return "ro" in self.mount_options or "ro" in self.super_options
-
-
-def mount_table(pid: int | str = "self") -> list[MountEntry]:
-    """Parse ``/proc/PID/mountinfo`` (see proc(5))."""
-    entries: list[MountEntry] = []
-    with open(f"/proc/{pid}/mountinfo") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) < 6 or len(rfields) < 3:
-                continue
-            entries.append(
-                MountEntry(
-                    mount_id=int(fields[0]),
-                    target=_unescape_mountinfo(fields[4]),
-                    fstype=rfields[0],
-                    source=_unescape_mountinfo(rfields[1]),
-                    mount_options=tuple(fields[5].split(",")),
-                    super_options=tuple(rfields[2].split(",")),
-                )
-            )
-    return entries
-
-
 def mounts(under: str | os.PathLike[str] = "/", pid: int | str = "self") -> set[str]:
     """Mount points at or below *under*, as ``"target fstype ro|rw"``.
 
@@ -130,11 +85,8 @@ def mounts(under: str | os.PathLike[str] = "/", pid: int | str = "self") -> set[
 
 
 def _zombie(pid: int | str) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except (OSError, IndexError):
-        return True  # gone: as good as reaped
+    """True for a zombie, and for a process that is gone (as good as reaped)."""
+    return not host_proc.alive(int(pid))
 
 
 def child_processes(pid: int, *, include_zombies: bool = False) -> set[str]:
@@ -143,21 +95,10 @@ def child_processes(pid: int, *, include_zombies: bool = False) -> set[str]:
     Zombies (exited, not yet waited for) are left out unless asked for: they
     hold no resources but a PID, and a parent that waits late is not a leak.
     """
-    found: set[str] = set()
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                children = f.read().split()
-        except OSError:
-            continue
-        for child in children:
-            if include_zombies or not _zombie(child):
-                found.add(f"{child} {_comm(int(child))}")
-    return found
+    return {
+        f"{child} {_comm(child)}"
+        for child in host_proc.children(pid, include_zombies=include_zombies)
+    }
 
 
 def descendant_processes(pid: int) -> set[str]:
@@ -173,11 +114,7 @@ def descendant_processes(pid: int) -> set[str]:
 
 
 def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
+    return host_proc.comm(pid)
 
 
 def processes_by_exe(name: str, *, include_zombies: bool = False) -> set[str]:
@@ -187,17 +124,10 @@ def processes_by_exe(name: str, *, include_zombies: bool = False) -> set[str]:
     matched by its ``comm``; zombies are left out unless asked for.
     """
     found: set[str] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            exe = os.readlink(f"/proc/{entry}/exe").removesuffix(" (deleted)")
-        except OSError:
-            exe = _comm(int(entry))
-        if (exe == name or os.path.basename(exe) == name) and (
-            include_zombies or not _zombie(entry)
-        ):
-            found.add(f"{entry} {name}")
+    for pid in host_proc.pids():
+        exe = host_proc.exe(pid) or _comm(pid)
+        if (exe == name or os.path.basename(exe) == name) and (include_zombies or not _zombie(pid)):
+            found.add(f"{pid} {name}")
     return found
 
 
@@ -209,20 +139,11 @@ def processes_with_arg(text: str, *, include_zombies: bool = False) -> set[str]:
     unique ``--root``, a container id, a socket path) keeps the check to the
     test's own processes.
     """
-    needle = text.encode()
-    me = os.getpid()
     found: set[str] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if needle in cmdline and (include_zombies or not _zombie(entry)):
-            argv0 = cmdline.split(b"\0", 1)[0].decode(errors="replace")
-            found.add(f"{entry} {os.path.basename(argv0)}")
+    for pid in host_proc.pids_with_arg(text):
+        if include_zombies or not _zombie(pid):
+            argv = host_proc.cmdline(pid) or [""]
+            found.add(f"{pid} {os.path.basename(argv[0])}")
     return found
 
 

@@ -25,7 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_runtimefaults import naming
+from pytest_runtimefaults.core.log import swallowed
 
 if TYPE_CHECKING:
     from pytest_runtimefaults.journal import Journal
@@ -65,14 +65,19 @@ DEFAULT_CNI_PATH = "/usr/lib/cni"
 class NetNS:
     """A named network namespace (``/var/run/netns/NAME``) owned by the caller.
 
-    ``start()`` creates it through pyroute2 and journals it; ``stop()`` removes
+    ``start()`` journals it and creates it through pyroute2; ``stop()`` removes
     it, which also destroys every link inside it (a veth whose peer lives
-    elsewhere disappears with its peer).  Both are idempotent.
+    elsewhere disappears with its peer).  Both are idempotent.  Without a
+    *journal*, the default one (:meth:`Journal.default
+    <pytest_runtimefaults.journal.Journal.default>`, read by ``runtimefaults
+    cleanup``) records it, so a killed script's namespace is reaped too.
     """
 
     def __init__(self, name: str | None = None, *, journal: Journal | None = None) -> None:
+        from pytest_runtimefaults.journal import Journal
+
         self.name = name or naming.unique_name("rfns")
-        self.journal = journal
+        self.journal = journal if journal is not None else Journal.default()
         self._rid: int | None = None
         self._created = False
 
@@ -85,10 +90,16 @@ class NetNS:
             return self
         from pyroute2 import netns
 
-        netns.create(self.name)
+        # Journaled first: a kill between the two steps leaves a record of a
+        # namespace that may not exist (harmless) rather than the reverse.
+        self._rid = self.journal.add("netns", name=self.name)
+        try:
+            netns.create(self.name)
+        except BaseException:
+            self.journal.release(self._rid)
+            self._rid = None
+            raise
         self._created = True
-        if self.journal is not None:
-            self._rid = self.journal.add("netns", name=self.name)
         return self
 
     def stop(self) -> None:
@@ -96,10 +107,10 @@ class NetNS:
             return
         from pyroute2 import netns
 
-        with contextlib.suppress(FileNotFoundError, OSError):
+        with swallowed(OSError, "removing netns %s", self.name):
             netns.remove(self.name)
         self._created = False
-        if self.journal is not None and self._rid is not None:
+        if self._rid is not None:
             self.journal.release(self._rid)
             self._rid = None
 

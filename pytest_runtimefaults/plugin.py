@@ -20,7 +20,12 @@ from pytest_runtimefaults import caps
 from pytest_runtimefaults._keys import ENV_KEY, FAULTS_KEY, JOURNAL_KEY, SEED_KEY, STRICT_KEY
 from pytest_runtimefaults.faults import FaultRegistry
 from pytest_runtimefaults.fixtures._common import option, option_int
-from pytest_runtimefaults.journal import Journal, default_state_dir, reap_dead_owners
+from pytest_runtimefaults.journal import (
+    Journal,
+    StateDirError,
+    default_state_dir,
+    reap_dead_owners,
+)
 
 pytest_plugins = [
     "pytest_runtimefaults.fixtures.dbus",
@@ -104,7 +109,13 @@ def pytest_configure(config: pytest.Config) -> None:
     journal = Journal(state_dir or default_state_dir())
     config.stash[JOURNAL_KEY] = journal
     if not _is_worker(config) and not config.option.runtimefaults_no_reap:
-        _reap(config, journal, "killed run(s)")
+        try:
+            _reap(config, journal, "killed run(s)")
+        except StateDirError as exc:
+            # A UsageError raised in pytest_configure is shown as a traceback;
+            # pytest.exit prints the one line and exits with the usage code.
+            del config.stash[JOURNAL_KEY]  # nor reaped again at unconfigure
+            pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -113,11 +124,12 @@ def _is_worker(config: pytest.Config) -> bool:
 
 def _reap(config: pytest.Config, journal: Journal, whose: str) -> None:
     result = reap_dead_owners(journal.state_dir)
-    if result.reaped or result.errors:
+    if result.reaped or result.errors or result.warnings:
         message = (
             f"runtimefaults reaped {len(result.reaped)} resource(s) left by "
             f"{result.journals} {whose} (journals in {journal.state_dir})"
             + (f"; errors: {result.errors[:3]}" if result.errors else "")
+            + (f"; warnings: {result.warnings[:3]}" if result.warnings else "")
         )
         config.issue_config_time_warning(pytest.PytestWarning(message), stacklevel=2)
 

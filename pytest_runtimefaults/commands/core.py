@@ -34,12 +34,22 @@ def _doctor(args: argparse.Namespace) -> int:
         if not cap.ok:
             print(f"{'':8} {'':{width}}  needed by: {cap.needed_by}")
             print(f"{'':8} {'':{width}}  fix: {cap.remedy}")
-    from pytest_runtimefaults.journal import default_state_dir, reap_dead_owners
+    from pytest_runtimefaults.journal import StateDirError, default_state_dir, reap_dead_owners
 
-    pending = reap_dead_owners(dry_run=True)
-    if pending.reaped:
+    try:
+        pending = reap_dead_owners(dry_run=True)
+    except StateDirError as exc:
+        print(f"\nMISSING  journal: {exc}")
+        return 1
+    for warning in pending.warnings:
+        print(f"warning: {warning}")
+    for error in pending.errors:
+        print(f"would refuse: {error}")
+    # Refused records are left by killed runs too: counted, and listed above.
+    left = len(pending.reaped) + len(pending.errors)
+    if left:
         print(
-            f"\n{len(pending.reaped)} resource(s) left by {pending.journals} killed run(s) in "
+            f"\n{left} resource(s) left by {pending.journals} killed run(s) in "
             f"{default_state_dir()}: run `runtimefaults cleanup` (or any pytest run) to undo them"
         )
     if not missing:
@@ -58,9 +68,15 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
-    from pytest_runtimefaults.journal import reap_dead_owners
+    from pytest_runtimefaults.journal import StateDirError, reap_dead_owners
 
-    result = reap_dead_owners(args.state_dir, dry_run=args.dry_run)
+    try:
+        result = reap_dead_owners(args.state_dir, dry_run=args.dry_run)
+    except StateDirError as exc:
+        print(f"error: {exc}")
+        return 2
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     verb = "would reap" if args.dry_run else "reaped"
     for record in result.reaped:
         fields = {k: v for k, v in record.items() if k not in ("op", "id", "kind")}

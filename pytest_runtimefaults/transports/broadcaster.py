@@ -295,7 +295,9 @@ class Broadcaster:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="rf-bcast-"))
         self.socket_path = str(self.directory / "events.sock")
         self.log_path = self.directory / "broadcaster.log"
-        self.journal = journal
+        # Journaled by default (the journal `runtimefaults cleanup` reads): a
+        # killed script's server process and directory are reaped too.
+        self.journal = journal if journal is not None else Journal.default()
         self.process: subprocess.Popen[bytes] | None = None
         self._rids: list[int] = []
 
@@ -314,7 +316,7 @@ class Broadcaster:
     def start(self, timeout: float = 10.0) -> None:
         if self.process is not None:
             return
-        if self.journal is not None and self._own_dir:
+        if self._own_dir:
             self._rids.append(self.journal.add("path", path=str(self.directory)))
         with swallowed(FileNotFoundError, "removing an old socket %s", self.socket_path):
             os.unlink(self.socket_path)
@@ -324,8 +326,7 @@ class Broadcaster:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
             )
-        if self.journal is not None:
-            self._rids.append(self.journal.add_process(self.process.pid))
+        self._rids.append(self.journal.add_process(self.process.pid, cmdline=argv))
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -392,10 +393,10 @@ class Broadcaster:
         with swallowed(FileNotFoundError, "removing the socket %s", self.socket_path):
             os.unlink(self.socket_path)
         if self._own_dir and self.directory.exists():
-            shutil.rmtree(self.directory, ignore_errors=True)
-        if self.journal is not None:
-            for rid in self._rids:
-                self.journal.release(rid)
+            with swallowed(OSError, "removing %s", self.directory):
+                shutil.rmtree(self.directory)
+        for rid in self._rids:
+            self.journal.release(rid)
         self._rids.clear()
 
 
