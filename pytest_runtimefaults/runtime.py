@@ -215,14 +215,14 @@ class Runtime:
         self.dbus_address = dbus_address
         self.extra_env = dict(env or {})
         self.timeout = timeout
-        self.journal = journal
+        self.journal = journal if journal is not None else Journal.default()
         self._rid: int | None = None
         # Inside a SystemdSandbox /run is the sandbox's own tmpfs: the state goes with it.
         self._host_root = not getattr(sandbox, "private_run", False)
         if root is None:
             root = f"/run/runtimefaults-{unique_name('rt')}"
-            if self._host_root and journal is not None:
-                self._rid = journal.add("path", path=root)
+            if self._host_root:
+                self._rid = self.journal.add("path", path=root)
         else:
             self._host_root = False  # the user's directory: never removed
         self.root = root
