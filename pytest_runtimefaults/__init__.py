@@ -30,31 +30,34 @@ _LAZY: dict[str, str] = {
     "DBusFaultProxy": "pytest_runtimefaults.dbus.proxy",
     "Daemon": "pytest_runtimefaults.daemon",
     "DaemonWatch": "pytest_runtimefaults.subscribers",
-    "Delay": "pytest_runtimefaults.dbus.rules",
-    "Disconnect": "pytest_runtimefaults.dbus.rules",
-    "Drop": "pytest_runtimefaults.dbus.rules",
-    "Duplicate": "pytest_runtimefaults.dbus.rules",
-    "ErrorReply": "pytest_runtimefaults.dbus.rules",
+    "Delay": "pytest_runtimefaults.dbus.actions",
+    "Disconnect": "pytest_runtimefaults.dbus.actions",
+    "Drop": "pytest_runtimefaults.dbus.actions",
+    "Duplicate": "pytest_runtimefaults.dbus.actions",
+    "ErrorReply": "pytest_runtimefaults.dbus.actions",
+    "Fault": "pytest_runtimefaults.core.fault",
+    "FaultBase": "pytest_runtimefaults.core.fault",
     "FaultRegistry": "pytest_runtimefaults.faults",
-    "FlipByteOrder": "pytest_runtimefaults.dbus.rules",
+    "FlipByteOrder": "pytest_runtimefaults.dbus.actions",
     "Journal": "pytest_runtimefaults.journal",
-    "Match": "pytest_runtimefaults.dbus.rules",
+    "Match": "pytest_runtimefaults.dbus.match",
     "PrivateBus": "pytest_runtimefaults.dbus.bus",
-    "Reorder": "pytest_runtimefaults.dbus.rules",
-    "Rule": "pytest_runtimefaults.dbus.rules",
+    "Reorder": "pytest_runtimefaults.dbus.actions",
+    "Rule": "pytest_runtimefaults.dbus.actions",
     "Runtime": "pytest_runtimefaults.runtime",
     "RuntimeResult": "pytest_runtimefaults.runtime",
-    "Serials": "pytest_runtimefaults.dbus.rules",
-    "SignalBeforeReply": "pytest_runtimefaults.dbus.rules",
-    "SplitMessage": "pytest_runtimefaults.dbus.rules",
+    "Serials": "pytest_runtimefaults.dbus.serials",
+    "SignalBeforeReply": "pytest_runtimefaults.dbus.actions",
+    "SplitMessage": "pytest_runtimefaults.dbus.actions",
     "StaleSocket": "pytest_runtimefaults.sockets",
-    "StrayReply": "pytest_runtimefaults.dbus.rules",
+    "StrayReply": "pytest_runtimefaults.dbus.actions",
     "Swarm": "pytest_runtimefaults.subscribers",
     "SystemdInspector": "pytest_runtimefaults.systemd",
     "SystemdSandbox": "pytest_runtimefaults.systemd",
     "TornWriteWatcher": "pytest_runtimefaults.cni",
+    "ThreadedFault": "pytest_runtimefaults.core.fault",
     "TraceEntry": "pytest_runtimefaults.dbus.trace",
-    "parse_rule": "pytest_runtimefaults.dbus.rules",
+    "parse_rule": "pytest_runtimefaults.dbus.grammar",
     "safe_bind": "pytest_runtimefaults.sockets",
 }
 
@@ -72,6 +75,8 @@ __all__ = [
     "Drop",
     "Duplicate",
     "ErrorReply",
+    "Fault",
+    "FaultBase",
     "FaultRegistry",
     "FlipByteOrder",
     "Journal",
@@ -89,6 +94,7 @@ __all__ = [
     "Swarm",
     "SystemdInspector",
     "SystemdSandbox",
+    "ThreadedFault",
     "TornWriteWatcher",
     "TraceEntry",
     "__version__",
@@ -99,25 +105,26 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from pytest_runtimefaults.cni import CniDir, CriPods, TornWriteWatcher
     from pytest_runtimefaults.containerd import Containerd
+    from pytest_runtimefaults.core.fault import Fault, FaultBase, ThreadedFault
     from pytest_runtimefaults.daemon import Daemon
-    from pytest_runtimefaults.dbus.bus import PrivateBus
-    from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
-    from pytest_runtimefaults.dbus.rules import (
+    from pytest_runtimefaults.dbus.actions import (
         Delay,
         Disconnect,
         Drop,
         Duplicate,
         ErrorReply,
         FlipByteOrder,
-        Match,
         Reorder,
         Rule,
-        Serials,
         SignalBeforeReply,
         SplitMessage,
         StrayReply,
-        parse_rule,
     )
+    from pytest_runtimefaults.dbus.bus import PrivateBus
+    from pytest_runtimefaults.dbus.grammar import parse_rule
+    from pytest_runtimefaults.dbus.match import Match
+    from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
+    from pytest_runtimefaults.dbus.serials import Serials
     from pytest_runtimefaults.dbus.trace import TraceEntry
     from pytest_runtimefaults.faults import FaultRegistry
     from pytest_runtimefaults.journal import Journal

@@ -40,9 +40,10 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
+from pytest_runtimefaults.core.log import swallowed
+from pytest_runtimefaults.host import proc as host_proc
 from pytest_runtimefaults.journal import Journal
 from pytest_runtimefaults.naming import unique_name
 
@@ -214,14 +215,14 @@ class Runtime:
         self.dbus_address = dbus_address
         self.extra_env = dict(env or {})
         self.timeout = timeout
-        self.journal = journal
+        self.journal = journal if journal is not None else Journal.default()
         self._rid: int | None = None
         # Inside a SystemdSandbox /run is the sandbox's own tmpfs: the state goes with it.
         self._host_root = not getattr(sandbox, "private_run", False)
         if root is None:
             root = f"/run/runtimefaults-{unique_name('rt')}"
-            if self._host_root and journal is not None:
-                self._rid = journal.add("path", path=root)
+            if self._host_root:
+                self._rid = self.journal.add("path", path=root)
         else:
             self._host_root = False  # the user's directory: never removed
         self.root = root
@@ -373,10 +374,11 @@ class Runtime:
 
     def close(self) -> None:
         """Delete leftover containers and the state directory (host runs)."""
-        with contextlib.suppress(Exception):
+        with swallowed(Exception, "deleting the leftover containers of %s", self.root):
             self.cleanup()
         if self._host_root:
-            shutil.rmtree(self.root, ignore_errors=True)
+            with swallowed(OSError, "removing the runtime state directory %s", self.root):
+                shutil.rmtree(self.root)
         if self._rid is not None and self.journal is not None:
             self.journal.release(self._rid)
             self._rid = None
@@ -390,13 +392,7 @@ class Runtime:
     def host_processes(self) -> set[str]:
         """``PID:cmdline`` of host processes mentioning this runtime's state directory."""
         found: set[str] = set()
-        needle = self.root.encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            with contextlib.suppress(OSError):
-                cmdline = (entry / "cmdline").read_bytes()
-                if needle in cmdline:
-                    text = cmdline.replace(b"\0", b" ").decode(errors="replace")
-                    found.add(f"{entry.name}:{text[:120]}")
+        for pid in host_proc.pids_with_arg(str(self.root)):
+            text = " ".join(host_proc.cmdline(pid) or [])
+            found.add(f"{pid}:{text[:120]}")
         return found

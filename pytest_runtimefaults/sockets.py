@@ -351,7 +351,7 @@ class StaleSocket(FaultBase):
         self.variant = variant
         self.expected = EXPECTED[variant]
         self.rng = rng or random.Random(0)
-        self.journal = journal
+        self.journal = journal if journal is not None else _default_journal()
         self.registry = registry
         self.token = f"{self.rng.getrandbits(64):016x}"
         self._own_dir: str | None = None
@@ -657,3 +657,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _default_journal() -> Journal:
+    """The default journal (``runtimefaults cleanup`` reads it): classes journal
+    what they create even when no fixture handed them one."""
+    from pytest_runtimefaults.journal import Journal
+
+    return Journal.default()

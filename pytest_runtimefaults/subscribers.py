@@ -43,7 +43,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 import queue
 import random
 import re
@@ -54,8 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from pytest_runtimefaults import leaks
 from pytest_runtimefaults.core.fault import FaultBase
 from pytest_runtimefaults.core.log import logger, swallowed
+from pytest_runtimefaults.host import proc
 from pytest_runtimefaults.journal import process_starttime
 
 __all__ = [
@@ -893,25 +894,14 @@ class DaemonWatch:
         start = process_starttime(self.pid)
         if start is None or (self.starttime is not None and start != self.starttime):
             return False
-        try:
-            status = Path(f"/proc/{self.pid}/status").read_text()
-        except OSError:
-            return False
-        return not re.search(r"^State:\s+[ZX]", status, re.M)
+        return proc.alive(self.pid)
 
     def fds(self) -> set[str]:
-        """The daemon's open descriptors as ``"N -> target"`` strings."""
-        out: set[str] = set()
-        base = Path(f"/proc/{self.pid}/fd")
+        """The daemon's open descriptors as ``"N -> target"`` strings (none once it is gone)."""
         try:
-            entries = list(base.iterdir())
-        except OSError:
-            return out
-        for p in entries:
-            # A descriptor closed between the listing and the readlink.
-            with swallowed(OSError, "reading %s", p):
-                out.add(f"{p.name} -> {os.readlink(p)}")
-        return out
+            return leaks.open_fds(self.pid)
+        except ProcessLookupError:
+            return set()
 
     def baseline(self) -> None:
         """Record the start time, open fds, goroutines and log position now."""

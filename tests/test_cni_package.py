@@ -90,7 +90,7 @@ def test_every_old_name_is_importable_from_the_package() -> None:
         cni.nothing  # noqa: B018
 
 
-def test_importing_the_package_loads_only_the_cgroup_module() -> None:
+def test_importing_the_package_loads_none_of_its_modules() -> None:
     code = (
         "import sys, pytest_runtimefaults.cni\n"
         "print(sorted(m for m in sys.modules if m.startswith('pytest_runtimefaults.cni.')"
@@ -99,24 +99,23 @@ def test_importing_the_package_loads_only_the_cgroup_module() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip() == "['pytest_runtimefaults.cni.cgroups']"
+    assert out.strip() == "[]"
 
 
-def test_the_cgroup_tree_reaper_is_registered_once_from_its_own_module() -> None:
-    # Imported every way a process might: the plugin, the package, the fixtures.
+def test_the_cgroup_tree_reaper_is_in_the_journals_table_and_nowhere_else() -> None:
+    # Resolved from the table in a fresh process that imported nothing of the
+    # CNI family: no module has to be imported for its side effect.
     code = (
-        "import pytest_runtimefaults.plugin, pytest_runtimefaults.fixtures.cni\n"
-        "import pytest_runtimefaults.cni, pytest_runtimefaults.cni.podman\n"
         "from pytest_runtimefaults import journal\n"
-        "print(journal._REAPERS['cgroup-tree'].__module__, journal._REAPER_MODULES['cgroup-tree'])"
+        "fn = journal._reaper_for('cgroup-tree')\n"
+        "print(fn.__module__, fn.__name__)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert out.split() == ["pytest_runtimefaults.cni.cgroups"] * 2
+    assert out.split() == ["pytest_runtimefaults.cni.cgroups", "_reap_cgroup_tree"]
     sources = [*PACKAGE.glob("*.py"), FIXTURES]
-    calls = sum(p.read_text().count('register_reaper("cgroup-tree"') for p in sources)
-    assert calls == 1
+    assert not [p for p in sources if "register_reaper(" in p.read_text()]
 
 
 # --- one fault shape -------------------------------------------------------------

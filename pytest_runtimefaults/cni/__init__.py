@@ -25,10 +25,9 @@ the old ``cni`` module:
   journal's ``cgroup-tree`` reaper;
 * :mod:`~pytest_runtimefaults.cni.busybox`: :func:`busybox_rootfs`.
 
-Names resolve lazily (PEP 562), so importing the package loads only the
-cgroup module (the journal must know the ``cgroup-tree`` kind whenever this
-package is imported, as it was by the old module); protobuf, grpc and
-inotify_simple load with the module that needs them.
+Names resolve lazily (PEP 562), so importing the package loads nothing else;
+protobuf, grpc and inotify_simple load with the module that needs them.  The
+journal finds the ``cgroup-tree`` reaper through its own table.
 
 Example::
 
@@ -46,9 +45,6 @@ from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
-
-# Imported for its side effect: the journal learns the cgroup-tree kind (see above).
-from pytest_runtimefaults.cni import cgroups  # noqa: F401
 
 _MODULES: dict[str, tuple[str, ...]] = {
     "config": (

@@ -6,9 +6,9 @@ uniquely, journaled as kind ``cgroup-tree``.  :func:`kill_cgroup_tree` ends
 exactly those processes (pause and container processes that a SIGKILLed run
 left behind, whose shims are gone) and removes the cgroups, deepest first.
 
-Importing this module teaches the journal the ``cgroup-tree`` kind (the one
-place it is registered), so that a killed run's trees are reaped at the next
-session start and by ``runtimefaults cleanup``.
+The journal's reaper table (``journal.REAPERS``) names :func:`_reap_cgroup_tree`
+for the ``cgroup-tree`` kind, so a killed run's trees are reaped at the next
+session start and by ``runtimefaults cleanup`` without importing this module first.
 
 Example::
 
@@ -19,14 +19,11 @@ Example::
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
 from pytest_runtimefaults.core.log import swallowed
-from pytest_runtimefaults.journal import register_reaper
+from pytest_runtimefaults.host import cgroups
 
 __all__ = ["CGROUP_ROOT", "kill_cgroup_tree"]
 
@@ -46,46 +43,21 @@ def _cgroup_dirs(parent: str) -> list[Path]:
     return [d for d in out if d.is_dir()]
 
 
-def _pids(roots: list[Path]) -> set[int]:
-    pids: set[int] = set()
-    for root in roots:
-        for procs in root.rglob("cgroup.procs"):
-            # A cgroup removed between the walk and the read has no processes left.
-            with swallowed((OSError, ValueError), "reading %s", procs):
-                pids.update(int(x) for x in procs.read_text().split())
-    pids.discard(os.getpid())
-    return pids
-
-
 def kill_cgroup_tree(parent: str, timeout: float = 5.0) -> list[int]:
     """SIGKILL every process under cgroup *parent* in every hierarchy, wait for
     them to go, remove the cgroups (deepest first).  Returns the PIDs killed.
 
     The runtimes under test put containers under a cgroup parent that the
     fixtures name uniquely (``--cgroup-parent``, CRI ``cgroup_parent``), so
-    this ends exactly their processes.
+    this ends exactly their processes (never this process or its ancestors:
+    :func:`pytest_runtimefaults.host.cgroups.kill_tree`).
     """
-    killed: list[int] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = _pids(_cgroup_dirs(parent))
-        if not pids or time.monotonic() > deadline:
-            break
-        for pid in pids:
-            with swallowed(ProcessLookupError, "killing %d (already gone)", pid):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-        time.sleep(0.05)
+    killed = cgroups.kill_tree(_cgroup_dirs(parent), timeout=timeout)
     for root in _cgroup_dirs(parent):
-        subs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        for sub in [*subs, root]:
-            with swallowed(OSError, "removing the cgroup %s", sub):
-                sub.rmdir()
-    return sorted(set(killed))
+        cgroups.remove_tree(root)
+    return killed
 
 
 def _reap_cgroup_tree(record: dict[str, Any]) -> None:
+    """The journal's reaper of kind ``cgroup-tree`` (see ``journal.REAPERS``)."""
     kill_cgroup_tree(str(record["parent"]))
-
-
-register_reaper("cgroup-tree", _reap_cgroup_tree)

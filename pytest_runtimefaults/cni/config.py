@@ -208,7 +208,7 @@ class CniDir:
         self._given_root = Path(root) if root is not None else None
         self.plugin_dir = Path(plugin_dir)
         self.cni_version = cni_version
-        self.journal = journal
+        self.journal = journal if journal is not None else _default_journal()
         self.root = self._given_root or Path("/nonexistent")
         self._rid: int | None = None
         self._started = False
@@ -350,3 +350,11 @@ def whole_files(files: Iterable[Path]) -> dict[str, str | None]:
         except OSError as exc:
             out[path.name] = str(exc)
     return out
+
+
+def _default_journal() -> Journal:
+    """The default journal (``runtimefaults cleanup`` reads it): classes journal
+    what they create even when no fixture handed them one."""
+    from pytest_runtimefaults.journal import Journal
+
+    return Journal.default()

@@ -314,10 +314,8 @@ class CriPods:
         self.pods: list[str] = []
         #: every pod's cgroups go under this unique parent (see :func:`kill_cgroup_tree`)
         self.cgroup_parent = "/" + naming.unique_name("rfcricg", maxlen=40)
-        self.journal = journal
-        self._rid = (
-            journal.add("cgroup-tree", parent=self.cgroup_parent) if journal is not None else None
-        )
+        self.journal = journal if journal is not None else _default_journal()
+        self._rid: int | None = self.journal.add("cgroup-tree", parent=self.cgroup_parent)
 
     def _reach(self, path: str) -> str:
         if not path or self.mount_pid is None:
@@ -416,3 +414,11 @@ def _network_namespace(info: str) -> str:
             if ns["type"] == "network":
                 netns = str(ns.get("path", ""))
     return netns
+
+
+def _default_journal() -> Journal:
+    """The default journal (``runtimefaults cleanup`` reads it): classes journal
+    what they create even when no fixture handed them one."""
+    from pytest_runtimefaults.journal import Journal
+
+    return Journal.default()

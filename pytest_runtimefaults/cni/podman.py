@@ -63,7 +63,7 @@ class CniPodman:
         self.sandbox = sandbox
         self.binary = binary
         self.runtime = runtime
-        self.journal = journal
+        self.journal = journal if journal is not None else _default_journal()
         self.timeout = timeout
         self.directory = Path("/nonexistent")
         #: every container's cgroup goes under this unique parent (removed on stop)
@@ -169,3 +169,11 @@ class CniPodman:
             str(self.rootfs),
             *command,
         )
+
+
+def _default_journal() -> Journal:
+    """The default journal (``runtimefaults cleanup`` reads it): classes journal
+    what they create even when no fixture handed them one."""
+    from pytest_runtimefaults.journal import Journal
+
+    return Journal.default()

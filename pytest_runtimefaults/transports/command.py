@@ -67,7 +67,8 @@ class CommandTransport:
         self.argv = list(argv)
         self.parse = parse
         self.env = dict(env) if env is not None else None
-        self.journal = journal
+        # Journaled by default, so a killed owner's command is reaped.
+        self.journal = journal if journal is not None else Journal.default()
         self.name = name or " ".join(os.path.basename(a) for a in self.argv[:1] + self.argv[-1:])
 
     def subscribe(self) -> Subscription:
