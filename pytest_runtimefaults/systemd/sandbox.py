@@ -40,7 +40,6 @@ from pytest_runtimefaults.host import cgroups as host_cgroups
 from pytest_runtimefaults.host import proc
 from pytest_runtimefaults.journal import Journal, process_starttime
 from pytest_runtimefaults.naming import unique_name
-from pytest_runtimefaults.systemd import launcher
 from pytest_runtimefaults.systemd.cgroups import (
     SANDBOX_CGROUPS,
     CgroupMount,
@@ -51,6 +50,14 @@ from pytest_runtimefaults.systemd.cgroups import (
 from pytest_runtimefaults.systemd.console import _ConsoleDrain
 from pytest_runtimefaults.systemd.errors import SandboxError
 from pytest_runtimefaults.systemd.inspector import SystemdInspector
+from pytest_runtimefaults.systemd.launcher import (
+    GUARD_AWK,
+    LAUNCHER_ENV,
+    cgroup_mount_lines,
+    inner_script,
+    launcher_script,
+    unshare_argv,
+)
 from pytest_runtimefaults.systemd.units import INNER_BUS_PATH, SYSTEMD, install_units
 
 __all__ = ["SystemdSandbox", "describe"]
@@ -191,19 +198,19 @@ class SystemdSandbox:
         assert self.workdir is not None
         install_units(self.workdir, self.extra_units)
         (self.workdir / "console.log").touch()
-        (self.workdir / "guard.awk").write_text(launcher.GUARD_AWK)
+        (self.workdir / "guard.awk").write_text(GUARD_AWK)
 
     def _inner_script(self) -> str:
         """The shell that runs as PID 1 of the new namespaces, then execs systemd.
 
         It checks its cgroup namespace, mounts, checks the mounts
-        (:data:`~pytest_runtimefaults.systemd.launcher.GUARD_AWK`), waits for
+        (:data:`~pytest_runtimefaults.systemd.GUARD_AWK`), waits for
         the host's go (a line on stdin: on cgroup v2 the launcher must leave
         the sandbox's root cgroup first), then execs systemd.
         """
         assert self.workdir is not None
         host_dev = os.stat("/sys/fs/cgroup").st_dev
-        return launcher.inner_script(
+        return inner_script(
             layout=self.layout,
             workdir=self.workdir,
             console=self._console_path(),
@@ -223,10 +230,10 @@ class SystemdSandbox:
 
     def _cgroup_mount_lines(self) -> list[str]:
         """Fresh cgroup mounts for the layout, after ``umount -R /sys/fs/cgroup``."""
-        return launcher.cgroup_mount_lines(self.layout, cgroup_mounts())
+        return cgroup_mount_lines(self.layout, cgroup_mounts())
 
     def _unshare_argv(self) -> list[str]:
-        return launcher.unshare_argv()
+        return unshare_argv()
 
     # -- step 2: cgroups
 
@@ -265,7 +272,7 @@ class SystemdSandbox:
         # Written now: the script names the pty's slave.
         inner = self.workdir / "inner.sh"
         inner.write_text(self._inner_script())
-        script = launcher.launcher_script(procs_files, self._unshare_argv(), inner)
+        script = launcher_script(procs_files, self._unshare_argv(), inner)
         self._log = open(self.workdir / "systemd.log", "wb")  # noqa: SIM115
         go_read, self._go = os.pipe()
         try:
@@ -275,7 +282,7 @@ class SystemdSandbox:
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=dict(launcher.LAUNCHER_ENV),
+                env=dict(LAUNCHER_ENV),
             )
         finally:
             os.close(go_read)
