@@ -105,7 +105,7 @@ REAPERS: dict[str, str] = {
     "daemon": "pytest_runtimefaults.daemon:_reap_daemon",
     "containerd": "pytest_runtimefaults.containerd:_reap_containerd",
     "cgroup-tree": "pytest_runtimefaults.cni.cgroups:_reap_cgroup_tree",
-    "systemd-sandbox-cgroups": "pytest_runtimefaults.systemd:_reap_sandbox_cgroups",
+    "systemd-sandbox-cgroups": "pytest_runtimefaults.systemd.cgroups:_reap_sandbox_cgroups",
 }
 
 #: The prefixes every name the project makes starts with (``naming.unique_name``
