@@ -299,6 +299,7 @@ def test_podman_netavark_stays_in_its_namespace(
     net = netavark_dir.network()
     netavark_dir.write(net)
     host_before = host_network_state()
+    assert "NETAVARK" not in podman_netavark.firewall()  # nothing yet: the check can see them
     bridge = f"{net['network_interface']}:bridge"
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(podman_netavark.run, net["name"], "sleep", "3")
@@ -542,3 +543,81 @@ def test_podman_netavark_network_create_writes_its_file_in_place(
     for name in names:
         assert podman_netavark.podman("network", "rm", name).returncode == 0
     assert not any(p.suffix == ".json" for p in netavark_dir.conf_dir.iterdir())
+
+
+KILLED_TEST = """
+import pathlib, threading, time
+
+def test_hangs(netavark_dir, podman_netavark):
+    net = netavark_dir.network()
+    netavark_dir.write(net)
+    threading.Thread(
+        target=podman_netavark.run, args=(net["name"], "sleep", "120"), daemon=True
+    ).start()
+    bridge = net["network_interface"] + ":bridge"
+    while bridge not in podman_netavark.links():
+        time.sleep(0.05)
+    pathlib.Path({marker!r}).write_text(
+        "\\n".join([netavark_dir.root.as_posix(), podman_netavark.directory.as_posix(),
+                   podman_netavark.netns.name, podman_netavark.cgroup_parent])
+    )
+    time.sleep(120)
+"""
+
+
+@root_only
+def test_a_sigkilled_run_with_a_running_container_is_reaped(pytester: pytest.Pytester) -> None:
+    """pytest SIGKILLed while a netavark container runs: the journal's reaper
+    ends podman, conmon and the container, removes the harness's namespace
+    (its bridge, veth and firewall rules with it) and both directories."""
+    import signal
+    import subprocess
+    import sys
+
+    from pytest_runtimefaults.journal import reap_dead_owners
+
+    marker = pytester.path / "ready"
+    pytester.makepyfile(test_killed=KILLED_TEST.format(marker=str(marker)))
+    state = pytester.path / "state"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "runtimefaults",
+            "-p",
+            "no:cacheprovider",
+            f"--runtimefaults-state-dir={state}",
+            "-q",
+            str(pytester.path),
+        ],
+        cwd=pytester.path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert marker.exists(), "the inner test never got its container up"
+        time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # pytest only: podman and conmon are left as orphans
+        proc.wait(10)
+    nv_root, podman_dir, netns_name, cgroup = marker.read_text().split("\n")
+    result = reap_dead_owners(state)
+    assert result.errors == []
+    kinds = {r["kind"] for r in result.reaped}
+    assert {"netns", "path", "containerd", "cgroup-tree"} <= kinds, result.reaped
+    for path in (nv_root, podman_dir):
+        assert not os.path.exists(path), path
+    assert not os.path.exists(f"/var/run/netns/{netns_name}")
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/{cgroup.strip('/')}"))
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        assert podman_dir.encode() not in cmdline, f"process {pid} left: {cmdline[:200]!r}"
