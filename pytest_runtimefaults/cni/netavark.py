@@ -231,6 +231,11 @@ class NetavarkDir:
         """A bridge network (see :func:`netavark_network` for the keywords)."""
         return netavark_network(name, **kwargs)
 
+    def macvlan(self, master: str, name: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """A macvlan network on *master* (a link in the namespace podman runs in:
+        :meth:`NetavarkPodman.master_link`)."""
+        return netavark_network(name, driver="macvlan", interface=master, **kwargs)
+
     @staticmethod
     def filename(net: Mapping[str, Any]) -> str:
         """``NAME.json``: podman loads a file only if its name is the network's."""
@@ -360,6 +365,7 @@ class NetavarkPodman:
         self._rid: int | None = None
         self._cg_rid: int | None = None
         self._started = False
+        self._masters: set[str] = set()
 
     @property
     def rootfs(self) -> Path:
@@ -476,6 +482,24 @@ class NetavarkPodman:
             *command,
         )
 
+    def master_link(self, name: str | None = None) -> str:
+        """A veth pair in the harness's namespace, both ends up, to be a macvlan
+        master (no ``dummy`` driver is assumed); removed with the namespace."""
+        if self.netns is None:
+            raise RuntimeError("NetavarkPodman is not started: call start() first")
+        name = name or naming.unique_name("rfnm")
+        peer = f"{name}p"[:15]
+        ns = self.netns.name
+        for argv in (
+            ["ip", "-n", ns, "link", "add", name, "type", "veth", "peer", "name", peer],
+            ["ip", "-n", ns, "link", "set", name, "up"],
+            ["ip", "-n", ns, "link", "set", peer, "up"],
+        ):
+            subprocess.run(argv, check=True, capture_output=True, timeout=30)
+        self._masters.add(name)
+        self._masters.add(peer)
+        return name
+
     def links(self) -> set[str]:
         """Links in the harness's namespace (``NAME:KIND``): bridges, veths."""
         from pytest_runtimefaults.netns import list_links
@@ -487,7 +511,11 @@ class NetavarkPodman:
     def leaked_links(self) -> set[str]:
         """veths left in the harness's namespace (a removed container leaves none;
         bridges stay until their namespace goes, as netavark leaves them)."""
-        return {link for link in self.links() if link.endswith(":veth")}
+        return {
+            link
+            for link in self.links()
+            if link.endswith(":veth") and link.split(":")[0] not in self._masters
+        }
 
     def firewall(self) -> str:
         """``iptables-save`` in the harness's namespace (netavark's chains land there)."""
