@@ -475,6 +475,11 @@ class NetavarkPodman:
             *self.ULIMITS,
             "--cgroup-parent",
             self.cgroup_parent,
+            # No pids limit in the spec (podman's default is 2048): nothing here
+            # needs one, and a cgroup2 without the pids controller (a sandbox on
+            # a v1/hybrid host) has no pids.max for runc to write.  0 leaves it
+            # out; -1 still makes runc 1.3 write "max" there and fail.
+            "--pids-limit=0",
             "--network",
             network,
             "--rootfs",
@@ -518,7 +523,9 @@ class NetavarkPodman:
         }
 
     def firewall(self) -> str:
-        """``iptables-save`` in the harness's namespace (netavark's chains land there)."""
+        """The firewall of the harness's namespace, where netavark's rules land:
+        ``iptables-save``/``ip6tables-save`` (netavark 1.4's ``NETAVARK_*``
+        chains) and ``nft list ruleset`` (1.14's ``table inet netavark``)."""
         if self.netns is None:
             return ""
         return _firewall_dump(["nsenter", f"--net={self.netns.path}"])
