@@ -18,6 +18,8 @@ the old ``cni`` module:
 * :mod:`~pytest_runtimefaults.cni.watcher`: :class:`TornWriteWatcher` (inotify);
 * :mod:`~pytest_runtimefaults.cni.namespaces`: :func:`private_state_argv`;
 * :mod:`~pytest_runtimefaults.cni.podman`: :class:`CniPodman`;
+* :mod:`~pytest_runtimefaults.cni.netavark`: podman's netavark backend
+  (:class:`NetavarkDir`, :func:`validate_network`, :class:`NetavarkPodman`);
 * :mod:`~pytest_runtimefaults.cni.containerd`: :func:`containerd_in_sandbox`;
 * :mod:`~pytest_runtimefaults.cni.cri`: the CRI client (:class:`CriPods`,
   :func:`cri_network_status`; needs the ``containerd`` extra);
@@ -58,7 +60,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "whole_files",
         "write_atomic",
     ),
-    "faults": ("DeleteRecreate", "HalfWritten", "HeldHalfWritten", "RacingWriter"),
+    "faults": ("ConfigDir", "DeleteRecreate", "HalfWritten", "HeldHalfWritten", "RacingWriter"),
     "parallel": ("ParallelAdds",),
     "watcher": (
         "IN_CLOEXEC",
@@ -75,6 +77,16 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "namespaces": ("private_state_argv",),
     "podman": ("CniPodman",),
+    "netavark": (
+        "NETAVARK_SUFFIXES",
+        "NetavarkDir",
+        "NetavarkPodman",
+        "find_netavark",
+        "host_network_state",
+        "netavark_network",
+        "netavark_state_argv",
+        "validate_network",
+    ),
     "containerd": ("containerd_in_sandbox",),
     "cri": (
         "CriNetworkStatus",
@@ -104,15 +116,19 @@ __all__ = [
     "IN_MOVED_TO",
     "IN_NONBLOCK",
     "IN_Q_OVERFLOW",
+    "NETAVARK_SUFFIXES",
     "BrokenMode",
     "CniDir",
     "CniPodman",
+    "ConfigDir",
     "CriNetworkStatus",
     "CriPod",
     "CriPods",
     "DeleteRecreate",
     "HalfWritten",
     "HeldHalfWritten",
+    "NetavarkDir",
+    "NetavarkPodman",
     "ParallelAdds",
     "RacingWriter",
     "TornWrite",
@@ -122,10 +138,15 @@ __all__ = [
     "containerd_in_sandbox",
     "cri_network_status",
     "decode_protobuf",
+    "find_netavark",
+    "host_network_state",
     "kill_cgroup_tree",
+    "netavark_network",
+    "netavark_state_argv",
     "next_subnet",
     "private_state_argv",
     "validate_config",
+    "validate_network",
     "wait_cri_network",
     "whole_files",
     "write_atomic",
@@ -155,12 +176,23 @@ if TYPE_CHECKING:  # pragma: no cover
         wait_cri_network,
     )
     from pytest_runtimefaults.cni.faults import (
+        ConfigDir,
         DeleteRecreate,
         HalfWritten,
         HeldHalfWritten,
         RacingWriter,
     )
     from pytest_runtimefaults.cni.namespaces import private_state_argv
+    from pytest_runtimefaults.cni.netavark import (
+        NETAVARK_SUFFIXES,
+        NetavarkDir,
+        NetavarkPodman,
+        find_netavark,
+        host_network_state,
+        netavark_network,
+        netavark_state_argv,
+        validate_network,
+    )
     from pytest_runtimefaults.cni.parallel import ParallelAdds
     from pytest_runtimefaults.cni.podman import CniPodman
     from pytest_runtimefaults.cni.watcher import (

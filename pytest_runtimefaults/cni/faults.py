@@ -10,6 +10,8 @@ thread and raises :class:`~pytest_runtimefaults.core.fault.FaultThreadError`
 if it is still running after the join (the files are then *not* rewritten, as
 the thread may still be writing them) or if it failed (its error is chained).
 Timing choices (chunk sizes, pauses) come from a seeded ``random.Random``.
+They work on any :class:`ConfigDir` (a CNI conf dir, podman's netavark
+network dir).
 
 Example::
 
@@ -30,11 +32,11 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 from pytest_runtimefaults.cni.config import (
     BROKEN_MODES,
     BrokenMode,
-    CniDir,
     Content,
     broken_bytes,
     encode,
@@ -43,7 +45,27 @@ from pytest_runtimefaults.cni.config import (
 from pytest_runtimefaults.core.fault import FaultBase, ThreadedFault
 from pytest_runtimefaults.core.log import swallowed
 
-__all__ = ["DeleteRecreate", "HalfWritten", "HeldHalfWritten", "RacingWriter"]
+__all__ = ["ConfigDir", "DeleteRecreate", "HalfWritten", "HeldHalfWritten", "RacingWriter"]
+
+
+class ConfigDir(Protocol):
+    """What the file faults need of a directory of config files.
+
+    :class:`~pytest_runtimefaults.cni.CniDir` (libcni's conf dir) and
+    :class:`~pytest_runtimefaults.cni.netavark.NetavarkDir` (podman's
+    netavark network dir) both have it.
+    """
+
+    #: names the faults wrote (a torn-write watcher skips them)
+    fault_files: set[str]
+
+    def path(self, filename: str) -> Path:
+        """Where *filename* lives in the directory."""
+        ...
+
+    def remove(self, filename: str) -> None:
+        """Remove *filename* if it is there."""
+        ...
 
 
 class HalfWritten(FaultBase):
@@ -54,7 +76,7 @@ class HalfWritten(FaultBase):
 
     def __init__(
         self,
-        cni: CniDir,
+        cni: ConfigDir,
         filename: str,
         content: Content,
         *,
@@ -126,7 +148,7 @@ class HeldHalfWritten(_FileThread):
 
     def __init__(
         self,
-        cni: CniDir,
+        cni: ConfigDir,
         filename: str,
         content: Content,
         *,
@@ -184,7 +206,7 @@ class DeleteRecreate(_FileThread):
 
     def __init__(
         self,
-        cni: CniDir,
+        cni: ConfigDir,
         filename: str,
         content: Content,
         *,
@@ -239,7 +261,7 @@ class RacingWriter(_FileThread):
 
     def __init__(
         self,
-        cni: CniDir,
+        cni: ConfigDir,
         files: Mapping[str, Content],
         *,
         chunk: tuple[int, int] = (8, 48),

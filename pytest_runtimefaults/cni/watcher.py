@@ -98,8 +98,13 @@ class TornWriteWatcher:
     incomplete; the watcher also reads the file at each event and records
     content that does not parse.  Files written by faults
     (``CniDir.fault_files``) or matched by *ignore* are not the runtime's
-    and are skipped.  ``stop()`` is idempotent; it raises if the watching
-    thread failed or did not end when asked.
+    and are skipped.  *validate* judges a file's content (default: libcni's
+    rule, :func:`~pytest_runtimefaults.cni.validate_config`) and *suffixes*
+    are the names a loader reads (default :data:`CONFIG_SUFFIXES`), so the
+    watcher serves any directory of config files (netavark's: see
+    :meth:`~pytest_runtimefaults.cni.NetavarkDir.watcher`).  ``stop()`` is
+    idempotent; it raises if the watching thread failed or did not end when
+    asked.
     """
 
     directory: Path | str
@@ -108,6 +113,8 @@ class TornWriteWatcher:
     torn: list[TornWrite] = field(default_factory=list)
     events: int = 0
     overflowed: bool = False
+    validate: Callable[[bytes], str | None] = validate_config
+    suffixes: tuple[str, ...] = CONFIG_SUFFIXES
 
     #: how long ``stop()`` waits for the thread before calling it stuck
     join_timeout: float = 10.0
@@ -172,7 +179,7 @@ class TornWriteWatcher:
         self.stop()
 
     def _skipped(self, name: str) -> bool:
-        if not name.endswith(CONFIG_SUFFIXES):
+        if not name.endswith(self.suffixes):
             return True
         if name in self.fault_files:
             return True
@@ -220,7 +227,7 @@ class TornWriteWatcher:
             if content is not None and mask & (
                 IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO
             ):
-                reason = validate_config(content)
+                reason = self.validate(content)
                 if reason is not None:
                     self.torn.append(TornWrite(name, "invalid", event, reason, content, now))
 
