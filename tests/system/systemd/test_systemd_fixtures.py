@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 
@@ -11,8 +10,7 @@ import pytest
 from pytest_runtimefaults import caps
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(shutil.which("runc") is None, reason="apt-get install runc"),
+    pytest.mark.needs("runc"),
     pytest.mark.timeout(120),
 ]
 

@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(180)
 
-PAGE = Path(__file__).parent.parent / "docs" / "recovery.md"
+PAGE = Path(__file__).parents[2] / "docs" / "recovery.md"
 
 
 def _block(language: str) -> str:
