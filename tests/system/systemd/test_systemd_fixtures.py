@@ -78,7 +78,7 @@ def test_bad_cgroup_driver_is_a_usage_error(pytester: pytest.Pytester) -> None:
 @pytest.mark.skipif(shutil.which("youki") is not None, reason="youki is installed here")
 def test_missing_runtime_skips_with_the_package(pytester: pytest.Pytester) -> None:
     # A known runtime this host lacks is a skip; a path that does not exist is a
-    # usage error (tests/test_runtime_option.py).
+    # usage error (tests/plugin/test_runtime_option.py).
     pytester.makepyfile("def test_x(runtime): pass")
     result = pytester.runpytest_subprocess(
         "-p", "runtimefaults", "--runtimefaults-runtime=youki", "-rs"
