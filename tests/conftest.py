@@ -17,6 +17,11 @@ carries this process's tag (:func:`pytest_runtimefaults.naming.process_tag`),
 and one that *disappeared* only when its name is not one test runs and
 runtimes use for transient resources (``rf*``, ``cni*``, ``veth*``...); the
 rest is reported as a warning.
+
+What a test needs from the host is said once, with ``@pytest.mark.needs(...)``
+(see :data:`NEEDS`): the test skips with the reason and the Debian package to
+install, or fails under ``--runtimefaults-strict``.  Every test under
+``tests/system/`` needs root without saying so (``tests/system/conftest.py``).
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ import signal
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pytest_runtimefaults import leaks, naming
+from pytest_runtimefaults.fixtures._common import strict
 from pytest_runtimefaults.journal import process_starttime
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -204,3 +210,92 @@ def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="rf-t-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+# --- what a test needs: one marker, one table ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Need:
+    """One thing a test may need from the host: how to check it, and how to get it."""
+
+    present: Callable[[], bool]
+    remedy: str
+
+
+def _command(name: str, package: str) -> Need:
+    return Need(lambda: shutil.which(name) is not None, f"apt-get install {package}")
+
+
+def _busybox() -> bool:
+    from pytest_runtimefaults.rootfs import find_busybox
+
+    return find_busybox() is not None
+
+
+#: Every name ``@pytest.mark.needs(...)`` accepts.  ``"a|b"`` means either will do.
+NEEDS: dict[str, Need] = {
+    "root": Need(lambda: os.geteuid() == 0, "run the tests as root"),
+    "systemd": Need(lambda: os.access("/lib/systemd/systemd", os.X_OK), "apt-get install systemd"),
+    "cni-plugins": Need(
+        lambda: Path("/usr/lib/cni/bridge").exists(), "apt-get install containernetworking-plugins"
+    ),
+    "busybox-static": Need(_busybox, "apt-get install busybox-static"),
+    "runc": _command("runc", "runc"),
+    "crun": _command("crun", "crun"),
+    "containerd": _command("containerd", "containerd"),
+    "dbus-daemon": _command("dbus-daemon", "dbus-daemon"),
+    "podman": _command("podman", "podman"),
+    "tshark": _command("tshark", "tshark"),
+    "unshare": _command("unshare", "util-linux"),
+}
+
+
+def _choices(item: pytest.Item, name: object) -> list[str]:
+    """The names *name* (``"a"`` or ``"a|b"``) stands for; a usage error if one is unknown."""
+    choices = name.split("|") if isinstance(name, str) else []
+    if not choices or any(c not in NEEDS for c in choices):
+        raise pytest.UsageError(
+            f"{item.nodeid}: @pytest.mark.needs({name!r}): unknown need; "
+            f"known: {', '.join(sorted(NEEDS))} (or 'a|b' for either)"
+        )
+    return choices
+
+
+def _missing(item: pytest.Item) -> list[str]:
+    """What this host lacks of the test's needs, each as ``"NAME (REMEDY)"``."""
+    names = dict.fromkeys(n for mark in item.iter_markers("needs") for n in mark.args)
+    missing: list[str] = []
+    for name in names:
+        choices = _choices(item, name)
+        if not any(NEEDS[c].present() for c in choices):
+            remedy = " or ".join(NEEDS[c].remedy for c in choices)
+            missing.append(f"{' or '.join(choices)} ({remedy})")
+    return missing
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A misspelt need is a usage error at collection, naming the test."""
+    for item in items:
+        for mark in item.iter_markers("needs"):
+            if mark.kwargs:
+                raise pytest.UsageError(
+                    f"{item.nodeid}: @pytest.mark.needs takes names only, not {sorted(mark.kwargs)}"
+                )
+            for name in mark.args:
+                _choices(item, name)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip (fail under ``--runtimefaults-strict``) a test whose needs are not met.
+
+    Runs before any fixture is set up, so a skipped test starts nothing.
+    """
+    missing = _missing(item)
+    if not missing:
+        return
+    reason = "needs " + "; ".join(missing)
+    if strict(item.config):
+        pytest.fail(f"runtimefaults strict mode: {reason}", pytrace=False)
+    pytest.skip(reason)

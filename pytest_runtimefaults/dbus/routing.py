@@ -3,7 +3,7 @@
 The loop in :mod:`pytest_runtimefaults.dbus.proxy` knows a few facts about one
 direction of one connection when bytes arrive, and these functions turn them
 into a :class:`Route`; the loop only carries it out.  No socket, no engine and
-no clock here, so every combination is tested alone (tests/test_dbus_routing.py).
+no clock here, so every combination is tested alone (tests/unit/test_dbus_routing.py).
 
 The facts:
 

@@ -31,10 +31,7 @@ from pytest_runtimefaults.systemd import (
 LAYOUTS = ["unified"] if caps.cgroup_layout() == "v2" else ["hybrid", "legacy", "unified"]
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, cgroups)"),
-    pytest.mark.skipif(
-        not os.access("/lib/systemd/systemd", os.X_OK), reason="apt-get install systemd"
-    ),
+    pytest.mark.needs("systemd"),
     pytest.mark.timeout(60),
 ]
 

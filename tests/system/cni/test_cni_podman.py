@@ -8,7 +8,6 @@ results are tabled in docs/cni.md.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections import Counter
@@ -24,10 +23,7 @@ from pytest_runtimefaults.cni import CniDir, CniPodman, TornWriteWatcher, next_s
 from pytest_runtimefaults.faults import FaultRegistry
 from pytest_runtimefaults.netns import CniSandbox, own_namespaces, snapshot_ipam, snapshot_links
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.timeout(120),
-]
+pytestmark = pytest.mark.timeout(120)
 
 NOT_FOUND = "network not found"
 REASONS = {

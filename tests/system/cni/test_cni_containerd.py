@@ -10,7 +10,6 @@ loaded networks' plugin types.  The results are tabled in docs/cni.md.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -38,10 +37,7 @@ from pytest_runtimefaults.netns import (
     snapshot_links,
 )
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.timeout(60),
-]
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(autouse=True)

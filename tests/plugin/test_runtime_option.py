@@ -70,6 +70,7 @@ def test_a_path_that_is_not_an_executable_file_is_a_usage_error(
         result.stderr.fnmatch_lines([f"*OCI runtime '{spec}' is not an executable file*"])
 
 
+@pytest.mark.needs("root")  # else the skip names root, not the missing runtime
 @pytest.mark.skipif(shutil.which("youki") is not None, reason="youki is installed here")
 def test_a_known_runtime_that_is_not_installed_still_skips_with_how_to_get_it(
     pytester: pytest.Pytester,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-DOCS = "\n".join(p.read_text() for p in (Path(__file__).parent.parent / "docs").rglob("*.md"))
+DOCS = "\n".join(p.read_text() for p in (Path(__file__).parents[2] / "docs").rglob("*.md"))
 
 
 def _pytest_output(tmp_path: Path, *args: str) -> str:

@@ -37,8 +37,7 @@ LIFECYCLES = int(os.environ.get("RUNTIMEFAULTS_LIFECYCLES", "20"))
 STALL_BOUND = 35.0  # seconds: above runc's 30 s wait for JobRemoved
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(not RUNTIMES, reason="apt-get install runc crun"),
+    pytest.mark.needs("runc|crun"),
     pytest.mark.timeout(150),
 ]
 

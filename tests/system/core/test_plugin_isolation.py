@@ -17,7 +17,7 @@ from pytest_runtimefaults.journal import process_starttime
 
 pytestmark = pytest.mark.timeout(180)
 
-CONFTEST = Path(__file__).with_name("conftest.py")
+CONFTEST = Path(__file__).parents[2] / "conftest.py"  # the suite's: tests/conftest.py
 
 HANGING = """
 import os, pathlib, subprocess

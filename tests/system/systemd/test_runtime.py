@@ -31,8 +31,7 @@ LAYOUTS = ["unified"] if caps.cgroup_layout() == "v2" else ["hybrid", "legacy", 
 LIFECYCLES = int(os.environ.get("RUNTIMEFAULTS_LIFECYCLES", "20"))
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(not RUNTIMES, reason="apt-get install runc crun"),
+    pytest.mark.needs("runc|crun"),
     pytest.mark.timeout(120),
 ]
 
@@ -176,7 +175,7 @@ def test_resource_limits_reach_the_containers_cgroup(
         rt.delete("rf-limits", force=True)
 
 
-@pytest.mark.skipif(shutil.which("runc") is None, reason="apt-get install runc")
+@pytest.mark.needs("runc")
 def test_limits_fail_in_a_sandbox_without_the_controllers(rootfs: Path, tmp_path: Path) -> None:
     """What the skip above stands for: runc cannot set a limit its cgroup lacks the file of."""
     from pytest_runtimefaults.systemd import sandbox_controllers

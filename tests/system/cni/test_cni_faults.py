@@ -39,7 +39,7 @@ from pytest_runtimefaults.netns import (
 )
 
 ROOT = os.geteuid() == 0 and Path("/usr/lib/cni/bridge").exists()
-needs_root = pytest.mark.skipif(not ROOT, reason="needs root and the CNI plugins")
+needs_root = pytest.mark.needs("root", "cni-plugins")
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ PATH = "/org/example/RuntimeFaults"
 
 @contextlib.contextmanager
 def service(address: str, name: str = NAME) -> Iterator[subprocess.Popen[str]]:
-    """Run tests/dbus_service.py on *address* until the block ends (killed by PID)."""
+    """Run tests/helpers/dbus_service.py on *address* until the block ends (killed by PID)."""
     proc = subprocess.Popen(
         [sys.executable, SERVICE, address, name],
         stdout=subprocess.PIPE,

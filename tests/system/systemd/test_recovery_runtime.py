@@ -10,15 +10,12 @@ create/delete lifecycle) judges recovery.  The inner suite runs with
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 pytestmark = [
     pytest.mark.timeout(300),
-    pytest.mark.skipif(
-        shutil.which("runc") is None, reason="runc not found (apt-get install runc)"
-    ),
+    pytest.mark.needs("runc"),
 ]
 
 INNER = """

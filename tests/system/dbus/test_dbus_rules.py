@@ -1,7 +1,7 @@
 """Every fault action, through a real dbus-daemon, seen by real clients.
 
 The youki bug class is caught: a client that reads once and takes the first
-METHOD_RETURN (tests/naive_clients.py) passes with no fault and fails every
+METHOD_RETURN (tests/helpers/naive_clients.py) passes with no fault and fails every
 time under SignalBeforeReply, SplitMessage and StrayReply, while jeepney (which
 frames properly and matches reply_serial) passes.  A client with signed 32-bit
 serials fails under Serials; a stalled sender makes a client with a timeout

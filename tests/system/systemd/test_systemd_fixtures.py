@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 
@@ -11,8 +10,7 @@ import pytest
 from pytest_runtimefaults import caps
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(shutil.which("runc") is None, reason="apt-get install runc"),
+    pytest.mark.needs("runc"),
     pytest.mark.timeout(120),
 ]
 
@@ -80,7 +78,7 @@ def test_bad_cgroup_driver_is_a_usage_error(pytester: pytest.Pytester) -> None:
 @pytest.mark.skipif(shutil.which("youki") is not None, reason="youki is installed here")
 def test_missing_runtime_skips_with_the_package(pytester: pytest.Pytester) -> None:
     # A known runtime this host lacks is a skip; a path that does not exist is a
-    # usage error (tests/test_runtime_option.py).
+    # usage error (tests/plugin/test_runtime_option.py).
     pytester.makepyfile("def test_x(runtime): pass")
     result = pytester.runpytest_subprocess(
         "-p", "runtimefaults", "--runtimefaults-runtime=youki", "-rs"

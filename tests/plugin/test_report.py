@@ -57,6 +57,7 @@ def _properties(xml_path: str) -> dict[str, dict[str, str]]:
     return out
 
 
+@pytest.mark.needs("root")  # the report records root: uid 0
 @pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "xdist"])
 def test_json_and_junit_report(pytester: pytest.Pytester, xdist: list[str]) -> None:
     pytester.makepyfile(test_suite=SUITE)
@@ -114,6 +115,7 @@ def test_json_and_junit_report(pytester: pytest.Pytester, xdist: list[str]) -> N
     assert _properties(str(pytester.path / "again.xml"))["test_seed"]["draw"] == draw
 
 
+@pytest.mark.needs("root")  # the header says root uid 0
 def test_header_has_seed_and_capabilities(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_x():\n    pass\n")
     result = pytester.runpytest("-p", "runtimefaults", "--runtimefaults-seed=7")

@@ -11,7 +11,7 @@ import pytest
 
 from pytest_runtimefaults.__main__ import build_parser
 
-CLI_MD = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+CLI_MD = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
 
 
 def _commands() -> set[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -16,11 +15,10 @@ from pytest_runtimefaults.rootfs import (
     build_image_tar,
     build_rootfs,
     bundle_config,
-    find_busybox,
 )
 
 pytestmark = [
-    pytest.mark.skipif(find_busybox() is None, reason="apt-get install busybox-static"),
+    pytest.mark.needs("busybox-static"),
     pytest.mark.timeout(60),
 ]
 
@@ -70,8 +68,7 @@ def test_image_tar_is_a_valid_oci_layout_with_stable_digests(tmp_path: Path) -> 
         assert manifest["layers"][0]["digest"].split(":")[1] in blobs
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-@pytest.mark.skipif(shutil.which("containerd") is None, reason="apt-get install containerd")
+@pytest.mark.needs("containerd")
 def test_ctr_imports_the_image_and_runs_it(tmp_path: Path) -> None:
     from pytest_runtimefaults.containerd import Containerd
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from jeepney import DBusAddress, new_method_call
 from jeepney.low_level import Endianness
 
-#: Where the service of tests/dbus_service.py answers (a harmless method call target).
+#: Where the service of tests/helpers/dbus_service.py answers (a harmless method call target).
 TARGET = DBusAddress(
     "/org/example/RuntimeFaults", "org.example.RuntimeFaults", "org.example.RuntimeFaults"
 )

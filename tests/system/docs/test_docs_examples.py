@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "docs" / "examples").glob("test_*.py"))
+EXAMPLES = sorted((Path(__file__).parents[3] / "docs" / "examples").glob("test_*.py"))
 
 
 def test_examples_exist() -> None:

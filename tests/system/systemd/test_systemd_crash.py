@@ -14,7 +14,6 @@ test never reaps another run's journals.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,11 +32,7 @@ from pytest_runtimefaults.systemd import _own_cgroups, cgroup_mounts, host_cgrou
 LAYOUTS = ["unified"] if caps.cgroup_layout() == "v2" else ["hybrid", "unified"]
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, cgroups)"),
-    pytest.mark.skipif(
-        not os.access("/lib/systemd/systemd", os.X_OK), reason="apt-get install systemd"
-    ),
-    pytest.mark.skipif(shutil.which("runc") is None, reason="apt-get install runc"),
+    pytest.mark.needs("systemd", "runc"),
     pytest.mark.timeout(120),
 ]
 

@@ -1,6 +1,6 @@
 """A small, real D-Bus service for the tests (run as its own process).
 
-    python tests/dbus_service.py ADDRESS [NAME]
+    python tests/helpers/dbus_service.py ADDRESS [NAME]
 
 Owns NAME (default org.example.RuntimeFaults) on the bus at ADDRESS, prints
 ``ready`` and serves on object ``/org/example/RuntimeFaults``, interface

@@ -43,7 +43,7 @@ from pytest_runtimefaults.faults import FaultRegistry
 
 pytestmark = pytest.mark.timeout(180)
 
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+root_only = pytest.mark.needs("root")  # tests/system/ needs it anyway: said here for the reader
 
 NOT_FOUND = "network not found"
 

@@ -186,6 +186,7 @@ def test_mounts_see_cgroup_ro_state_and_netns_links_are_readable() -> None:
     assert isinstance(leaks.netns_names(), set)
 
 
+@pytest.mark.needs("root")  # unshare --mount
 def test_mount_table_unescapes_spaces(tmp_path: Path) -> None:
     """A mount point with a space, in a private mount namespace."""
     target = tmp_path / "with space"

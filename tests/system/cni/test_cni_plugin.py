@@ -12,10 +12,7 @@ import pytest
 
 from pytest_runtimefaults import naming
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
-    pytest.mark.timeout(120),
-]
+pytestmark = pytest.mark.timeout(120)
 
 
 def test_fixtures_are_listed_with_their_docstrings(pytester: pytest.Pytester) -> None:
