@@ -91,6 +91,7 @@ class HostState:
     netns: frozenset[str]
     links: frozenset[str]
     top_cgroups: frozenset[str]
+    podman_state: frozenset[str]
 
     @classmethod
     def take(cls) -> HostState:
@@ -99,7 +100,19 @@ class HostState:
             frozenset(leaks.netns_names()),
             frozenset(leaks.links()),
             frozenset(_top_cgroups()),
+            frozenset(p for p in PODMAN_HOST_STATE if os.path.lexists(p)),
         )
+
+
+#: What a podman run without private network state creates on the host (podman
+#: 4 with netavark installed picks netavark for a fresh storage and writes its
+#: lock and run directory there, even for --network=none): tests must not.
+PODMAN_HOST_STATE = (
+    "/etc/containers/networks/netavark.lock",
+    "/run/containers/networks",
+    "/etc/cni/net.d/87-podman-bridge.conflist",
+    "/var/lib/cni",
+)
 
 
 def _live_children() -> dict[int, str]:
@@ -152,6 +165,11 @@ def host_invariants() -> Iterator[None]:
             "the host's /sys/fs/cgroup mounts changed: "
             f"gone {sorted(before.cgroup_mounts - after.cgroup_mounts)}, "
             f"new {sorted(after.cgroup_mounts - before.cgroup_mounts)}"
+        )
+    if after.podman_state - before.podman_state:
+        problems.append(
+            "podman state created on the host (a podman run without private network "
+            f"state): {sorted(after.podman_state - before.podman_state)}"
         )
     foreign: list[str] = []
     # A systemd that shared the host's cgroup mounts creates init.scope and

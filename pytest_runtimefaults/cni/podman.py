@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from pytest_runtimefaults.journal import Journal
     from pytest_runtimefaults.netns import CniSandbox
 
-__all__ = ["CniPodman"]
+__all__ = ["CniPodman", "podman_major", "podman_network_argv"]
 
 
 class CniPodman:
@@ -177,3 +178,33 @@ def _default_journal() -> Journal:
     from pytest_runtimefaults.journal import Journal
 
     return Journal.default()
+
+
+def podman_major(binary: str = "podman") -> int | None:
+    """podman's major version (``podman --version``), or None if it cannot be read."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except OSError:
+        return None
+    match = re.search(r"(\d+)\.\d+", out)
+    return int(match.group(1)) if match else None
+
+
+def podman_network_argv(config_dir: Path | str, binary: str = "podman") -> list[str]:
+    """Global podman flags that keep its network state off the host.
+
+    A private ``--network-config-dir``; on podman 4, also ``--network-backend
+    cni``: with netavark installed, podman 4 picks netavark for a fresh storage
+    and then writes ``/etc/containers/networks/netavark.lock`` and
+    ``/run/containers/networks`` on the host even for ``--network=none``.
+    podman 5 has only netavark (its run directory cannot be moved: run it in
+    a private mount namespace, as :class:`~pytest_runtimefaults.cni.netavark.NetavarkPodman`
+    does, when that matters).
+    """
+    argv = ["--network-config-dir", str(config_dir)]
+    major = podman_major(binary)
+    if major is not None and major < 5:
+        argv += ["--network-backend", "cni"]
+    return argv

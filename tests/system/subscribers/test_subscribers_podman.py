@@ -10,6 +10,7 @@ import pytest
 
 from pytest_runtimefaults import caps
 from pytest_runtimefaults.cni import busybox_rootfs, kill_cgroup_tree
+from pytest_runtimefaults.cni.podman import podman_network_argv
 from pytest_runtimefaults.containerd import cleanup_containerd_dir
 from pytest_runtimefaults.journal import Journal
 from pytest_runtimefaults.naming import unique_name
@@ -29,7 +30,7 @@ def podman_argv(
     rid = runtimefaults_journal.add("containerd", dir=str(directory))
     cgroup_parent = "/" + unique_name("rfpodsub", maxlen=40)
     cg_rid = runtimefaults_journal.add("cgroup-tree", parent=cgroup_parent)
-    for sub in ("root", "runroot", "tmp"):
+    for sub in ("root", "runroot", "tmp", "networks"):
         (directory / sub).mkdir()
     busybox_rootfs(directory / "rootfs")
 
@@ -40,6 +41,7 @@ def podman_argv(
             *("--root", str(d / "root"), "--runroot", str(d / "runroot")),
             *("--tmpdir", str(d / "tmp"), "--cgroup-manager", "cgroupfs"),
             *("--runtime", "runc", "--events-backend", "file", "--storage-driver", "vfs"),
+            *podman_network_argv(d / "networks"),
             *args,
         ]
 
