@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.machinery
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,78 @@ def test_usage_errors_exit_2_with_a_message() -> None:
     )
     assert res.returncode == 2
     assert "unknown release 'debian99'" in res.stderr
+
+
+def _ci_tree(tmp_path: Path, host_rc: int, distro_rcs: dict[str, int]) -> Path:
+    """A copy of .ci/run beside stub setup/pytest/distro scripts that exit as told."""
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / ".ci" / "run").write_text((REPO / ".ci" / "run").read_text())
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "setup").write_text("exit 0\n")
+    cases = "".join(f"  *' {r}') exit {rc} ;;\n" for r, rc in distro_rcs.items())
+    distro_stub = tmp_path / "scripts" / "distro"
+    distro_stub.write_text(
+        f'#!/bin/sh\necho "distro $*" >> calls\ncase " $*" in\n{cases}esac\nexit 0\n'
+    )
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    pytest_stub = tmp_path / ".venv" / "bin" / "pytest"
+    pytest_stub.write_text(f"#!/bin/sh\necho host >> calls\nexit {host_rc}\n")
+    for stub in (distro_stub, pytest_stub):
+        stub.chmod(0o755)
+    return tmp_path
+
+
+def _ci(tree: Path, matrix: str | None) -> tuple[int, list[str], str]:
+    env = {k: v for k, v in distro.os.environ.items() if k != "RUNTIMEFAULTS_MATRIX"}
+    if matrix is not None:
+        env["RUNTIMEFAULTS_MATRIX"] = matrix
+    res = subprocess.run(
+        ["bash", str(tree / ".ci" / "run")], env=env, capture_output=True, text=True, check=False
+    )
+    calls = (tree / "calls").read_text().splitlines() if (tree / "calls").exists() else []
+    return res.returncode, calls, res.stderr
+
+
+def test_ci_runs_the_host_then_each_release_and_fails_if_any_fails(tmp_path: Path) -> None:
+    tree = _ci_tree(tmp_path, 0, {"sid": 1})
+    rc, calls, err = _ci(tree, "debian13,sid")
+    assert rc == 1
+    assert calls == [
+        "host",
+        "distro --results build/matrix/debian13 debian13",
+        "distro --results build/matrix/sid sid",
+    ]
+    assert "CI: failed: sid (exit 1)" in err
+
+
+@pytest.mark.parametrize(("host_rc", "distro_rc"), [(5, 0), (0, 5)])
+def test_ci_fails_when_a_suite_collects_nothing(
+    tmp_path: Path, host_rc: int, distro_rc: int
+) -> None:
+    tree = _ci_tree(tmp_path, host_rc, {"debian13": distro_rc})
+    rc, _calls, err = _ci(tree, "debian13")
+    assert rc == 1
+    assert "collected no tests" in err
+
+
+def test_ci_matrix_default_and_green_when_all_pass(tmp_path: Path) -> None:
+    """The default is the one line ``RUNTIMEFAULTS_MATRIX=${RUNTIMEFAULTS_MATRIX-...}``."""
+
+    m = re.search(r"^RUNTIMEFAULTS_MATRIX=\$\{RUNTIMEFAULTS_MATRIX-([^}]*)\}$",
+                  (REPO / ".ci" / "run").read_text(), re.MULTILINE)  # fmt: skip
+    assert m is not None, "the default line of .ci/run changed shape"
+    default = [r for r in m.group(1).split(",") if r]
+    tree = _ci_tree(tmp_path, 0, {})
+    expected = ["host", *(f"distro --results build/matrix/{r} {r}" for r in default)]
+    assert _ci(tree, None)[:2] == (0, expected)
+    (tree / "calls").unlink()
+    assert _ci(tree, "")[:2] == (0, ["host"])  # an empty variable turns it off
+    (tree / "calls").unlink()
+    assert _ci(tree, "debian13,sid")[:2] == (
+        0,
+        [
+            "host",
+            "distro --results build/matrix/debian13 debian13",
+            "distro --results build/matrix/sid sid",
+        ],
+    )
