@@ -64,13 +64,13 @@ def test_install_commands_split_apt_and_pip() -> None:
 
 
 def _cgroup_layout() -> str:
-    """This machine's layout, read from /proc/self/mounts (not through caps)."""
+    """This machine's layout in caps' words, from /proc/self/mounts (not through caps)."""
     mounts = {
         m.split()[1]: m.split()[2] for m in Path("/proc/self/mounts").read_text().splitlines()
     }
     if mounts.get("/sys/fs/cgroup") == "cgroup2":
-        return "unified"
-    return "hybrid" if mounts.get("/sys/fs/cgroup/unified") == "cgroup2" else "legacy"
+        return "v2"
+    return "hybrid" if mounts.get("/sys/fs/cgroup/unified") == "cgroup2" else "v1"
 
 
 def test_header_line_reports_the_host() -> None:

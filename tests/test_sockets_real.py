@@ -104,7 +104,9 @@ def test_containerd_per_variant(
     assert verdict.outcome == outcome, str(verdict)
     check(verdict.problems, wrong)
     if variant == "directory":
-        assert verdict.error.endswith("failed to get listener for main endpoint: is a directory")
+        # 1.6/1.7: "...main endpoint: is a directory"; 2.1 names the socket in between.
+        assert "failed to get listener for main endpoint: " in verdict.error
+        assert verdict.error.endswith("is a directory")
     if variant == "abstract":
         # containerd never gets as far as the held name: it chmods its ttrpc
         # socket, which an abstract socket has no file for.
