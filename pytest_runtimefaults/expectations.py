@@ -194,10 +194,8 @@ _MEASURED = (
 #: version has no row on purpose.
 EXPECTATIONS: tuple[Expectation, ...] = (
     *(
-        Expectation(
-            rt, v, f, _SB, f"created, state created, deleted, nothing left; {_RUNTIME_PROXY}"
-        )
-        for rt, v in (("runc", "1.1.5"), ("crun", "1.8.1"))
+        Expectation(rt, v, f, _SB, f"created, state created, deleted, nothing left; {src}")
+        for rt, v, src in _MEASURED
         for f in _DBUS_MESSAGE_FAULTS
     ),
     Expectation(

@@ -123,3 +123,14 @@ def test_the_json_report_names_the_versions_that_ran(pytester: pytest.Pytester) 
     env = report["environment"]
     assert env == ex.environment()
     assert set(env) >= {"runc", "crun", "containerd", "podman", "systemd", "python", "distro"}
+
+
+def test_the_matrix_rows_of_debian_13() -> None:
+    """What the Debian 13 run measured (docs/matrix.md): runc 1.1.15 and crun 1.21."""
+    for rt, v in (("runc", "1.1.15"), ("crun", "1.21")):
+        assert ex.expected(rt, v, "dbus:reorder") is Outcome.SURVIVES
+        assert ex.expected(rt, v, "systemd:serial-overflow-stall") is Outcome.BLOCKS
+    assert ex.expected("containerd", "1.7.24", "socket:live") is Outcome.MISBEHAVES
+    assert ex.expected("containerd", "2.1.9", "socket:directory") is Outcome.FAILS_CLEANLY
+    # sid's runtimes never met a systemd in that run (the sandbox guard refused): unknown
+    assert ex.expected("runc", "1.3.6", "dbus:reorder") is None
