@@ -251,3 +251,15 @@ def test_ci_matrix_default_and_green_when_all_pass(tmp_path: Path) -> None:
             "distro --results build/matrix/sid sid",
         ],
     )
+
+
+def test_an_entry_made_from_another_pyproject_is_stale(tmp_path: Path) -> None:
+    today = dt.date(2026, 12, 1)
+    entry = _entry(tmp_path, "sid-20261201")
+    here = distro.pyproject_hash()
+    (entry / "build.json").write_text(distro.json.dumps({"pyproject_sha256": here}))
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here) == entry
+    (entry / "build.json").write_text(distro.json.dumps({"pyproject_sha256": "0" * 64}))
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here) is None
+    (entry / "build.json").write_text("{}")  # made by an older scripts/distro: kept
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here) == entry
