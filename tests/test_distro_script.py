@@ -122,7 +122,10 @@ def test_leftover_build_dirs_of_dead_builders_only(tmp_path: Path) -> None:
     # Our PID but another start time: a reused PID, so that builder is dead.
     reused = tmp_path / distro.build_dir_name("trixie", distro.os.getpid(), str(int(me) + 1))
     reused.mkdir()
-    assert sorted(distro.dead_build_dirs(tmp_path)) == sorted([gone, reused])
+    # A run's copy of the tree, left by a SIGKILLed run, goes the same way.
+    run_left = tmp_path / f".run-sid-{dead.pid}-1"
+    run_left.mkdir()
+    assert sorted(distro.dead_build_dirs(tmp_path)) == sorted([gone, reused, run_left])
 
 
 def test_remove_tree_refuses_a_tree_with_a_mount_below(tmp_path: Path) -> None:
