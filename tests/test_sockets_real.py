@@ -156,8 +156,14 @@ def test_containerd_sigkill_during_ctr_run(
                 run.wait()
         assert run.returncode != 0
         # How ctr words a server gone mid-call: 1.6 "transport is closing" or
-        # "connection refused"; 1.7 "error reading from server: EOF".
-        lost = ("transport is closing", "connection refused", "error reading from server: EOF")
+        # "connection refused"; 1.7 "error reading from server: EOF"; 2.1
+        # "error reading server preface: connection reset by peer".
+        lost = (
+            "transport is closing",
+            "connection refused",
+            "error reading from server: EOF",
+            "error reading server preface",
+        )
         assert any(text in out for text in lost), out
         containerd.daemon.start()
         serve_again = containerd.daemon.time_to_serve_again()
