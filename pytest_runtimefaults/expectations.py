@@ -94,6 +94,7 @@ FAULTS: dict[str, str] = {
     "cni:truncated-config": "a CNI network config file truncated (also empty or NUL-padded)",
     "cni:delete-recreate": "a CNI config file deleted and recreated while pods start",
     "cni:default-gone-at-del": "the pod's network file removed before the pod is stopped",
+    "cni:wrong-version-config": "a CNI config file whose cniVersion the plugins do not support",
     "cni:config-written-in-place": "a network config created at its "
     "final name, not renamed into place",
     "subscribers:churn": "event subscribers connecting and leaving while events are broadcast",
@@ -393,6 +394,22 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         _MB,
         "CRI: 11 of 20 pods came up on the bridge network instead of macvlan; docs/cni.md; "
         "the same test passed on 1.7.24 (Debian 13, docs/matrix.md)",
+    ),
+    Expectation(
+        "containerd",
+        ">=1.6.20,<1.8",
+        "cni:wrong-version-config",
+        _MB,
+        "CRI: takes the file as its pod network (status ready); "
+        "tests/test_cni_containerd.py on 1.6.20 and 1.7.24",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "cni:wrong-version-config",
+        _FC,
+        "CRI: network not ready, `plugin version does not allow STATUS` (2.x calls CNI "
+        "STATUS, which needs cniVersion >= 1.1.0); sid run of docs/matrix.md",
     ),
     Expectation(
         "containerd",

@@ -132,5 +132,7 @@ def test_the_matrix_rows_of_debian_13() -> None:
         assert ex.expected(rt, v, "systemd:serial-overflow-stall") is Outcome.BLOCKS
     assert ex.expected("containerd", "1.7.24", "socket:live") is Outcome.MISBEHAVES
     assert ex.expected("containerd", "2.1.9", "socket:directory") is Outcome.FAILS_CLEANLY
+    assert ex.expected("containerd", "1.7.24", "cni:wrong-version-config") is Outcome.MISBEHAVES
+    assert ex.expected("containerd", "2.1.9", "cni:wrong-version-config") is Outcome.FAILS_CLEANLY
     # sid's runtimes never met a systemd in that run (the sandbox guard refused): unknown
     assert ex.expected("runc", "1.3.6", "dbus:reorder") is None
