@@ -122,7 +122,7 @@ def test_header_has_seed_and_capabilities(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             "runtimefaults: seed 7 (replay with --runtimefaults-seed=7)",
-            "runtimefaults: root uid 0, dbus-daemon *, systemd * sandboxable *, cgroups hybrid, "
+            "runtimefaults: root uid 0, dbus-daemon *, systemd * sandboxable *, cgroups *, "
             "cni * plugins in /usr/lib/cni, runtimes runc crun*",
         ]
     )

@@ -104,7 +104,9 @@ def test_containerd_per_variant(
     assert verdict.outcome == outcome, str(verdict)
     check(verdict.problems, wrong)
     if variant == "directory":
-        assert verdict.error.endswith("failed to get listener for main endpoint: is a directory")
+        # 1.6/1.7: "...main endpoint: is a directory"; 2.1 names the socket in between.
+        assert "failed to get listener for main endpoint: " in verdict.error
+        assert verdict.error.endswith("is a directory")
     if variant == "abstract":
         # containerd never gets as far as the held name: it chmods its ttrpc
         # socket, which an abstract socket has no file for.
@@ -153,7 +155,16 @@ def test_containerd_sigkill_during_ctr_run(
                 run.kill()
                 run.wait()
         assert run.returncode != 0
-        assert "transport is closing" in out or "connection refused" in out, out
+        # How ctr words a server gone mid-call: 1.6 "transport is closing" or
+        # "connection refused"; 1.7 "error reading from server: EOF"; 2.1
+        # "error reading server preface: connection reset by peer".
+        lost = (
+            "transport is closing",
+            "connection refused",
+            "error reading from server: EOF",
+            "error reading server preface",
+        )
+        assert any(text in out for text in lost), out
         containerd.daemon.start()
         serve_again = containerd.daemon.time_to_serve_again()
         assert serve_again is not None

@@ -1,0 +1,542 @@
+"""What a runtime version is known to do under a fault: facts as data.
+
+Each row of :data:`EXPECTATIONS` says what one component (``runc``, ``crun``,
+``containerd``, ``podman``, ``dbus-daemon``, ``systemd``) did under one fault,
+for a range of its versions, with the evidence.  A test or scenario asks
+:func:`expected` and compares it with what it observed; a version no row
+covers gives ``None``: the run is judged on its own merits, never xfailed on
+a guess.
+
+Example::
+
+    >>> from pytest_runtimefaults import expectations as ex
+    >>> ex.expected("runc", "1.1.5", "systemd:serial-overflow-stall")
+    <Outcome.BLOCKS: 'blocks'>
+    >>> ex.expected("runc", "9.0", "systemd:serial-overflow-stall") is None
+    True
+    >>> ex.parse_version("runc", "runc version 1.1.5+ds1\\ncommit: 1.1.5+ds1-1+deb12u1")
+    Version(parts=(1, 1, 5))
+
+Fault ids are ``family:what``; :data:`FAULTS` lists them with a sentence each.
+A version spec is a comma-separated list of clauses, all of which must hold:
+``1.1.5`` (that release and any ``1.1.5.x``), ``>=1.2``, ``<2``, ``>1``, ``<=3``.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "EXPECTATIONS",
+    "FAULTS",
+    "VERSION_COMMANDS",
+    "Expectation",
+    "Outcome",
+    "Version",
+    "environment",
+    "expected",
+    "find",
+    "installed_version",
+    "matches",
+    "parse_version",
+]
+
+
+class Outcome(str, enum.Enum):
+    """What a component did under a fault, from the user's side."""
+
+    #: worked as if there were no fault (or recovered by itself within the test)
+    SURVIVES = "survives"
+    #: refused or failed with a clear error, within a bound, leaving nothing
+    FAILS_CLEANLY = "fails_cleanly"
+    #: waited with no bound: killed by the test's timeout
+    BLOCKS = "blocks"
+    #: left something behind (a unit, a process, an IPAM reservation, a snapshot)
+    LEAKS = "leaks"
+    #: kept running but gave a wrong result (lost or doubled events, the wrong
+    #: network, a live instance's socket taken over)
+    MISBEHAVES = "misbehaves"
+
+
+#: Every fault id a row may name, with what it is.
+FAULTS: dict[str, str] = {
+    "dbus:signal-before-reply": "a signal (a copy, or another unit's "
+    "JobRemoved) written just before the StartTransientUnit reply",
+    "dbus:split-reply": "the StartTransientUnit reply split into 3 writes with pauses",
+    "dbus:split-jobremoved": "JobRemoved split into 3 writes",
+    "dbus:delay-reply": "the StartTransientUnit reply delayed 1 s "
+    "(in order, or overtaken by JobRemoved)",
+    "dbus:delay-jobremoved": "JobRemoved delayed 2 s",
+    "dbus:reorder": "the StartTransientUnit reply or JobRemoved swapped with the next message",
+    "systemd:serial-overflow-stall": "systemd's serial reaches 0xffffffff and "
+    "it sends nothing more (incident 2)",
+    "systemd:serials-cycle": "systemd's serials continue at 0x80000000 "
+    "past 0xffffffff (after systemd PR 11818)",
+    "systemd:serials-wrap": "systemd's serials wrap to 1 past 0xffffffff",
+    "systemd:jobremoved-never-sent": "systemd answers StartTransientUnit "
+    "but never sends JobRemoved",
+    "systemd:cgroup-v1": "booted on a cgroup v1 (hybrid or legacy) hierarchy",
+    "socket:stale": "a socket file left by a killed instance at the daemon's socket path",
+    "socket:live": "another live instance listening at the daemon's socket path",
+    "socket:regular-file": "a regular file at the daemon's socket path",
+    "socket:directory": "a directory at the daemon's socket path",
+    "socket:symlink": "a symlink to a stale socket at the daemon's socket path",
+    "daemon:sigkill": "the daemon SIGKILLed while a client talks to it",
+    "daemon:sigkill-shim": "containerd SIGKILLed after starting a "
+    "task's shim, before recording the task",
+    "cni:truncated-config": "a CNI network config file truncated (also empty or NUL-padded)",
+    "cni:delete-recreate": "a CNI config file deleted and recreated while pods start",
+    "cni:default-gone-at-del": "the pod's network file removed before the pod is stopped",
+    "cni:wrong-version-config": "a CNI config file whose cniVersion the plugins do not support",
+    "cni:config-written-in-place": "a network config created at its "
+    "final name, not renamed into place",
+    "subscribers:churn": "event subscribers connecting and leaving while events are broadcast",
+}
+
+
+@dataclass(frozen=True, order=True)
+class Version:
+    """A dotted numeric version: ``Version.parse("1.1.5+ds1")`` -> ``(1, 1, 5)``."""
+
+    parts: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Version:
+        """The leading ``N(.N)*`` of ``text``; a ValueError names the text otherwise."""
+        m = re.match(r"\s*v?(\d+(?:\.\d+)*)", text)
+        if m is None:
+            raise ValueError(f"not a version: {text!r} (expected digits and dots, e.g. 1.1.5)")
+        return cls(tuple(int(p) for p in m.group(1).split(".")))
+
+    def __str__(self) -> str:
+        return ".".join(map(str, self.parts))
+
+
+def _compare(version: Version, op: str, bound: Version) -> bool:
+    if op == "":  # "1.1.5": that release, and 1.1.5.x
+        return version.parts[: len(bound.parts)] == bound.parts
+    # Pad with zeros so that 1.1 == 1.1.0 in ordering comparisons.
+    width = max(len(version.parts), len(bound.parts))
+    a = version.parts + (0,) * (width - len(version.parts))
+    b = bound.parts + (0,) * (width - len(bound.parts))
+    return {">=": a >= b, "<=": a <= b, ">": a > b, "<": a < b, "==": a == b}[op]
+
+
+def matches(version: Version | str, spec: str) -> bool:
+    """Whether ``version`` satisfies every clause of ``spec`` (see the module doc)."""
+    v = version if isinstance(version, Version) else Version.parse(version)
+    for clause in spec.split(","):
+        m = re.fullmatch(r"\s*(>=|<=|==|>|<)?\s*(\d+(?:\.\d+)*)\s*", clause)
+        if m is None:
+            raise ValueError(
+                f"bad version clause {clause!r} in {spec!r}: use 1.1.5, >=1.2, <2 (comma-separated)"
+            )
+        if not _compare(v, m.group(1) or "", Version.parse(m.group(2))):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """One known fact: ``component`` at ``versions`` under ``fault`` gives ``outcome``."""
+
+    component: str
+    versions: str
+    fault: str
+    outcome: Outcome
+    evidence: str
+
+    def __post_init__(self) -> None:
+        if self.fault not in FAULTS:
+            raise ValueError(f"unknown fault id {self.fault!r}: add it to FAULTS first")
+        matches("0", self.versions)  # a malformed spec fails at import, not at lookup
+
+
+#: tests/test_sockets_real.py passed per variant on Debian 12, 13 and sid
+_SOCKETS = "tests/test_sockets_real.py on containerd 1.6.20/1.7.24/2.1.9, dbus 1.14.10/1.16.2"
+_SOCKET_VERSIONS = (("containerd", ">=1.6.20,<2.2"), ("dbus-daemon", ">=1.14.10,<1.17"))
+
+_SB = Outcome.SURVIVES
+_FC = Outcome.FAILS_CLEANLY
+_BL = Outcome.BLOCKS
+_LK = Outcome.LEAKS
+_MB = Outcome.MISBEHAVES
+
+_DBUS_MESSAGE_FAULTS = (
+    "dbus:signal-before-reply",
+    "dbus:split-reply",
+    "dbus:split-jobremoved",
+    "dbus:delay-reply",
+    "dbus:delay-jobremoved",
+    "dbus:reorder",
+)
+_RUNTIME_PROXY = "tests/test_runtime_proxy.py, docs/systemd.md (Debian 12, systemd 252)"
+_TRIXIE = (
+    "tests/test_runtime_proxy.py in Debian 13 (scripts/distro, systemd 257.13), docs/matrix.md"
+)
+#: (runtime, version, evidence) of the runs through the proxy to a real systemd
+_MEASURED = (
+    ("runc", "1.1.5", _RUNTIME_PROXY),
+    ("crun", "1.8.1", _RUNTIME_PROXY),
+    ("runc", "1.1.15", _TRIXIE),
+    ("crun", "1.21", _TRIXIE),
+)
+
+#: The known facts.  Sources: README "What it found here", docs/systemd.md,
+#: docs/sockets.md, docs/cni.md, docs/subscribers.md, ../shared/HOST.md
+#: ("Version differences seen").  A row per measured version: an untested
+#: version has no row on purpose.
+EXPECTATIONS: tuple[Expectation, ...] = (
+    *(
+        Expectation(rt, v, f, _SB, f"created, state created, deleted, nothing left; {src}")
+        for rt, v, src in _MEASURED
+        for f in _DBUS_MESSAGE_FAULTS
+    ),
+    Expectation(
+        "runc",
+        "1.1.5",
+        "systemd:serial-overflow-stall",
+        _BL,
+        "gets the StartTransientUnit reply and JobRemoved, then waits for the SetUnitProperties "
+        "reply with no timeout; killed, leaves runc-ID.scope and a runc:[2:INIT] frozen by the "
+        f"freezer cgroup; {_RUNTIME_PROXY}",
+    ),
+    Expectation(
+        "crun",
+        "1.8.1",
+        "systemd:serial-overflow-stall",
+        _BL,
+        "gets the StartTransientUnit reply, then waits for JobRemoved with no timeout; killed, "
+        f"leaves nothing; {_RUNTIME_PROXY}",
+    ),
+    *(
+        Expectation(rt, v, f, _SB, f"lifecycle ok; {src}")
+        for rt, v, src in _MEASURED
+        for f in ("systemd:serials-cycle", "systemd:serials-wrap")
+    ),
+    *(
+        Expectation(
+            rt,
+            v,
+            "systemd:serial-overflow-stall",
+            _BL,
+            "still waiting at the test's 35 s bound (strict xfail held); killed, it left no "
+            f"unit and no process (runc 1.1.5 leaves a frozen runc:[2:INIT]); {_TRIXIE}",
+        )
+        for rt, v in (("runc", "1.1.15"), ("crun", "1.21"))
+    ),
+    Expectation(
+        "crun",
+        "1.21",
+        "systemd:jobremoved-never-sent",
+        _BL,
+        f"waits for JobRemoved with no timeout (strict xfail held); {_TRIXIE}",
+    ),
+    Expectation(
+        "runc",
+        "1.1.5",
+        "systemd:jobremoved-never-sent",
+        _FC,
+        "fails after 30.1 s: `Timeout waiting for systemd to create runc-ID.scope`, nothing "
+        f"left; {_RUNTIME_PROXY}",
+    ),
+    Expectation(
+        "runc",
+        "1.1.15",
+        "systemd:jobremoved-never-sent",
+        _BL,
+        "blocked in 3 of 6 runs (the others failed at 30 s); HOST.md, Debian 13, systemd 257; "
+        "failed at 30.1 s in 2 of 2 runs of this branch's matrix: an intermittent block",
+    ),
+    Expectation(
+        "runc",
+        "1.3.6",
+        "systemd:jobremoved-never-sent",
+        _FC,
+        "fails at its 30 s timeout; HOST.md, sid, systemd 262",
+    ),
+    Expectation(
+        "crun",
+        "1.8.1",
+        "systemd:jobremoved-never-sent",
+        _BL,
+        f"waits for JobRemoved with no timeout, killed at 45 s, nothing left; {_RUNTIME_PROXY}",
+    ),
+    Expectation(
+        "systemd",
+        "252",
+        "systemd:cgroup-v1",
+        _SB,
+        "boots on the hybrid layout as PID 1 of its namespaces; HOST.md",
+    ),
+    Expectation(
+        "systemd",
+        "257",
+        "systemd:cgroup-v1",
+        _SB,
+        "boots on the hybrid layout in 0.3-0.6 s, tainted `cgroupsv1`; HOST.md",
+    ),
+    Expectation(
+        "systemd",
+        ">=258",
+        "systemd:cgroup-v1",
+        _FC,
+        "`Detected unsupported legacy cgroup hierarchy, refusing execution` (seen on 262; v1 "
+        "support was removed in 258); printed only on a tty; HOST.md",
+    ),
+    # The socket variants (docs/sockets.md, tests/test_sockets_real.py).
+    *(
+        Expectation(d, v, "socket:stale", _SB, f"serves on it; docs/sockets.md, {_SOCKETS}")
+        for d, v in _SOCKET_VERSIONS
+    ),
+    *(
+        Expectation(
+            d,
+            v,
+            "socket:live",
+            _MB,
+            f"serves: steals the live instance's socket; docs/sockets.md, {_SOCKETS}",
+        )
+        for d, v in _SOCKET_VERSIONS
+    ),
+    *(
+        Expectation(
+            d,
+            v,
+            "socket:symlink",
+            _MB,
+            f"serves: removes the symlink (not its target); docs/sockets.md, {_SOCKETS}",
+        )
+        for d, v in _SOCKET_VERSIONS
+    ),
+    Expectation(
+        "containerd",
+        ">=1.6.20,<2.2",
+        "socket:regular-file",
+        _MB,
+        f"serves: deletes the file; docs/sockets.md, {_SOCKETS}",
+    ),
+    Expectation(
+        "dbus-daemon",
+        ">=1.14.10,<1.17",
+        "socket:regular-file",
+        _FC,
+        "refuses: `Failed to bind socket ...: Address already in use` (misleading); "
+        "docs/sockets.md",
+    ),
+    *(
+        Expectation(d, v, "socket:directory", _FC, f"refuses: {msg}; docs/sockets.md")
+        for d, v, msg in (
+            (
+                "containerd",
+                ">=1.6.20,<2",
+                "`failed to get listener for main endpoint: is a directory`",
+            ),
+            (
+                "containerd",
+                "2.1",
+                "`failed to get listener for main endpoint: failed to create unix socket on "
+                "PATH: is a directory`",
+            ),
+            ("dbus-daemon", ">=1.14.10,<1.17", "`Address already in use`"),
+        )
+    ),
+    Expectation(
+        "containerd",
+        "1.6.20",
+        "daemon:sigkill-shim",
+        _LK,
+        "restarts without knowing the shim, which keeps the ID taken until killed; "
+        "tests/test_sockets_real.py",
+    ),
+    Expectation(
+        "containerd",
+        "1.7",
+        "daemon:sigkill",
+        _FC,
+        "ctr: `error reading from server: EOF: unavailable`; HOST.md (Debian 13)",
+    ),
+    # CNI (docs/cni.md).
+    Expectation(
+        "podman",
+        "4.3",
+        "cni:truncated-config",
+        _FC,
+        "skips the file with a warning naming it; run on that network: rc 125 `network not "
+        "found`; docs/cni.md",
+    ),
+    Expectation(
+        "podman",
+        "4.3",
+        "cni:delete-recreate",
+        _FC,
+        "8 runs: 3 ok, 5 `network not found` (rc 125 or 127), no leak; docs/cni.md",
+    ),
+    Expectation(
+        "podman",
+        "4.3",
+        "cni:config-written-in-place",
+        _MB,
+        "`podman network create` writes NAME.conflist at its final name: a concurrent reader "
+        "can see it empty or partial; docs/cni.md",
+    ),
+    Expectation(
+        "containerd",
+        ">=1.6.20,<1.8",
+        "cni:delete-recreate",
+        _MB,
+        "CRI: 11 of 20 pods came up on the bridge network instead of macvlan; docs/cni.md; "
+        "the same test passed on 1.7.24 (Debian 13, docs/matrix.md)",
+    ),
+    Expectation(
+        "containerd",
+        ">=1.6.20,<1.8",
+        "cni:wrong-version-config",
+        _MB,
+        "CRI: takes the file as its pod network (status ready); "
+        "tests/test_cni_containerd.py on 1.6.20 and 1.7.24",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "cni:wrong-version-config",
+        _FC,
+        "CRI: network not ready, `plugin version does not allow STATUS` (2.x calls CNI "
+        "STATUS, which needs cniVersion >= 1.1.0); sid run of docs/matrix.md",
+    ),
+    Expectation(
+        "containerd",
+        ">=1.6.20,<1.8",
+        "cni:default-gone-at-del",
+        _LK,
+        "CRI: DEL runs against the new default network; the IPAM reservation stays; docs/cni.md; "
+        "the same test passed on 1.7.24 (Debian 13, docs/matrix.md)",
+    ),
+    Expectation(
+        "containerd",
+        "1.6.20",
+        "subscribers:churn",
+        _MB,
+        "loses and doubles events (go-events' broadcaster removes a sink while ranging over "
+        "its sinks); stays alive; docs/subscribers.md",
+    ),
+)
+
+
+def find(component: str, version: Version | str, fault: str) -> Expectation | None:
+    """The first row for ``component`` at ``version`` under ``fault``, or None.
+
+    A fault id not in :data:`FAULTS` raises ValueError (a typo would otherwise
+    read as "unknown version" forever).
+    """
+    if fault not in FAULTS:
+        raise ValueError(f"unknown fault id {fault!r}; known: {', '.join(sorted(FAULTS))}")
+    v = version if isinstance(version, Version) else Version.parse(version)
+    for row in EXPECTATIONS:
+        if row.component == component and row.fault == fault and matches(v, row.versions):
+            return row
+    return None
+
+
+def expected(component: str, version: Version | str | None, fault: str) -> Outcome | None:
+    """What ``component`` at ``version`` is known to do under ``fault``; None if unknown.
+
+    ``None`` for the version (it could not be read) is unknown too.
+    """
+    if version is None:
+        return None
+    row = find(component, version, fault)
+    return row.outcome if row is not None else None
+
+
+#: How to ask each component its version.
+VERSION_COMMANDS: dict[str, list[str]] = {
+    "runc": ["runc", "--version"],
+    "crun": ["crun", "--version"],
+    "containerd": ["containerd", "--version"],
+    "podman": ["podman", "--version"],
+    "systemd": ["systemctl", "--version"],
+    "dbus-daemon": ["dbus-daemon", "--version"],
+}
+
+#: A pattern per component over its ``--version`` output; group 1 is the version.
+_VERSION_PATTERNS: dict[str, str] = {
+    # "runc version 1.1.5+ds1"
+    "runc": r"^runc version v?(\d+(?:\.\d+)+)",
+    # "crun version 1.8.1"
+    "crun": r"^crun version (\d+(?:\.\d+)+)",
+    # "containerd github.com/containerd/containerd/v2 2.1.9~ds1 2.1.9~ds1-1"
+    "containerd": r"^containerd \S+ v?(\d+(?:\.\d+)+)",
+    # "podman version 4.3.1"
+    "podman": r"^podman version (\d+(?:\.\d+)+)",
+    # "systemd 252 (252.39-1~deb12u1)": the full version in brackets when given
+    "systemd": r"^systemd (?:\d+ \((\d+(?:\.\d+)*)|(\d+))",
+    # "D-Bus Message Bus Daemon 1.14.10"
+    "dbus-daemon": r"^D-Bus Message Bus Daemon (\d+(?:\.\d+)+)",
+}
+
+
+def parse_version(component: str, output: str) -> Version | None:
+    """The version in ``component``'s ``--version`` output, or None if it has none.
+
+    An unknown component raises ValueError naming the known ones.
+    """
+    try:
+        pattern = _VERSION_PATTERNS[component]
+    except KeyError:
+        raise ValueError(
+            f"no version parser for {component!r}; known: {', '.join(sorted(_VERSION_PATTERNS))}"
+        ) from None
+    m = re.search(pattern, output, re.MULTILINE)
+    if m is None:
+        return None
+    return Version.parse(next(g for g in m.groups() if g))
+
+
+def installed_version(component: str, executable: str | None = None) -> Version | None:
+    """Run ``component``'s version command (or ``executable --version``) and parse it.
+
+    None if the program is not installed or prints no version.
+    """
+    argv = [executable, "--version"] if executable else VERSION_COMMANDS[component]
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_version(component, res.stdout + res.stderr)
+
+
+def environment() -> dict[str, str | None]:
+    """The versions of every component here, for the JSON report's ``environment``.
+
+    ``{"runc": "1.1.5", "systemd": "252.39", ..., "python": "3.11.2",
+    "kernel": "6.1.0-...", "distro": "trixie"}``; None for a component not
+    installed.  ``distro`` is ``RUNTIMEFAULTS_DISTRO`` (set by scripts/distro)
+    or the host's ``VERSION_CODENAME``.
+    """
+    env: dict[str, str | None] = {}
+    for component in VERSION_COMMANDS:
+        version = installed_version(component)
+        env[component] = str(version) if version is not None else None
+    env["python"] = platform.python_version()
+    env["kernel"] = platform.release()
+    env["distro"] = os.environ.get("RUNTIMEFAULTS_DISTRO") or _codename()
+    return env
+
+
+def _codename() -> str | None:
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^VERSION_CODENAME=\"?([^\"\n]*)", text, re.MULTILINE)
+    return m.group(1) if m and m.group(1) else None

@@ -1,0 +1,268 @@
+"""scripts/distro's pure parts: releases, the archive URI, the cache, podman's argv.
+
+The builds and runs themselves take minutes (debootstrap, a 1 GB rootfs, the
+whole suite): they are exercised by `scripts/distro debian13|sid` (tox envs
+debian13, sid; .ci/run with RUNTIMEFAULTS_MATRIX), not here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.machinery
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load() -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader("rf_distro", str(REPO / "scripts" / "distro"))
+    spec = importlib.util.spec_from_loader("rf_distro", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+distro = _load()
+
+DEB822 = """\
+Types: deb
+# http://snapshot.debian.org/archive/debian-security/20250520T000000Z
+URIs: http://security.example/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb-src
+URIs: http://src.example/debian
+Suites: bookworm
+
+Types: deb
+URIs: http://archive.example/debian
+  http://second.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+"""
+
+
+def test_releases_and_their_default_layouts() -> None:
+    assert distro.resolve_release("debian13") == ("trixie", "hybrid")
+    assert distro.resolve_release("Bookworm") == ("bookworm", "hybrid")
+    assert distro.resolve_release("sid") == ("sid", "unified")
+    with pytest.raises(distro.DistroError, match=r"unknown release 'debian14': use one of"):
+        distro.resolve_release("debian14")
+
+
+def test_the_archive_uri_comes_from_apts_sources(tmp_path: Path) -> None:
+    assert distro.mirror_from_deb822(DEB822) == "http://archive.example/debian"
+    one_line = (
+        "# deb http://old/ x main\ndeb [arch=amd64] http://one.example/debian/ bookworm main\n"
+    )
+    assert distro.mirror_from_one_line(one_line) == "http://one.example/debian/"
+    sources = tmp_path / "debian.sources"
+    sources.write_text(DEB822.replace("archive.example/debian", "archive.example/debian/"))
+    assert distro.configured_mirror([sources]) == "http://archive.example/debian"
+    with pytest.raises(distro.DistroError, match=r"no Debian archive URI found in .*--mirror"):
+        distro.configured_mirror([tmp_path / "missing.sources"])
+
+
+def test_the_package_list_is_shared_with_scripts_setup() -> None:
+    pkgs = distro.read_packages()
+    assert {"runc", "crun", "containerd", "podman", "systemd", "debootstrap"} <= set(pkgs)
+    assert all(" " not in p and "#" not in p for p in pkgs)
+    # scripts/setup reads the same file (with sed): the same list comes out.
+    out = subprocess.run(
+        ["bash", "-c", f"sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' {distro.PACKAGES_FILE}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == pkgs
+    assert "scripts/debian-packages" in (REPO / "scripts" / "setup").read_text()
+
+
+def _entry(cache: Path, name: str, complete: bool = True) -> Path:
+    (cache / name / "rootfs").mkdir(parents=True)
+    if complete:
+        (cache / name / distro.STAMP).write_text("x\n")
+    return cache / name
+
+
+def test_cache_entries_fresh_stale_and_half_built(tmp_path: Path) -> None:
+    today = dt.date(2026, 12, 1)
+    _entry(tmp_path, "trixie-20261120")
+    newest = _entry(tmp_path, "trixie-20261128")
+    _entry(tmp_path, "trixie-20261130", complete=False)  # half-built: no stamp
+    _entry(tmp_path, "sid-20261201")
+    assert distro.entry_name("trixie", today) == "trixie-20261201"
+    assert [p for _, p in distro.cached_entries(tmp_path, "trixie")] == [
+        newest,
+        tmp_path / "trixie-20261120",
+    ]
+    assert distro.fresh_entry(tmp_path, "trixie", today, max_age_days=7) == newest
+    assert distro.fresh_entry(tmp_path, "trixie", today, max_age_days=2) is None  # stale
+    assert distro.fresh_entry(tmp_path, "bookworm", today, max_age_days=7) is None
+
+
+def test_leftover_build_dirs_of_dead_builders_only(tmp_path: Path) -> None:
+    me = distro.process_start(distro.os.getpid())
+    assert me is not None
+    mine = tmp_path / distro.build_dir_name("sid", distro.os.getpid(), me)
+    mine.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = tmp_path / distro.build_dir_name("sid", dead.pid, "1")
+    gone.mkdir()
+    # Our PID but another start time: a reused PID, so that builder is dead.
+    reused = tmp_path / distro.build_dir_name("trixie", distro.os.getpid(), str(int(me) + 1))
+    reused.mkdir()
+    # A run's copy of the tree, left by a SIGKILLed run, goes the same way.
+    run_left = tmp_path / f".run-sid-{dead.pid}-1"
+    run_left.mkdir()
+    assert sorted(distro.dead_build_dirs(tmp_path)) == sorted([gone, reused, run_left])
+
+
+def test_remove_tree_refuses_a_tree_with_a_mount_below(tmp_path: Path) -> None:
+    assert distro.mounts_under(tmp_path) == []
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    distro.remove_tree(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    # /proc is a mount point: removing a tree "at" it is refused before any unlink.
+    with pytest.raises(distro.DistroError, match=r"not removing /proc: still mounted below it"):
+        distro.remove_tree(Path("/proc"))
+
+
+def test_podman_argv_follows_the_recipe(tmp_path: Path) -> None:
+    argv = distro.podman_argv(
+        storage=tmp_path / "podman",
+        rootfs=tmp_path / "trixie-20261201" / "rootfs",
+        layout="unified",
+        command=[".venv/bin/pytest", "-x"],
+        binds=[(tmp_path / "src", "/src")],
+        env={"RUNTIMEFAULTS_SEED": "1"},
+        name="n",
+    )
+    assert argv[:3] == ["podman", "--root", str(tmp_path / "podman" / "root")]
+    for flag in (
+        "--cgroup-manager=cgroupfs",
+        "--events-backend=file",
+        "--privileged",
+        "--cgroupns=private",
+        "--network=none",
+        "nofile=20000:20000",
+        "nproc=32768:32768",
+    ):
+        assert flag in argv
+    assert argv[argv.index("--runtime") + 1] == "runc"
+    # --rootfs last before the command: every flag after it would be the command.
+    at = argv.index("--rootfs")
+    assert argv[at + 1] == str(tmp_path / "trixie-20261201" / "rootfs")
+    assert argv[at + 2 : at + 4] == ["/bin/sh", "-c"]
+    script = argv[at + 4]
+    assert script.startswith("touch /dev/console; umount -R /sys/fs/cgroup && mount -t cgroup2")
+    assert argv[at + 5 :] == ["sh", ".venv/bin/pytest", "-x"]
+    assert "--network" not in argv  # only the =none form: never the default network
+
+
+def test_usage_errors_exit_2_with_a_message() -> None:
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "distro"), "debian99"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 2
+    assert "unknown release 'debian99'" in res.stderr
+
+
+def _ci_tree(tmp_path: Path, host_rc: int, distro_rcs: dict[str, int]) -> Path:
+    """A copy of .ci/run beside stub setup/pytest/distro scripts that exit as told."""
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / ".ci" / "run").write_text((REPO / ".ci" / "run").read_text())
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "setup").write_text("exit 0\n")
+    cases = "".join(f"  *' {r}') exit {rc} ;;\n" for r, rc in distro_rcs.items())
+    distro_stub = tmp_path / "scripts" / "distro"
+    distro_stub.write_text(
+        f'#!/bin/sh\necho "distro $*" >> calls\ncase " $*" in\n{cases}esac\nexit 0\n'
+    )
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    pytest_stub = tmp_path / ".venv" / "bin" / "pytest"
+    pytest_stub.write_text(f"#!/bin/sh\necho host >> calls\nexit {host_rc}\n")
+    for stub in (distro_stub, pytest_stub):
+        stub.chmod(0o755)
+    return tmp_path
+
+
+def _ci(tree: Path, matrix: str | None) -> tuple[int, list[str], str]:
+    env = {k: v for k, v in distro.os.environ.items() if k != "RUNTIMEFAULTS_MATRIX"}
+    if matrix is not None:
+        env["RUNTIMEFAULTS_MATRIX"] = matrix
+    res = subprocess.run(
+        ["bash", str(tree / ".ci" / "run")], env=env, capture_output=True, text=True, check=False
+    )
+    calls = (tree / "calls").read_text().splitlines() if (tree / "calls").exists() else []
+    return res.returncode, calls, res.stderr
+
+
+def test_ci_runs_the_host_then_each_release_and_fails_if_any_fails(tmp_path: Path) -> None:
+    tree = _ci_tree(tmp_path, 0, {"sid": 1})
+    rc, calls, err = _ci(tree, "debian13,sid")
+    assert rc == 1
+    assert calls == [
+        "host",
+        "distro --results build/matrix/debian13 debian13",
+        "distro --results build/matrix/sid sid",
+    ]
+    assert "CI: failed: sid (exit 1)" in err
+
+
+@pytest.mark.parametrize(("host_rc", "distro_rc"), [(5, 0), (0, 5)])
+def test_ci_fails_when_a_suite_collects_nothing(
+    tmp_path: Path, host_rc: int, distro_rc: int
+) -> None:
+    tree = _ci_tree(tmp_path, host_rc, {"debian13": distro_rc})
+    rc, _calls, err = _ci(tree, "debian13")
+    assert rc == 1
+    assert "collected no tests" in err
+
+
+def test_ci_matrix_default_and_green_when_all_pass(tmp_path: Path) -> None:
+    """The default is the one line ``RUNTIMEFAULTS_MATRIX=${RUNTIMEFAULTS_MATRIX-...}``."""
+
+    m = re.search(r"^RUNTIMEFAULTS_MATRIX=\$\{RUNTIMEFAULTS_MATRIX-([^}]*)\}$",
+                  (REPO / ".ci" / "run").read_text(), re.MULTILINE)  # fmt: skip
+    assert m is not None, "the default line of .ci/run changed shape"
+    default = [r for r in m.group(1).split(",") if r]
+    tree = _ci_tree(tmp_path, 0, {})
+    expected = ["host", *(f"distro --results build/matrix/{r} {r}" for r in default)]
+    assert _ci(tree, None)[:2] == (0, expected)
+    (tree / "calls").unlink()
+    assert _ci(tree, "")[:2] == (0, ["host"])  # an empty variable turns it off
+    (tree / "calls").unlink()
+    assert _ci(tree, "debian13,sid")[:2] == (
+        0,
+        [
+            "host",
+            "distro --results build/matrix/debian13 debian13",
+            "distro --results build/matrix/sid sid",
+        ],
+    )
+
+
+def test_an_entry_made_from_another_pyproject_is_stale(tmp_path: Path) -> None:
+    today = dt.date(2026, 12, 1)
+    entry = _entry(tmp_path, "sid-20261201")
+    here = distro.pyproject_hash()
+    (entry / "build.json").write_text(distro.json.dumps({"pyproject_sha256": here}))
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here) == entry
+    (entry / "build.json").write_text(distro.json.dumps({"pyproject_sha256": "0" * 64}))
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here) is None
+    (entry / "build.json").write_text("{}")  # made by an older scripts/distro: kept
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here) == entry
