@@ -136,3 +136,36 @@ def test_the_matrix_rows_of_debian_13() -> None:
     assert ex.expected("containerd", "2.1.9", "cni:wrong-version-config") is Outcome.FAILS_CLEANLY
     # sid's runtimes never met a systemd in that run (the sandbox guard refused): unknown
     assert ex.expected("runc", "1.3.6", "dbus:reorder") is None
+
+
+# --- judge: the table decides, an unknown version is judged on its merits ---------
+
+
+def test_a_known_defect_seen_again_is_a_finding_not_a_failure() -> None:
+    verdict = ex.judge("runc", "1.1.5", "systemd:serial-overflow-stall", ex.Outcome.BLOCKS)
+    assert verdict.ok
+    assert "as known" in verdict.message
+    assert verdict.as_dict()["expected"] == "blocks"
+
+
+def test_a_component_that_changed_fails_and_says_which_row_to_update() -> None:
+    verdict = ex.judge("crun", "1.8.1", "systemd:serial-overflow-stall", ex.Outcome.FAILS_CLEANLY)
+    assert not verdict.ok
+    assert "known to blocks" in verdict.message
+    assert "pytest_runtimefaults/expectations.py" in verdict.message
+
+
+def test_an_unknown_version_must_recover_or_fail_cleanly() -> None:
+    fault = "systemd:serial-overflow-stall"
+    assert not ex.judge("runc", "9.0", fault, ex.Outcome.BLOCKS).ok
+    assert not ex.judge("runc", "9.0", fault, ex.Outcome.LEAKS).ok
+    assert ex.judge("runc", "9.0", fault, ex.Outcome.FAILS_CLEANLY).ok
+    assert ex.judge("runc", None, fault, ex.Outcome.SURVIVES).ok  # version unreadable
+
+
+def test_an_intermittent_row_accepts_each_outcome_it_names() -> None:
+    fault = "systemd:jobremoved-never-sent"
+    row = ex.find("runc", "1.1.5", fault)
+    assert row is not None and row.outcomes == {ex.Outcome.FAILS_CLEANLY, ex.Outcome.BLOCKS}
+    assert ex.judge("runc", "1.1.5", fault, ex.Outcome.BLOCKS).ok
+    assert not ex.judge("runc", "1.1.5", fault, ex.Outcome.LEAKS).ok
