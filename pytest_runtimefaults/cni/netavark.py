@@ -48,6 +48,7 @@ from pytest_runtimefaults import naming
 from pytest_runtimefaults.cni.busybox import busybox_rootfs
 from pytest_runtimefaults.cni.cgroups import kill_cgroup_tree
 from pytest_runtimefaults.cni.config import Content, _remove_tree, encode, next_subnet, write_atomic
+from pytest_runtimefaults.cni.podman import private_podman_argv
 from pytest_runtimefaults.containerd import cleanup_containerd_dir
 from pytest_runtimefaults.core.log import logger, swallowed
 
@@ -432,28 +433,15 @@ class NetavarkPodman:
     def argv(self, *args: str) -> list[str]:
         if self.netns is None:
             raise RuntimeError("NetavarkPodman is not started: call start() first")
-        d = self.directory
         return [
             *netavark_state_argv(self.netns.path, self.state_dir),
-            self.binary,
-            "--root",
-            str(d / "root"),
-            "--runroot",
-            str(d / "runroot"),
-            "--tmpdir",
-            str(d / "tmp"),
-            "--network-config-dir",
-            str(self.nv.conf_dir),
-            "--network-backend",
-            "netavark",
-            "--cgroup-manager",
-            "cgroupfs",
-            "--runtime",
-            self.runtime,
-            "--events-backend",
-            "none",
-            "--storage-driver",
-            "vfs",
+            *private_podman_argv(
+                self.binary,
+                self.directory,
+                self.nv.conf_dir,
+                backend="netavark",
+                runtime=self.runtime,
+            ),
             *args,
         ]
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from pytest_runtimefaults.journal import Journal
     from pytest_runtimefaults.netns import CniSandbox
 
-__all__ = ["CniPodman", "podman_major", "podman_network_argv"]
+__all__ = ["CniPodman", "podman_major", "podman_network_argv", "private_podman_argv"]
 
 
 class CniPodman:
@@ -121,28 +121,11 @@ class CniPodman:
         self.stop()
 
     def argv(self, *args: str) -> list[str]:
-        d = self.directory
         return [
             *private_state_argv(self.sandbox.host.path),
-            self.binary,
-            "--root",
-            str(d / "root"),
-            "--runroot",
-            str(d / "runroot"),
-            "--tmpdir",
-            str(d / "tmp"),
-            "--network-config-dir",
-            str(self.cni.conf_dir),
-            "--network-backend",
-            "cni",
-            "--cgroup-manager",
-            "cgroupfs",
-            "--runtime",
-            self.runtime,
-            "--events-backend",
-            "none",
-            "--storage-driver",
-            "vfs",
+            *private_podman_argv(
+                self.binary, self.directory, self.cni.conf_dir, backend="cni", runtime=self.runtime
+            ),
             *args,
         ]
 
@@ -208,3 +191,29 @@ def podman_network_argv(config_dir: Path | str, binary: str = "podman") -> list[
     if major is not None and major < 5:
         argv += ["--network-backend", "cni"]
     return argv
+
+
+def private_podman_argv(
+    binary: str,
+    directory: Path,
+    config_dir: Path,
+    *,
+    backend: str,
+    runtime: str,
+    events: str = "none",
+) -> list[str]:
+    """``podman`` and the global flags that keep everything it writes private.
+
+    Storage, run root and tmpdir under *directory* (``root``, ``runroot``,
+    ``tmp``), network configs in *config_dir* read by *backend*, the cgroupfs
+    manager, the *runtime*, and the vfs storage driver (no overlay mounts to
+    leak).  The harnesses of both network backends share it.
+    """
+    return [
+        binary,
+        *("--root", str(directory / "root"), "--runroot", str(directory / "runroot")),
+        *("--tmpdir", str(directory / "tmp")),
+        *("--network-config-dir", str(config_dir), "--network-backend", backend),
+        *("--cgroup-manager", "cgroupfs", "--runtime", runtime),
+        *("--events-backend", events, "--storage-driver", "vfs"),
+    ]

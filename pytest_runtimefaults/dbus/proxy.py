@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
-from pytest_runtimefaults.core.log import logger
+from pytest_runtimefaults.core.log import logger, swallowed
 from pytest_runtimefaults.dbus.auth import AuthError, SaslRelay
 from pytest_runtimefaults.dbus.routing import (
     Delivery,
@@ -266,7 +266,7 @@ def _take_fds(msg: Message, pending: list[int]) -> list[int]:
 
 def _close_all(fds: Iterable[int]) -> None:
     for fd in fds:
-        with contextlib.suppress(OSError):
+        with swallowed(OSError, "closing fd %d", fd):
             os.close(fd)
 
 
@@ -430,7 +430,7 @@ class DBusFaultProxy:
             self._epoll.close()
             self._epoll = None
         for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
+            with swallowed(OSError, "closing the wake pipe fd %d", fd):
                 os.close(fd)
         self._wake_r = self._wake_w = -1
         if self.pcap:
@@ -442,7 +442,7 @@ class DBusFaultProxy:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
         elif self._listen is not None:
-            with contextlib.suppress(FileNotFoundError):
+            with swallowed(FileNotFoundError, "removing the listen socket %s", self._listen):
                 self._listen.unlink()
         if self.journal:
             for rid in self._rids:
@@ -538,6 +538,7 @@ class DBusFaultProxy:
         return True
 
     def _wake(self) -> None:
+        # Not logged: a full pipe (EAGAIN) already holds a wake-up, which is all we need.
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
@@ -562,6 +563,7 @@ class DBusFaultProxy:
                         if fd == listen_fd:
                             self._accept()
                         elif fd == wake_fd:
+                            # Hot path, not logged: an empty pipe means a read drained it.
                             with contextlib.suppress(OSError):
                                 os.read(wake_fd, 4096)
                             while self._inbox:
@@ -912,7 +914,7 @@ class DBusFaultProxy:
     def _eof(self, conn: _Connection, direction: str) -> None:
         """One side went away: deliver what is queued for the other side, then close."""
         other = conn.lanes[TO_CLIENT if direction == TO_BUS else TO_BUS]
-        with contextlib.suppress(OSError):
+        with swallowed(OSError, "making the surviving side blocking to flush it"):
             other.sock.setblocking(True)
             other.sock.settimeout(1.0)
             for w in other.queue:
@@ -1011,6 +1013,7 @@ class DBusFaultProxy:
         lane = conn.lanes[writes]
         if lane.queue and not lane.not_before:
             mask |= _OUT
+        # Hot path, not logged: a socket closed under us is dropped by _close.
         with contextlib.suppress(OSError, ValueError):
             self._epoll.modify(sock.fileno(), mask)
 
@@ -1028,12 +1031,12 @@ class DBusFaultProxy:
             _close_all(fds)
             fds.clear()
         for sock in (conn.client, conn.upstream):
-            with contextlib.suppress(OSError, ValueError):
+            with swallowed((OSError, ValueError), "unregistering a closed connection's socket"):
                 fd = sock.fileno()
                 self._by_fd.pop(fd, None)
                 if self._epoll is not None:
                     self._epoll.unregister(fd)
-            with contextlib.suppress(OSError):
+            with swallowed(OSError, "shutting down a connection's socket"):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
         self.engine.forget(conn.id)

@@ -166,6 +166,7 @@ def test_an_unknown_version_must_recover_or_fail_cleanly() -> None:
 def test_an_intermittent_row_accepts_each_outcome_it_names() -> None:
     fault = "systemd:jobremoved-never-sent"
     row = ex.find("runc", "1.1.5", fault)
-    assert row is not None and row.outcomes == {ex.Outcome.FAILS_CLEANLY, ex.Outcome.BLOCKS}
+    assert row is not None
+    assert row.outcomes == {ex.Outcome.FAILS_CLEANLY, ex.Outcome.BLOCKS}
     assert ex.judge("runc", "1.1.5", fault, ex.Outcome.BLOCKS).ok
     assert not ex.judge("runc", "1.1.5", fault, ex.Outcome.LEAKS).ok
