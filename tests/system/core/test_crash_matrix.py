@@ -124,6 +124,27 @@ SUBJECTS = [
         """,
         ("started", "published"),
     ),
+    Subject(
+        "StaleSocket",
+        """
+        from pytest_runtimefaults.sockets import StaleSocket
+        live = StaleSocket(variant="live").start()     # a listener process holds it
+        moment("a live listener")
+        mounted = StaleSocket(variant="bind-mount").start()
+        moment("and a bind mount")
+        """,
+        ("a live listener", "and a bind mount"),
+    ),
+    Subject(
+        "CniDir",
+        """
+        from pytest_runtimefaults.cni import CniDir
+        d = CniDir().start()
+        d.write(d.bridge())
+        moment("with a network file")
+        """,
+        ("with a network file",),
+    ),
 ]
 
 PRELUDE = """
