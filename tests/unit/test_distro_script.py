@@ -168,6 +168,10 @@ def test_podman_argv_follows_the_recipe(tmp_path: Path) -> None:
     assert script.startswith("touch /dev/console; umount -R /sys/fs/cgroup && mount -t cgroup2")
     assert argv[at + 5 :] == ["sh", ".venv/bin/pytest", "-x"]
     assert "--network" not in argv  # only the =none form: never the default network
+    # Network state private: never /etc/containers/networks or /run/containers on the host.
+    assert argv[argv.index("--network-config-dir") + 1] == str(tmp_path / "podman" / "networks")
+    if distro.host_podman_major() == 4:
+        assert argv[argv.index("--network-backend") + 1] == "cni"
 
 
 def test_usage_errors_exit_2_with_a_message() -> None:
