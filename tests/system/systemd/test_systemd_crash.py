@@ -25,6 +25,7 @@ import pytest
 
 import pytest_runtimefaults
 from pytest_runtimefaults import caps
+from pytest_runtimefaults.host import proc as host_proc
 from pytest_runtimefaults.journal import process_starttime
 from pytest_runtimefaults.rootfs import build_bundle, build_rootfs
 from pytest_runtimefaults.systemd import _own_cgroups, cgroup_mounts, host_cgroup_state
@@ -181,16 +182,19 @@ def test_cleanup_reaps_a_sigkilled_scripts_sandbox(
     workdirs = list(Path("/tmp").glob(f"{name}-*"))
 
     left = {pid for pid, start in seen if _alive(pid, start)}
-    comms = sorted(Path(f"/proc/{pid}/comm").read_text().strip() for pid in left)
-    if moment != "mid-boot":
-        # What the issue found: the script's death alone leaves the sandbox running.
-        assert {"systemd", "dbus-daemon", "unshare"} <= set(comms), comms
-        if moment != "booted":
-            assert "sleep" in comms, comms  # the container's process
-        assert workdirs
-        assert list(state.glob("*.jsonl")), "no journal was written"
-
-    cleanup = _reap(reaper, env, tmp_path)
+    # A process may exit between the check and the read: "?" then, dropped.
+    comms = sorted(c for c in (host_proc.comm(pid) for pid in left) if c != "?")
+    try:
+        if moment != "mid-boot":
+            # What the issue found: the script's death alone leaves the sandbox running.
+            assert {"systemd", "dbus-daemon", "unshare"} <= set(comms), comms
+            if moment != "booted":
+                assert "sleep" in comms, comms  # the container's process
+            assert workdirs
+            assert list(state.glob("*.jsonl")), "no journal was written"
+    finally:
+        # Reap whatever the checks above found, so a failing case leaves nothing.
+        cleanup = _reap(reaper, env, tmp_path)
     assert cleanup.returncode == 0, cleanup.stdout + cleanup.stderr
     if reaper == "next pytest run":
         assert "runtimefaults reaped" in cleanup.stdout + cleanup.stderr, cleanup.stdout
