@@ -752,7 +752,7 @@ class DBusFaultProxy:
         closes its connection, as it would have on the exact path.
         """
         unframed = self._unframed
-        entries = self.trace.append
+        entries = self.trace.extend
         while unframed:
             batch = unframed[:]
             unframed.clear()
@@ -772,9 +772,8 @@ class DBusFaultProxy:
                 # rule comes before the rest, the rest must follow them as they are.
                 conn.owed[direction] = r.framer.pending
                 r.aligned = not conn.owed[direction]
-                if t is not None:
-                    for msg in msgs:
-                        entries(t, conn.id, direction, msg)
+                if t is not None and msgs:
+                    entries(t, conn.id, direction, msgs)
 
     def _received(
         self,
