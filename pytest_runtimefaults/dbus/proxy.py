@@ -62,6 +62,27 @@ from pytest_runtimefaults.dbus.trace import TO_BUS, TO_CLIENT, Trace
 from pytest_runtimefaults.dbus.wire import Framer, Message, WireError
 from pytest_runtimefaults.journal import Journal
 
+# The compiled fused read-and-relay (_fastpath.c), when the build made it: one C
+# call reads a chunk and writes it on, GIL released, for connections no rule
+# concerns.  Without it (or with RUNTIMEFAULTS_PURE_PYTHON=1) the loop does the
+# same in Python; both paths are tested.
+_RelayFn = Callable[[int, int, bool], "tuple[bytes, int, list[int], bool] | None"]
+
+
+def _compiled_relay() -> _RelayFn | None:
+    if os.environ.get("RUNTIMEFAULTS_PURE_PYTHON") == "1":
+        return None
+    try:
+        from pytest_runtimefaults.dbus._fastpath import relay
+    except ImportError:  # not built on this host: the pure-Python path
+        return None
+    return relay
+
+
+_relay = _compiled_relay()
+if os.environ.get("RUNTIMEFAULTS_PURE_PYTHON") == "1":
+    _relay = None
+
 __all__ = ["HOST_BUS_PATHS", "DBusFaultProxy", "ProxyError", "parse_address"]
 
 HOST_BUS_PATHS = ("/run/dbus/system_bus_socket", "/var/run/dbus/system_bus_socket")
@@ -213,6 +234,7 @@ class _Reader:
         "conn",
         "direction",
         "dirty",
+        "dst",
         "fast",
         "fds",
         "framer",
@@ -235,6 +257,7 @@ class _Reader:
         self.recv = conn.source(direction).recv
         self.recvmsg = conn.source(direction).recvmsg
         self.send = self.lane.sock.send
+        self.dst = self.lane.sock.fileno()  # for the compiled relay
         self.straight = False
         self.fast = False
         self.fds = False
@@ -561,6 +584,7 @@ class DBusFaultProxy:
         wake_fd = self._wake_r
         by_fd = self._by_fd
         engine = self.engine
+        relay = _relay
         try:
             while not self._stopping:
                 timeout = self._timeout() if engine.holding or self._paused else -1
@@ -586,6 +610,11 @@ class DBusFaultProxy:
                         continue
                     if not may_read_fast(r.fast, bool(r.lane.queue), bool(r.pending_fds)):
                         self._read(r)
+                        continue
+                    if relay is not None and engine.idle:
+                        # No rule at all: the route is RELAY whatever the bytes, so
+                        # read and write in one C call, and frame later as below.
+                        self._relay_compiled(r, fd, relay)
                         continue
                     try:
                         if r.fds:
@@ -640,6 +669,44 @@ class DBusFaultProxy:
                     self._close(conn)
                 while self._inbox:  # calls that came with stop(): nobody waits in vain
                     self._inbox.popleft()()
+
+    def _relay_compiled(
+        self,
+        r: _Reader,
+        fd: int,
+        relay: _RelayFn,
+    ) -> None:
+        """One chunk through the compiled relay: written on at once unless fds came."""
+        t = time.monotonic() if self.trace.enabled else None  # before the peer can act
+        try:
+            got = relay(fd, r.dst, r.fds)
+        except OSError:
+            got = (b"", -1, [], False)
+        if got is None:
+            return  # nothing to read after all
+        data, sent, fds, truncated = got
+        if not data:
+            _close_all(fds)
+            self._eof(r.conn, r.direction)
+            return
+        if sent == -1:
+            # fds came (or were cut): nothing was written; the exact path takes them.
+            anc = (
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                if fds
+                else []
+            )
+            self._handle(r, data, anc, _MSG_CTRUNC if truncated else 0)
+            return
+        if sent == -2:
+            self._close(r.conn)
+            return
+        r.dirty = True
+        if sent < len(data):
+            self._queue_rest(r, data, sent)
+        self._unframed.append((t, r, data))
+        if len(self._unframed) >= _SETTLE_AT:
+            self._settle()
 
     def _timeout(self) -> float:
         """Seconds until the next held message or paused lane is due (-1: none)."""

@@ -550,8 +550,9 @@ def test_rule_added_in_the_middle_of_a_message_keeps_the_stream_exact(
     assert bytes(echo.received[1]) == expected
 
 
+@pytest.mark.parametrize("path", ["python", "compiled"])
 def test_a_reply_is_traced_even_if_the_client_disables_the_trace_at_once(
-    bus: PrivateBus, svc: None, monkeypatch: pytest.MonkeyPatch
+    bus: PrivateBus, svc: None, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     # A client may act on a reply the moment it is written: here the trace is
     # disabled inside the very write.  Whether a chunk is traced must be decided
@@ -582,7 +583,24 @@ def test_a_reply_is_traced_even_if_the_client_disables_the_trace_at_once(
 
         self.send = send_then_disable
 
-    monkeypatch.setattr(proxy_module._Reader, "__init__", wrapped)
+    if path == "python":
+        monkeypatch.setattr(proxy_module, "_relay", None)
+        monkeypatch.setattr(proxy_module._Reader, "__init__", wrapped)
+    else:
+        # The compiled relay reads and writes in one call: the hook goes round it.
+        compiled = proxy_module._compiled_relay()
+        if compiled is None:
+            pytest.skip("the compiled fast path is not built on this host")
+
+        def relay_then_disable(src: int, dst: int, fds: bool) -> Any:
+            to_client = bool(armed) and armed[0]._by_fd[src].direction == "to_client"
+            got = compiled(src, dst, fds)
+            if got is not None and to_client and b"last" in got[0] and got[1] > 0:
+                armed.pop().trace.enabled = False
+                fired.set()
+            return got
+
+        monkeypatch.setattr(proxy_module, "_relay", relay_then_disable)
     with DBusFaultProxy(upstream=bus.address) as proxy:
         conn = open_dbus_connection(bus=proxy.address)
         conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"))  # NameAcquired is in

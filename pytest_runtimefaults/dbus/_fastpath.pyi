@@ -1,0 +1,3 @@
+"""Types of the compiled fused read-and-relay (_fastpath.c)."""
+
+def relay(src: int, dst: int, want_fds: bool, /) -> tuple[bytes, int, list[int], bool] | None: ...
