@@ -98,6 +98,8 @@ FAULTS: dict[str, str] = {
     "cni:delete-recreate": "a CNI config file deleted and recreated while pods start",
     "cni:default-gone-at-del": "the pod's network file removed before the pod is stopped",
     "cni:wrong-version-config": "a CNI config file whose cniVersion the plugins do not support",
+    "cni:broken-config-at-pod-start": "the only CNI config half-written when a pod starts "
+    "(RunPodSandbox fails: what is left of the failed pod?)",
     "cni:config-written-in-place": "a network config created at its "
     "final name, not renamed into place",
     "subscribers:churn": "event subscribers connecting and leaving while events are broadcast",
@@ -192,12 +194,18 @@ _RUNTIME_PROXY = "tests/test_runtime_proxy.py, docs/systemd.md (Debian 12, syste
 _TRIXIE = (
     "tests/test_runtime_proxy.py in Debian 13 (scripts/distro, systemd 257.13), docs/matrix.md"
 )
+_SID = (
+    "tests/system/systemd/test_runtime_proxy.py in Debian sid (scripts/distro, systemd 262.1, "
+    "unified layout), docs/matrix.md"
+)
 #: (runtime, version, evidence) of the runs through the proxy to a real systemd
 _MEASURED = (
     ("runc", "1.1.5", _RUNTIME_PROXY),
     ("crun", "1.8.1", _RUNTIME_PROXY),
     ("runc", "1.1.15", _TRIXIE),
     ("crun", "1.21", _TRIXIE),
+    ("runc", "1.3.6", _SID),
+    ("crun", "1.28", _SID),
 )
 
 #: The known facts.  Sources: README "What it found here", docs/systemd.md,
@@ -242,6 +250,24 @@ EXPECTATIONS: tuple[Expectation, ...] = (
             f"unit and no process (runc 1.1.5 leaves a frozen runc:[2:INIT]); {_TRIXIE}",
         )
         for rt, v in (("runc", "1.1.15"), ("crun", "1.21"))
+    ),
+    *(
+        Expectation(
+            rt,
+            v,
+            "systemd:serial-overflow-stall",
+            _BL,
+            "still waiting at the test's 35 s bound; killed, it left no unit and no process; "
+            f"{_SID}",
+        )
+        for rt, v in (("runc", "1.3.6"), ("crun", "1.28"))
+    ),
+    Expectation(
+        "crun",
+        "1.28",
+        "systemd:jobremoved-never-sent",
+        _BL,
+        f"waits for JobRemoved with no timeout, killed at 45 s, nothing left; {_SID}",
     ),
     Expectation(
         "crun",
@@ -424,6 +450,23 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         _FC,
         "CRI: network not ready, `plugin version does not allow STATUS` (2.x calls CNI "
         "STATUS, which needs cniVersion >= 1.1.0); sid run of docs/matrix.md",
+    ),
+    Expectation(
+        "containerd",
+        ">=1.6.20,<1.8",
+        "cni:broken-config-at-pod-start",
+        _LK,
+        "CRI: RunPodSandbox fails with `cni plugin not initialized` (naming no file); the "
+        "failed sandbox stays listed NotReady with its network namespace until "
+        "RemovePodSandbox; tests/system/cni/test_cni_containerd.py on 1.6.20 and 1.7.24",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "cni:broken-config-at-pod-start",
+        _FC,
+        "CRI: RunPodSandbox fails with `cni plugin not initialized`, and the failed sandbox "
+        "is not kept (nothing listed, no namespace); sid run of docs/matrix.md",
     ),
     Expectation(
         "containerd",
