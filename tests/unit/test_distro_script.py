@@ -160,6 +160,10 @@ def test_podman_argv_follows_the_recipe(tmp_path: Path) -> None:
     ):
         assert flag in argv
     assert argv[argv.index("--runtime") + 1] == "runc"
+    # /run, /tmp and /var/tmp private to this run: two runs of one release share
+    # the rootfs, and one's reaper took the other's journaled sockets for a dead run's.
+    mounted = [argv[i + 1].split(":")[0] for i, a in enumerate(argv) if a == "--tmpfs"]
+    assert mounted == ["/run", "/tmp", "/var/tmp"]
     # --rootfs last before the command: every flag after it would be the command.
     at = argv.index("--rootfs")
     assert argv[at + 1] == str(tmp_path / "trixie-20261201" / "rootfs")

@@ -630,6 +630,12 @@ def test_a_containerd_entry_for_a_users_directory_is_reaped_but_kept(tmp_path: P
         [sys.executable, "-c", "import time; time.sleep(300)", str(users / "containerd.sock")]
     )
     try:
+        # Popen returns once execve began; /proc/PID/cmdline is empty for a moment
+        # after (seen in the Debian 13 run): the reaper finds shims by their argv.
+        deadline = time.monotonic() + 5
+        while str(users) not in " ".join(proc.cmdline(shim.pid) or []):
+            assert time.monotonic() < deadline, "the stand-in shim never showed its argv"
+            time.sleep(0.01)
         result = reap_dead_owners(tmp_path / "state")
         assert result.errors == [], result.errors
         assert shim.wait(timeout=10) == -signal.SIGKILL
