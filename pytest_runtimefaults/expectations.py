@@ -66,6 +66,8 @@ class Outcome(str, enum.Enum):
     #: kept running but gave a wrong result (lost or doubled events, the wrong
     #: network, a live instance's socket taken over)
     MISBEHAVES = "misbehaves"
+    #: the daemon (or the runtime) died or panicked
+    CRASHES = "crashes"
 
 
 #: Every fault id a row may name, with what it is.
@@ -78,6 +80,10 @@ FAULTS: dict[str, str] = {
     "(in order, or overtaken by JobRemoved)",
     "dbus:delay-jobremoved": "JobRemoved delayed 2 s",
     "dbus:reorder": "the StartTransientUnit reply or JobRemoved swapped with the next message",
+    "dbus:stray-reply": "a METHOD_RETURN answering an earlier call (or no call) delivered "
+    "before the real StartTransientUnit reply",
+    "dbus:duplicate-reply": "the StartTransientUnit reply delivered twice",
+    "dbus:big-endian-reply": "the StartTransientUnit reply re-encoded big-endian (legal D-Bus)",
     "systemd:serial-overflow-stall": "systemd's serial reaches 0xffffffff and "
     "it sends nothing more (incident 2)",
     "systemd:serials-cycle": "systemd's serials continue at 0x80000000 "
