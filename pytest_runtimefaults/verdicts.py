@@ -49,6 +49,7 @@ __all__ = [
     "GateResult",
     "VerdictRecorder",
     "component_version",
+    "family_of",
     "findings_from_report",
     "gate",
 ]
@@ -467,7 +468,11 @@ class GateResult:
 
 
 def gate(
-    findings: Sequence[Finding], baseline: Baseline | None = None, *, ran: Iterable[str] = ()
+    findings: Sequence[Finding],
+    baseline: Baseline | None = None,
+    *,
+    ran: Iterable[str] = (),
+    use_table: bool = True,
 ) -> GateResult:
     """Sort a run's findings into new defects, known ones, fine ones and changed rows.
 
@@ -479,6 +484,9 @@ def gate(
       otherwise it is new;
     * a baseline entry whose scenario ran (*ran*: node ids; default: the
       findings' scenarios) but whose defect was not seen is *unseen*.
+
+    With ``use_table=False`` the expectations table is ignored: only the
+    baseline makes a defect known (and no row is ever *changed*).
     """
     base = baseline or Baseline()
     result = GateResult()
@@ -487,10 +495,10 @@ def gate(
         entry = base.entries.get(f.key)
         if not f.defect:
             result.fine.append(f)
-            if f.expected is not None and f.outcome not in f.known:
+            if use_table and f.expected is not None and f.outcome not in f.known:
                 result.changed.append(f)
             continue
-        if f.expected is not None and f.outcome in f.known:
+        if use_table and f.expected is not None and f.outcome in f.known:
             result.known_by_table.append(f)
         elif entry is not None and entry.outcome is f.outcome:
             result.known_by_baseline.append(f)
