@@ -251,7 +251,9 @@ class Run:
             for t in self.report.get("tests") or ()
             if t["nodeid"] not in by_id or t["outcome"] in ("failed", "error")
         ]
-        self.errors = [(n, o) for n, o in self.without if o not in ("skipped", "passed")]
+        # A scenario that passed without recording a verdict checked nothing the gate
+        # can use: as much an error as one that failed.
+        self.errors = [(n, o) for n, o in self.without if o != "skipped"]
 
     def decide(self, baseline: Any) -> Any:
         from pytest_runtimefaults.verdicts import gate
@@ -324,7 +326,7 @@ def _verdict_lines(run: Run) -> list[str]:
             "seen any more: fixed? update your baseline"
         )
     for nodeid, outcome in run.errors:
-        lines.append(f"ERROR: {nodeid}: {outcome} without reaching a verdict")
+        lines.append(f"ERROR: {nodeid}: {outcome} without recording a verdict")
     return lines
 
 

@@ -207,7 +207,10 @@ def test_exit_status_of_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
     errored = cmd.Run(_report(known, extra=[{"nodeid": "t::x", "outcome": "failed"}]), 1, "h")
     errored.decide(None)
     assert errored.exit_code == 1
-    assert "ERROR: t::x: failed without reaching a verdict" in cmd.table_lines(errored)
+    assert "ERROR: t::x: failed without recording a verdict" in cmd.table_lines(errored)
+    silent = cmd.Run(_report(known, extra=[{"nodeid": "t::z", "outcome": "passed"}]), 0, "h")
+    silent.decide(None)
+    assert silent.exit_code == 1, "a scenario must record a verdict"
     skipped = cmd.Run(_report(known, extra=[{"nodeid": "t::y", "outcome": "skipped"}]), 0, "h")
     skipped.decide(None)
     assert skipped.exit_code == 0
