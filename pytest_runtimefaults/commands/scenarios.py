@@ -103,6 +103,14 @@ def register(subparsers: Any) -> None:
         help="write the Markdown summary to FILE (it is appended to $GITHUB_STEP_SUMMARY "
         "whenever that is set)",
     )
+    parser.add_argument(
+        "--matrix",
+        default=None,
+        metavar="DISTROS",
+        help="run the job in each Debian rootfs of scripts/distro (comma-separated: debian12, "
+        "debian13, sid; needs a source checkout) and print one table with a column per "
+        "(distro, runtime version); each column is gated on its own",
+    )
     parser.add_argument("-k", dest="keyword", default=None, help="only scenarios matching")
     parser.add_argument(
         "--list",
@@ -443,6 +451,8 @@ def _scenarios(args: argparse.Namespace) -> int:
     except _ArgumentError as exc:
         print(f"runtimefaults scenarios: {exc}", file=sys.stderr)
         return 2
+    if args.matrix:
+        return _matrix(args)
     with tempfile.TemporaryDirectory(prefix="rf-scenarios-") as tmp:
         if args.list:
             rc, items = list_scenarios(args, tmp)
@@ -502,3 +512,154 @@ def _finish(args: argparse.Namespace, run: Run, baseline: Any) -> int:
         written.write(args.write_baseline)
         print(f"baseline: wrote {len(written.entries)} defect(s) to {args.write_baseline}")
     return run.exit_code
+
+
+# --- --matrix: the job in each distro rootfs, one table ------------------------------
+
+#: scripts/distro's names, as the matrix's column labels say them
+_DISTROS = {"debian12": "debian12", "bookworm": "debian12", "debian13": "debian13",
+            "trixie": "debian13", "sid": "sid"}  # fmt: skip
+
+
+def _distro_script() -> Path:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "distro"
+    if not script.is_file():
+        raise _ArgumentError(
+            f"--matrix runs scripts/distro of a source checkout, and {script} is not there: "
+            "run it from a clone of pytest-runtimefaults"
+        )
+    return script
+
+
+def _inner_argv(args: argparse.Namespace, baseline_inside: str | None) -> list[str]:
+    """The ``runtimefaults scenarios`` command line run inside each rootfs (in /src)."""
+    argv = [".venv/bin/runtimefaults", "scenarios", "--runtime", args.runtime,
+            "--report", "/results/scenarios.json", "--junitxml", "/results/junit.xml",
+            "--summary", "/results/summary.md"]  # fmt: skip
+    if args.only:
+        argv += ["--only", args.only]
+    if args.keyword:
+        argv += ["-k", args.keyword]
+    if args.no_expectations:
+        argv.append("--no-expectations")
+    if baseline_inside:
+        argv += ["--baseline", baseline_inside]
+    extra = [a for a in args.pytest_args if a != "--"]
+    return argv + (["--", *extra] if extra else [])
+
+
+@dataclass
+class Column:
+    """One distro's run in the matrix."""
+
+    distro: str
+    rc: int
+    run: Run | None  # None: no readable report
+    label: str
+
+
+def _column_label(distro: str, run: Run | None, versions: dict[str, Any], runtime: str) -> str:
+    component, version = runtime, versions.get(runtime)
+    if run is not None and run.findings:
+        component = run.findings[0].component
+        version = run.findings[0].version or version
+    return f"{distro}: {component} {version or '?'}"
+
+
+def matrix_lines(columns: list[Column]) -> list[str]:
+    """The matrix as a Markdown table: a row per scenario, a column per (distro, runtime)."""
+    names: dict[str, None] = {}
+    cells: dict[tuple[str, int], str] = {}
+    for i, col in enumerate(columns):
+        if col.run is None:
+            continue
+        for f in col.run.findings:
+            names.setdefault(_name(f.scenario))
+            status = col.run.status(f)
+            cells[(_name(f.scenario), i)] = f.shown + ("" if status == "ok" else f" ({status})")
+        for nodeid, outcome in col.run.without:
+            names.setdefault(_name(nodeid))
+            cells.setdefault((_name(nodeid), i), outcome if outcome == "skipped" else
+                             f"no verdict ({outcome})")  # fmt: skip
+    lines = [
+        "| scenario | " + " | ".join(_md(c.label) for c in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for name in names:
+        row = [cells.get((name, i), "") for i in range(len(columns))]
+        lines.append(f"| `{_md(name)}` | " + " | ".join(_md(c) for c in row) + " |")
+    lines.append(
+        "| **exit** | "
+        + " | ".join(
+            str(c.run.exit_code) if c.run is not None else f"no report (exit {c.rc})"
+            for c in columns
+        )
+        + " |"
+    )
+    return lines
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from pytest_runtimefaults.verdicts import Baseline
+
+    try:
+        script = _distro_script()
+        distros = [d.strip() for d in args.matrix.split(",") if d.strip()]
+        bad = [d for d in distros if d not in _DISTROS]
+        if bad or not distros:
+            raise _ArgumentError(
+                f"--matrix {args.matrix}: unknown distro {', '.join(bad) or '(none given)'}; "
+                f"choose among {', '.join(sorted(set(_DISTROS.values())))}"
+            )
+        if args.list:
+            raise _ArgumentError("--matrix runs the job; --list with it lists nothing more")
+        baseline = _load_baseline(args)
+    except _ArgumentError as exc:
+        print(f"runtimefaults scenarios: {exc}", file=sys.stderr)
+        return 2
+    stem = Path(args.report or "runtimefaults-scenarios.json")
+    root = stem.with_name(stem.stem + "-matrix")
+    columns = []
+    for name in distros:
+        distro = _DISTROS[name]
+        results = root / distro
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "scenarios.json").unlink(missing_ok=True)
+        inside = None
+        if args.baseline:
+            Path(results / "baseline.jsonl").write_text(Path(args.baseline).read_text())
+            inside = "/results/baseline.jsonl"
+        argv = [sys.executable, str(script), "--results", str(results), distro,
+                *_inner_argv(args, inside)]  # fmt: skip
+        print(f"runtimefaults scenarios --matrix: {' '.join(argv[1:])}", flush=True)
+        rc = subprocess.call(argv)
+        run = None
+        versions: dict[str, Any] = {}
+        try:
+            report = json.loads((results / "scenarios.json").read_text())
+            info = json.loads((results / "distro.json").read_text())
+            versions = dict(info.get("versions") or {})
+        except (OSError, ValueError) as exc:
+            print(f"runtimefaults scenarios --matrix: {distro}: no report ({exc})", file=sys.stderr)
+        else:
+            run = Run(report, 0 if rc in (0, 1) else rc, distro, use_table=not args.no_expectations)
+            run.decide(baseline)
+        columns.append(Column(distro, rc, run, _column_label(distro, run, versions, args.runtime)))
+    lines = matrix_lines(columns)
+    print()
+    for line in lines:
+        print(line)
+    codes = [c.run.exit_code if c.run is not None else 1 for c in columns]
+    code = max(codes) if codes else 1
+    summary = "## runtimefaults scenarios --matrix\n\n" + "\n".join(lines) + "\n"
+    if args.summary:
+        Path(args.summary).write_text(summary)
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a") as f:
+            f.write(summary)
+    if args.write_baseline:
+        found = [f for c in columns if c.run is not None for f in c.run.findings]
+        Baseline.from_findings(found).write(args.write_baseline)
+    per = ", ".join(f"{c.distro} {x}" for c, x in zip(columns, codes, strict=True))
+    print(f"exit {code}: per distro {per}; reports in {root}/")
+    return code

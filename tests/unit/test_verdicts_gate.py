@@ -261,3 +261,42 @@ def test_table_summary_and_baseline_files(
     assert step.read_text() == "earlier step\n" + summary, "appended to $GITHUB_STEP_SUMMARY"
     written = Baseline.load(tmp_path / "b")
     assert sorted(e.outcome.value for e in written.entries.values()) == ["blocks", "leaks"]
+
+
+def test_matrix_table_has_a_column_per_distro_and_runtime_version() -> None:
+    bookworm = cmd.Run(_report(_finding("blocks")), 0, "debian12")
+    bookworm.decide(None)
+    sid = cmd.Run(
+        _report(
+            _finding("fails_cleanly", version="1.3.6"),
+            extra=[{"nodeid": "t::other", "outcome": "skipped"}],
+        ),
+        0,
+        "sid",
+    )
+    sid.decide(None)
+    columns = [
+        cmd.Column("debian12", 0, bookworm, cmd._column_label("debian12", bookworm, {}, "runc")),
+        cmd.Column("sid", 0, sid, cmd._column_label("sid", sid, {}, "runc")),
+        cmd.Column("debian13", 125, None, cmd._column_label("debian13", None, {"runc": "1.1.15"},
+                                                             "runc")),
+    ]  # fmt: skip
+    lines = cmd.matrix_lines(columns)
+    assert (
+        lines[0] == "| scenario | debian12: runc 1.1.5 | sid: runc 1.3.6 | debian13: runc 1.1.15 |"
+    )
+    assert lines[2] == (
+        "| `test_stalled_systemd_fails_create_within_a_bound` | blocked (known (table)) "
+        "| failed cleanly |  |"
+    )
+    assert lines[3] == "| `other` |  | skipped |  |"
+    assert lines[-1] == "| **exit** | 0 | 0 | no report (exit 125) |"
+
+
+def test_matrix_refuses_unknown_distros(capsys: pytest.CaptureFixture[str]) -> None:
+    args = argparse.Namespace(matrix="debian12,fedora", list=False, baseline=None)
+    assert cmd._matrix(args) == 2
+    assert (
+        "--matrix debian12,fedora: unknown distro fedora; choose among debian12, debian13, sid"
+        in capsys.readouterr().err
+    )
