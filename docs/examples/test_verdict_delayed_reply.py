@@ -2,7 +2,7 @@
 
 import pytest
 
-from pytest_runtimefaults.scenarios import leftovers, lifecycle_outcome, runtime_identity
+from pytest_runtimefaults.scenarios import lifecycle_outcome, observe, runtime_identity
 
 
 @pytest.mark.family("dbus", incident=1)
@@ -15,8 +15,8 @@ def test_delayed_reply(verdict, runtime, systemd, systemd_dbus_proxy, oci_bundle
     under_fault = [runtime.lifecycle(oci_bundle, "web")]
     systemd_dbus_proxy.clear()
     after = runtime.lifecycle(oci_bundle, "web-after")
-    left = leftovers(systemd, runtime, units_before)
-    outcome, evidence = lifecycle_outcome(under_fault, after, left, bound=10)
+    left, gone = observe(systemd, runtime, units_before)  # leftovers; did the bus go away?
+    outcome, evidence = lifecycle_outcome(under_fault, after, left, bound=10, gone=gone)
     finding = verdict.record(
         outcome,
         component=component,

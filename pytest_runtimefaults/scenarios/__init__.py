@@ -25,6 +25,7 @@ verdict of a series of lifecycles (:func:`lifecycle_outcome`).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Sequence
@@ -34,7 +35,28 @@ from pytest_runtimefaults import expectations
 from pytest_runtimefaults.core.log import swallowed
 from pytest_runtimefaults.expectations import Outcome
 
-__all__ = ["leftovers", "lifecycle_outcome", "runtime_identity"]
+__all__ = [
+    "DaemonGone",
+    "daemon_gone",
+    "leftovers",
+    "lifecycle_outcome",
+    "observe",
+    "runtime_identity",
+]
+
+
+class DaemonGone(RuntimeError):
+    """The sandboxed systemd or its bus went away during the scenario."""
+
+
+def daemon_gone(systemd: Any) -> str | None:
+    """Why the sandbox's systemd or its dbus-daemon cannot be reached any more, or None."""
+    if getattr(systemd, "running", True) is False:
+        return "the sandbox's systemd exited"
+    path = getattr(systemd, "bus_path", None) if hasattr(systemd, "workdir") else None
+    if path is not None and not os.path.exists(path):
+        return f"the sandbox's bus went away (its dbus-daemon's socket {path} is gone)"
+    return None
 
 
 def runtime_identity(runtime: Any) -> tuple[str, str | None]:
@@ -77,7 +99,14 @@ def leftovers(
     inspector = systemd.inspector()
     deadline = time.monotonic() + grace
     while True:
-        found = [f"unit {u.name} ({u.active_state})" for u in inspector.leftovers(units_before)]
+        try:
+            units = inspector.leftovers(units_before)
+        except Exception as exc:
+            gone = daemon_gone(systemd)
+            if gone is None:
+                raise
+            raise DaemonGone(gone) from exc
+        found = [f"unit {u.name} ({u.active_state})" for u in units]
         if hasattr(systemd, "processes"):  # a sandbox: its cgroups say what still runs
             found += [f"process {p}" for p in sorted(systemd.processes())]
         with swallowed(Exception, "listing the containers of %s", runtime):
@@ -85,6 +114,19 @@ def leftovers(
         if not found or time.monotonic() >= deadline:
             return sorted(found)
         time.sleep(0.1)
+
+
+def observe(systemd: Any, runtime: Any, units_before: set[str]) -> tuple[list[str], str | None]:
+    """:func:`leftovers`, and whether the sandbox's systemd or bus went away meanwhile.
+
+    ``(left, gone)``: *gone* is None while the daemons are there; otherwise it
+    says what went (and *left* could not be read).
+    """
+    try:
+        left = leftovers(systemd, runtime, units_before)
+    except DaemonGone as exc:
+        return [], str(exc)
+    return left, daemon_gone(systemd)
 
 
 def _crashed(result: Any) -> bool:
@@ -112,15 +154,18 @@ def lifecycle_outcome(
     left: Sequence[str],
     *,
     bound: float,
+    gone: str | None = None,
 ) -> tuple[Outcome, str]:
     """The verdict of runtime commands run under a fault, and its evidence.
 
     *under_fault* are the results (:class:`~pytest_runtimefaults.runtime.RuntimeResult`)
     of the commands run while the fault was on, each with a timeout of
     *bound* seconds; *after* the lifecycle run once the fault was lifted;
-    *left* what :func:`leftovers` found.  In order of gravity:
+    *left* what :func:`leftovers` found; *gone* what :func:`observe` says went
+    away (the sandbox's systemd or bus).  In order of gravity:
 
-    * **crashes**: a command died of a signal or panicked;
+    * **crashes**: a command died of a signal or panicked, or the daemons it
+      talked to went away;
     * **blocks**: a command was still running at the bound (then killed);
     * **leaks**: something was left once the fault was lifted and the
       containers deleted;
@@ -137,6 +182,11 @@ def lifecycle_outcome(
         how = f"exit {r.returncode}" if r.returncode >= 0 else f"signal {-r.returncode}"
         return Outcome.CRASHES, f"{_verb(r)}: {how}: {_error(r) or 'no output'}"
     blocked = [r for r in under_fault if r.timed_out]
+    if gone is not None:
+        before = (
+            f"; {_verb(blocked[0])} was still running at the {bound:g} s bound" if blocked else ""
+        )
+        return Outcome.CRASHES, f"{gone}{before}"
     if blocked:
         r = blocked[0]
         tail = f"; left: {', '.join(left)}" if left else "; nothing left"

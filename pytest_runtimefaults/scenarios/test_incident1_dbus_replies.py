@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pytest_runtimefaults.scenarios import leftovers, lifecycle_outcome, runtime_identity
+from pytest_runtimefaults.scenarios import lifecycle_outcome, observe, runtime_identity
 
 #: Seconds one runtime command may take under a fault (the slowest rule, Reorder,
 #: holds a message for up to 2 s).
@@ -56,11 +56,11 @@ def test_lifecycles_survive(
     for i in range(3):  # whatever a failed or killed lifecycle did not delete
         runtime.delete(f"rf-youki-{i}", force=True)
     after = runtime.lifecycle(oci_bundle, "rf-youki-after")
-    left = leftovers(systemd, runtime, units_before)
+    left, gone = observe(systemd, runtime, units_before)
     if fired == 0:
         # The fault never met the runtime's traffic: no verdict about it can be reached.
         pytest.fail(f"the fault never fired: {rule} (did the runtime talk to systemd?)")
-    outcome, evidence = lifecycle_outcome(results, after, left, bound=BOUND)
+    outcome, evidence = lifecycle_outcome(results, after, left, bound=BOUND, gone=gone)
     verdict.record(
         outcome,
         component=component,

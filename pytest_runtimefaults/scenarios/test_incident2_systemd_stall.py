@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from pytest_runtimefaults.dbus.rules import Serials
-from pytest_runtimefaults.scenarios import leftovers, lifecycle_outcome, runtime_identity
+from pytest_runtimefaults.scenarios import lifecycle_outcome, observe, runtime_identity
 
 BOUND = 10.0  # seconds a create may take before we call the runtime blocked
 
@@ -42,8 +42,8 @@ def test_serials_past_the_boundary_after_the_fix(
     for i in range(3):
         runtime.delete(f"rf-serials-{i}", force=True)
     after = runtime.lifecycle(oci_bundle, "rf-serials-after")
-    left = leftovers(systemd, runtime, units_before)
-    outcome, evidence = lifecycle_outcome(results, after, left, bound=BOUND)
+    left, gone = observe(systemd, runtime, units_before)
+    outcome, evidence = lifecycle_outcome(results, after, left, bound=BOUND, gone=gone)
     verdict.record(
         outcome,
         component=component,
@@ -73,8 +73,8 @@ def test_stalled_systemd_fails_create_within_a_bound(
     systemd_dbus_proxy.clear()
     runtime.delete("rf-stall", force=True)
     after = runtime.lifecycle(oci_bundle, "rf-after-stall")
-    left = leftovers(systemd, runtime, units_before)
-    outcome, evidence = lifecycle_outcome([created], after, left, bound=BOUND)
+    left, gone = observe(systemd, runtime, units_before)
+    outcome, evidence = lifecycle_outcome([created], after, left, bound=BOUND, gone=gone)
     verdict.record(
         outcome,
         component=component,

@@ -182,6 +182,14 @@ def test_lifecycle_outcome(
 # --- the command's decision and reports, from a report as pytest writes it -------------
 
 
+def test_daemons_gone_is_a_crash_even_when_the_runtime_blocked_first() -> None:
+    gone = "the sandbox's bus went away (its dbus-daemon's socket /tmp/x/bus is gone)"
+    blocked = _result(None, timed_out=True, duration=10)
+    outcome, evidence = lifecycle_outcome([blocked], _result(1, "x"), [], bound=10, gone=gone)
+    assert outcome is Outcome.CRASHES
+    assert evidence == gone + "; create was still running at the 10 s bound"
+
+
 def _report(*findings: Finding, extra: list[dict[str, Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
     tests = [{"nodeid": f.scenario, "outcome": "passed", "verdict": f.as_dict()} for f in findings]
     return {"tests": tests + list(extra), "environment": {"systemd": "252.39"}}
