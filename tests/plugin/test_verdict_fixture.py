@@ -136,3 +136,44 @@ def test_family_from_the_module_name(pytester: pytest.Pytester) -> None:
     (test,) = json.loads((pytester.path / "r.json").read_text())["tests"]
     assert (test["verdict"]["family"], test["verdict"]["incident"]) == ("cni", 4)
     assert test["verdict"]["ok"] is True
+
+
+FAMILIES_SUITE = {
+    "test_incident1_x": "def test_a():\n    pass\n",
+    "test_mine": (
+        "import pytest\n\n"
+        "@pytest.mark.family('mine')\n"
+        "def test_b():\n    pass\n\n"
+        "def test_c():\n    pass\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_families_option_selects(pytester: pytest.Pytester, xdist: list[str]) -> None:
+    pytester.makepyfile(**FAMILIES_SUITE)
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-no-reap", "--runtimefaults-families=dbus,mine",
+        "-v", *xdist,
+    )  # fmt: skip
+    # Under xdist the workers deselect, and the controller does not count it.
+    result.assert_outcomes(passed=2, deselected=0 if xdist else 1)
+    passed = [line for line in result.stdout.lines if "PASSED" in line]
+    assert any("test_a" in line for line in passed)
+    assert any("test_b" in line for line in passed)
+    assert not any("test_c" in line for line in passed)
+    none = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-no-reap", "--runtimefaults-families=cni"
+    )
+    assert none.ret == pytest.ExitCode.NO_TESTS_COLLECTED  # a shipped family with no test here
+
+
+def test_families_option_refuses_a_family_no_test_has(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(**FAMILIES_SUITE)
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", "--runtimefaults-no-reap", "--runtimefaults-families=mien"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*--runtimefaults-families: no test of the family mien; families here: dbus, mine*"]
+    )
