@@ -151,6 +151,10 @@ def _config(config_dir: str) -> str:
     return config
 
 
+def _runtime_arg(spec: str) -> str:
+    return os.path.abspath(spec) if os.sep in spec else spec
+
+
 def scenario_argv(
     args: argparse.Namespace, config_dir: str, report: str | None = None
 ) -> list[str]:
@@ -170,7 +174,9 @@ def scenario_argv(
         "-ra",
         "--pyargs",
         "pytest_runtimefaults.scenarios",
-        f"--runtimefaults-runtime={args.runtime}",
+        # pytest runs in config_dir (see _scenarios): a runtime given by a relative path
+        # must not change meaning.
+        f"--runtimefaults-runtime={_runtime_arg(args.runtime)}",
     ]
     if report:
         argv.append(f"--runtimefaults-report={os.path.abspath(report)}")
@@ -221,10 +227,16 @@ def list_scenarios(args: argparse.Namespace, config_dir: str) -> tuple[int, list
     # No "python -m pytest", and no -ra: the terminal reporter that owns it is off.
     argv = [a for a in scenario_argv(args, config_dir)[3:] if a != "-ra"]
     lister = _Lister()
-    rc = pytest.main(
-        [*argv, "--collect-only", "--runtimefaults-no-reap", "-p", "no:terminal"],
-        plugins=[lister],
-    )
+    # From config_dir, as the run: not from a checkout whose ./tests/conftest.py would load.
+    here = os.getcwd()
+    os.chdir(config_dir)
+    try:
+        rc = pytest.main(
+            [*argv, "--collect-only", "--runtimefaults-no-reap", "-p", "no:terminal"],
+            plugins=[lister],
+        )
+    finally:
+        os.chdir(here)
     return int(rc), lister.items
 
 
@@ -466,7 +478,9 @@ def _scenarios(args: argparse.Namespace) -> int:
         Path(report_path).unlink(missing_ok=True)
         argv = scenario_argv(args, tmp, report_path)
         print("runtimefaults scenarios:", " ".join(argv[1:]), flush=True)
-        rc = subprocess.call(argv)
+        # In the temp dir: started in a checkout, pytest would load the conftest.py of
+        # ./tests (its initial conftests include the invocation dir's test* dirs).
+        rc = subprocess.call(argv, cwd=tmp)
         try:
             report = json.loads(Path(report_path).read_text())
         except (OSError, ValueError) as exc:

@@ -89,3 +89,17 @@ def test_no_scenario_is_a_failure_still_reported(tmp_path: Path) -> None:
     assert step.read_text() == summary, "GITHUB_STEP_SUMMARY honoured"
     assert (tmp_path / "j.xml").exists()
     assert (tmp_path / "runtimefaults-scenarios.json").exists()
+
+
+@pytest.mark.needs("root")  # the plugin's journal lives in /run/runtimefaults
+def test_a_checkouts_own_tests_conftest_is_not_loaded(tmp_path: Path) -> None:
+    """Run from a repository (scripts/setup does), pytest would load ./tests/conftest.py."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "conftest.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('LOADED').write_text('yes')\n"
+    )
+    listed = _scenarios("--list", "--only", "serials", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    ran = _scenarios("-k", "no_such_scenario", "--report", "", cwd=tmp_path)
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    assert not (tmp_path / "tests" / "LOADED").exists()
