@@ -273,10 +273,9 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         _BL,
         "still waiting at the test's 35 s bound; killed, it left no unit and no process; "
         f"{_SID}; in {_SID_SCENARIOS}: blocked at the 10 s bound, a `crun` process (its "
-        "container's init) left for a few seconds, and in 3 of 4 runs the sandbox's "
-        "dbus-daemon socket was gone within ~5 s of the kill (systemd still running; the next "
-        "lifecycle fails `cannot open sd-bus`): cause not yet understood",
-        also=(Outcome.CRASHES,),
+        "container's init) left for a few seconds. (A sandbox bus socket that vanished "
+        "after the kill in early runs was another run's reaper: two scripts/distro runs "
+        "of sid shared the rootfs's /run and /tmp, fixed since; not crun's doing.)",
     ),
     Expectation(
         "crun",
