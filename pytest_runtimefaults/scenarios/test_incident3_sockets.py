@@ -42,7 +42,7 @@ from pytest_runtimefaults.expectations import Outcome, Version, installed_versio
 from pytest_runtimefaults.sockets import VARIANTS, StaleSocket
 from pytest_runtimefaults.sockets import Verdict as SocketVerdict
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.family("sockets"), pytest.mark.timeout(60)]
 
 BOUND = 10.0  # seconds a daemon may take to serve, refuse, or serve again
 

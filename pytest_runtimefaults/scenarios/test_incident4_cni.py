@@ -32,7 +32,7 @@ from pytest_runtimefaults.containerd import Containerd
 from pytest_runtimefaults.expectations import Outcome, installed_version
 from pytest_runtimefaults.faults import FaultRegistry
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.family("cni"), pytest.mark.timeout(90)]
 
 BOUND = 15.0  # seconds a CRI call may take before we call it blocked
 PODS = 4  # pods per scenario under the fault (a few, not 20)

@@ -38,7 +38,7 @@ from pytest_runtimefaults.expectations import Outcome, installed_version
 from pytest_runtimefaults.naming import unique_name
 from pytest_runtimefaults.subscribers import Churn, DaemonWatch, SwarmReport, first_events
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.family("subscribers"), pytest.mark.timeout(90)]
 
 SUBSCRIBERS = 20
 CHURN = Churn(max_events=15, max_life=1.0, max_pause=0.05, steady=5)
