@@ -66,8 +66,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _top_cgroups() -> set[str]:
-    """``hierarchy/name`` of the directories at the root of each cgroup hierarchy."""
+    """``hierarchy/name`` of the directories at the root of each cgroup hierarchy.
+
+    On a pure cgroup v2 host /sys/fs/cgroup is the one hierarchy: its own
+    children, by name alone.
+    """
     found: set[str] = set()
+    if os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
+        try:
+            return {d.name for d in os.scandir(CGROUP_ROOT) if d.is_dir(follow_symlinks=False)}
+        except OSError:
+            return found
     try:
         hierarchies = os.listdir(CGROUP_ROOT)
     except OSError:
@@ -251,6 +260,19 @@ def _busybox() -> bool:
     return find_busybox() is not None
 
 
+def _container_cgroups() -> bool:
+    from pytest_runtimefaults import caps
+
+    return caps.container_controllers() >= caps.CONTAINER_CONTROLLERS
+
+
+def _podman_cni() -> bool:
+    from pytest_runtimefaults.cni.podman import podman_major
+
+    major = podman_major()
+    return major is not None and major < 5
+
+
 #: Every name ``@pytest.mark.needs(...)`` accepts.  ``"a|b"`` means either will do.
 NEEDS: dict[str, Need] = {
     "root": Need(lambda: os.geteuid() == 0, "run the tests as root"),
@@ -266,6 +288,13 @@ NEEDS: dict[str, Need] = {
     "podman": _command("podman", "podman"),
     "tshark": _command("tshark", "tshark"),
     "unshare": _command("unshare", "util-linux"),
+    # containerd 2 and podman write cpu.weight / pids.max for every container
+    "container-cgroups": Need(
+        _container_cgroups,
+        "cgroup v2 with the cpu and pids controllers at the root containers are made "
+        "under (/sys/fs/cgroup/cgroup.controllers), or cgroup v1",
+    ),
+    "podman-cni": Need(_podman_cni, "podman 4 (podman 5 has only netavark: the netavark tests)"),
 }
 
 

@@ -286,7 +286,11 @@ class SystemdSandbox:
             )
         finally:
             os.close(go_read)
-        self._track_process(self._launcher.pid)
+        # On cgroup v2 the launcher leaves the sandbox's cgroup before its go
+        # (_move_launcher_out), so the reaper cannot know it by its cgroup:
+        # it knows it by the unshare command line the shell execs.
+        then = [*self._unshare_argv(), "/bin/sh", str(inner)]
+        self._rids.append(self.journal.add_process(self._launcher.pid, then=then))
         if self.layout != "unified":
             self._release_launcher()
 

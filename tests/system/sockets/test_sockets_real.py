@@ -116,6 +116,7 @@ def test_containerd_per_variant(
 # --- SIGKILL mid-operation ----------------------------------------------------
 
 
+@pytest.mark.needs("container-cgroups")
 def test_containerd_sigkill_with_a_running_container(containerd: Containerd) -> None:
     image = containerd.import_busybox()
     containerd.run(image, "keeps", "sleep", "3600", detach=True)
@@ -130,6 +131,7 @@ def test_containerd_sigkill_with_a_running_container(containerd: Containerd) -> 
     assert containerd.fatal_errors() == []
 
 
+@pytest.mark.needs("container-cgroups")
 def test_containerd_sigkill_during_ctr_run(
     containerd: Containerd, runtimefaults_rng: Random, runtimefaults_faults: FaultRegistry
 ) -> None:
@@ -189,6 +191,7 @@ def test_containerd_sigkill_during_ctr_run(
     assert containerd.fatal_errors() == []
 
 
+@pytest.mark.needs("container-cgroups")
 def test_containerd_orphan_shim_blocks_the_id_until_killed(containerd: Containerd) -> None:
     """The 1.6.20 behaviour found with this harness: SIGKILLed after it started a
     task's shim but before it recorded the task, containerd restarts without

@@ -105,6 +105,7 @@ def assert_only_go_events_losses(report: SwarmReport) -> None:
     )
 
 
+@pytest.mark.needs("container-cgroups")
 @pytest.mark.timeout(120)
 def test_containerd_survives_a_churning_swarm(
     grpc_client: None, containerd: Containerd, rootfs: Path, subscribers
@@ -143,6 +144,7 @@ def test_containerd_survives_a_churning_swarm(
     transport.close()
 
 
+@pytest.mark.needs("container-cgroups")
 @pytest.mark.timeout(120)
 def test_containerd_sigkill_mid_swarm_gives_clean_errors_then_reconnects(
     grpc_client: None, containerd: Containerd, rootfs: Path, subscribers
@@ -184,6 +186,7 @@ def test_containerd_sigkill_mid_swarm_gives_clean_errors_then_reconnects(
     transport.close()
 
 
+@pytest.mark.needs("container-cgroups")
 @pytest.mark.timeout(90)
 def test_ctr_events_under_the_swarm(containerd: Containerd, rootfs: Path, subscribers) -> None:  # type: ignore[no-untyped-def]
     """The command-line transport: each subscriber is a ``ctr events`` process."""
