@@ -115,6 +115,7 @@ def swarm_outcome(
 def rootfs(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     """A busybox root filesystem for ``ctr run --rootfs`` (no image needed)."""
     busybox = caps.require_command(request, "busybox", package="busybox-static")
+    caps.require_container_controllers(request)  # containerd 2 writes cpu.weight
     root = tmp_path / "rootfs"
     (root / "bin").mkdir(parents=True)
     shutil.copy(busybox, root / "bin" / "busybox")

@@ -21,7 +21,9 @@ from pytest_runtimefaults.scenarios.test_incident4_cni import PodRuns, _link_kin
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.needs("root", "containerd", "cni-plugins", "busybox-static", "runc")
+@pytest.mark.needs(
+    "root", "containerd", "cni-plugins", "busybox-static", "runc", "container-cgroups"
+)
 def test_whole_configs_survive(
     cni_dir: Any,
     cni_sandbox: Any,
