@@ -321,6 +321,16 @@ def _missing(item: pytest.Item) -> list[str]:
     return missing
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--needs-only",
+        metavar="NAME",
+        default=None,
+        help="run only the tests marked @pytest.mark.needs(NAME) (scripts/distro sid-hybrid: "
+        "the tests that run containers, where the host can give them controllers)",
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A misspelt need is a usage error at collection, naming the test."""
     for item in items:
@@ -331,6 +341,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 )
             for name in mark.args:
                 _choices(item, name)
+    only = config.getoption("--needs-only")
+    if only is not None:
+        if only not in NEEDS:
+            raise pytest.UsageError(f"--needs-only={only!r}: known: {', '.join(sorted(NEEDS))}")
+        keep = [i for i in items if any(only in m.args for m in i.iter_markers("needs"))]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
 
 
 @pytest.hookimpl(tryfirst=True)
