@@ -157,6 +157,10 @@ class Trace:
         """Record *message* relayed at *monotonic* (the proxy's deferred framing)."""
         self._entries.append((monotonic, conn, direction, message, None))
 
+    def extend(self, monotonic: float, conn: int, direction: str, messages: list[Message]) -> None:
+        """Record *messages* relayed together at *monotonic* (one chunk framed late)."""
+        self._entries.extend([(monotonic, conn, direction, m, None) for m in messages])
+
     def entries(self) -> list[TraceEntry]:
         if self.settle is not None:
             self.settle()
