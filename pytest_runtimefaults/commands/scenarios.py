@@ -64,6 +64,15 @@ def register(subparsers: Any) -> None:
         help="runtime under test: runc, crun, youki or a path (default runc)",
     )
     parser.add_argument(
+        "--daemon",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="the daemon of the sockets scenarios: containerd, dbus-daemon, or a command "
+        "line with {socket} where its socket path goes (repeatable; default containerd "
+        "and dbus-daemon)",
+    )
+    parser.add_argument(
         "--only",
         default=None,
         metavar="FAMILIES",
@@ -187,6 +196,7 @@ def scenario_argv(
         argv.append(f"--junitxml={os.path.abspath(args.junitxml)}")
     if args.keyword:
         argv += ["-k", args.keyword]
+    argv += [f"--runtimefaults-daemon={d}" for d in args.daemon]
     extra = [a for a in args.pytest_args if a != "--"]
     return argv + extra
 
@@ -554,6 +564,8 @@ def _inner_argv(args: argparse.Namespace, baseline_inside: str | None) -> list[s
         argv += ["--only", args.only]
     if args.keyword:
         argv += ["-k", args.keyword]
+    for daemon in args.daemon:
+        argv += ["--daemon", daemon]
     if args.no_expectations:
         argv.append("--no-expectations")
     if baseline_inside:

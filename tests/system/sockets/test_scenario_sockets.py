@@ -1,6 +1,6 @@
 """The sockets scenarios (incident 3) come out differently with a different daemon.
 
-``runtimefaults scenarios --only sockets -- --runtimefaults-daemon CMD`` runs
+``runtimefaults scenarios --only sockets --daemon CMD`` runs
 the shipped scenarios against the test-only demo daemon of
 :mod:`pytest_runtimefaults.sockets` under each of its bind policies: the
 correct one survives a stale socket and refuses every look-alike (exit 0);
@@ -32,7 +32,7 @@ def _run(cwd: Path, policy: str) -> tuple[int, dict[str, str], str]:
     )
     r = subprocess.run(
         [sys.executable, "-m", "pytest_runtimefaults", "scenarios", "--only", "sockets",
-         "--report", "r.json", "--", f"--runtimefaults-daemon={cmd}"],
+         "--report", "r.json", "--daemon", cmd],
         capture_output=True, text=True, cwd=cwd, timeout=200,
     )  # fmt: skip
     tests = json.loads((cwd / "r.json").read_text())["tests"]
