@@ -360,3 +360,53 @@ def test_network_file_gone_before_delete(
     runtimefaults_faults.add("10-mac.conflist removed", lift=put_back)
     finish(runs, pods, runtimefaults_faults, cni_containerd, link_kind)
     record(verdict, runs, "cni:default-gone-at-del", time.monotonic() - started)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "empty"])
+def test_podman_half_written_network(
+    netavark_dir: Any,
+    podman_netavark: Any,
+    netavark_half_written: Any,
+    runtimefaults_faults: FaultRegistry,
+    verdict: Any,
+    mode: str,
+) -> None:
+    """podman (netavark) beside a half-written network file: runs on the others, names it."""
+    good = netavark_dir.network()
+    netavark_dir.write(good)
+    broken = netavark_dir.network()
+    started = time.monotonic()
+    fault = netavark_half_written(netavark_dir.filename(broken), broken, mode=mode)
+    on_good = podman_netavark.run(good["name"], "true")
+    on_broken = podman_netavark.run(broken["name"], "true")
+    named = str(fault.path) in on_good.stderr + on_broken.stderr
+    runtimefaults_faults.lift_all()
+    after = podman_netavark.run(broken["name"], "true")
+    text = (
+        f"run on the whole network: rc {on_good.returncode}; on the broken one: rc "
+        f"{on_broken.returncode} ({_last_line(on_broken.stderr)}); broken file "
+        f"{'named' if named else 'not named'}; once whole: rc {after.returncode}"
+    )
+    if on_good.returncode != 0:
+        outcome = Outcome.MISBEHAVES  # one broken file took a whole network down
+    elif on_broken.returncode == 0 or after.returncode != 0:
+        outcome = Outcome.MISBEHAVES  # ran on a broken network, or not once it was whole
+    elif not named:
+        outcome = Outcome.MISBEHAVES
+        text = f"no error names the broken file: {text}"
+    else:
+        # the run on the broken network failed, naming it: as the table words
+        # podman's CNI backend doing the same
+        outcome = Outcome.FAILS_CLEANLY
+    verdict.record(
+        outcome,
+        component="podman",
+        fault="cni:truncated-config",
+        evidence=text,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:160] if lines else "no output"
