@@ -37,6 +37,7 @@ from pytest_runtimefaults.netns import (
     snapshot_ipam,
     snapshot_links,
 )
+from pytest_runtimefaults.verdicts import DISPLAY
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -126,7 +127,7 @@ def test_containerd_ignores_a_broken_file_sorted_after_its_network(
 
 
 def test_containerd_takes_a_wrong_version_file_as_its_pod_network(
-    cni_dir: CniDir, cni_containerd: Containerd, cni_half_written: Any
+    cni_dir: CniDir, cni_containerd: Containerd, cni_half_written: Any, record_property: Any
 ) -> None:
     # containerd 1.6/1.7's loader does not check cniVersion: the broken network
     # becomes the default and NetworkReady stays true (only a pod's ADD would
@@ -159,6 +160,7 @@ def test_containerd_takes_a_wrong_version_file_as_its_pod_network(
         observed,
         detail=f"status {status}",
     )
+    record_property("runtimefaults_verdict.outcome", DISPLAY[observed])  # docs/matrix.md
     assert verdict.ok, verdict.message
 
 
@@ -241,6 +243,7 @@ def test_containerd_pod_gets_the_network_then_frees_it(
 
 def test_containerd_pod_fails_without_naming_the_broken_file(
     request: pytest.FixtureRequest,
+    record_property: Any,
     cni_dir: CniDir,
     cni_cri_pods: CriPods,
     cni_containerd: Containerd,
@@ -272,6 +275,7 @@ def test_containerd_pod_fails_without_naming_the_broken_file(
         observed,
         detail=f"sandboxes listed {listed}, namespaces left {sorted(netns_left)}",
     )
+    record_property("runtimefaults_verdict.outcome", DISPLAY[observed])  # docs/matrix.md
     assert verdict.ok, verdict.message
     assert len(listed) == len(netns_left)  # a kept sandbox keeps exactly its namespace
     cni_cri_pods.remove_all()
