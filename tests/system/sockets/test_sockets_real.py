@@ -136,13 +136,17 @@ def test_containerd_sigkill_with_a_running_container(containerd: Containerd) -> 
 
 @pytest.mark.needs("container-cgroups")
 def test_containerd_sigkill_during_ctr_run(
-    containerd: Containerd, runtimefaults_rng: Random, runtimefaults_faults: FaultRegistry
+    containerd: Containerd,
+    runtimefaults_rng: Random,
+    runtimefaults_faults: FaultRegistry,
+    record_property: Callable[[str, object], None],
 ) -> None:
     """Kill containerd at seeded moments of ``ctr run --rm``: it serves again
     every time; what the interrupted run left is classified, and once removed
     (containers, orphan snapshots, orphan shims) the same ID runs again."""
     image = containerd.import_busybox()
     seen: set[str] = set()
+    restarts: list[float] = []
     for i in range(3):
         cid = f"mid{i}"
         run = subprocess.Popen(
@@ -174,8 +178,8 @@ def test_containerd_sigkill_during_ctr_run(
         assert any(text in out for text in lost), out
         containerd.daemon.start()
         serve_again = containerd.daemon.time_to_serve_again()
-        assert serve_again is not None
-        assert serve_again < 5
+        assert serve_again is not None, "containerd never served again after the restart"
+        restarts.append(serve_again)
         seen |= {o.split(":")[0].split(" (")[0].replace(cid, "ID") for o in containerd.orphans()}
         if cid in containerd.ctr("containers", "ls", "-q").stdout.split():
             seen.add("container record")
@@ -191,6 +195,18 @@ def test_containerd_sigkill_during_ctr_run(
             # but its metadata transaction was lost, so the next Prepare gets
             # the same id and "file exists".  Nothing through ctr removes it.
             pytest.xfail(f"containerd left an overlayfs snapshot directory: {exc.stderr}")
+    # How soon it serves again: under a second, or (containerd 1.7.24, one kill in
+    # one run) a 10 s wait on the interrupted run's shim.  The table knows which.
+    observed = ex.Outcome.SURVIVES if max(restarts) < 5 else ex.Outcome.MISBEHAVES
+    verdict = ex.judge(
+        "containerd",
+        ex.installed_version("containerd"),
+        "daemon:sigkill-mid-run-restart",
+        observed,
+        detail=f"served again after {', '.join(f'{t:.2f}' for t in restarts)} s",
+    )
+    record_property("runtimefaults_verdict.outcome", DISPLAY[observed])  # docs/matrix.md
+    assert verdict.ok, verdict.message
     print("left behind by interrupted runs:", sorted(seen) or "nothing")
     assert runtimefaults_faults.leak_checks["containerd:orphans"].leaked() == set()
     assert containerd.fatal_errors() == []
