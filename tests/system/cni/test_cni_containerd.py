@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from findings import judged
 
 from pytest_runtimefaults import caps, naming
 from pytest_runtimefaults import expectations as ex
@@ -37,7 +38,6 @@ from pytest_runtimefaults.netns import (
     snapshot_ipam,
     snapshot_links,
 )
-from pytest_runtimefaults.verdicts import DISPLAY
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -153,14 +153,9 @@ def test_containerd_takes_a_wrong_version_file_as_its_pod_network(
         observed = ex.Outcome.FAILS_CLEANLY
     else:
         pytest.fail(f"neither taken nor refused: {status}")
-    verdict = ex.judge(
-        "containerd",
-        ex.installed_version("containerd"),
-        "cni:wrong-version-config",
-        observed,
-        detail=f"status {status}",
+    verdict = judged(
+        record_property, "containerd", "cni:wrong-version-config", observed, f"status {status}"
     )
-    record_property("runtimefaults_verdict.outcome", DISPLAY[observed])  # docs/matrix.md
     assert verdict.ok, verdict.message
 
 
@@ -268,14 +263,13 @@ def test_containerd_pod_fails_without_naming_the_broken_file(
     listed = cni_cri_pods.list_ids()
     netns_left = runtimefaults_faults.leak_checks["netns:cri"].leaked()
     observed = ex.Outcome.LEAKS if listed or netns_left else ex.Outcome.FAILS_CLEANLY
-    verdict = ex.judge(
+    verdict = judged(
+        record_property,
         "containerd",
-        ex.installed_version("containerd"),
         "cni:broken-config-at-pod-start",
         observed,
-        detail=f"sandboxes listed {listed}, namespaces left {sorted(netns_left)}",
+        f"sandboxes listed {listed}, namespaces left {sorted(netns_left)}",
     )
-    record_property("runtimefaults_verdict.outcome", DISPLAY[observed])  # docs/matrix.md
     assert verdict.ok, verdict.message
     assert len(listed) == len(netns_left)  # a kept sandbox keeps exactly its namespace
     cni_cri_pods.remove_all()

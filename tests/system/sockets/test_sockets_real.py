@@ -17,13 +17,13 @@ from collections.abc import Callable
 from random import Random
 
 import pytest
+from findings import judged
 
 from pytest_runtimefaults import expectations as ex
 from pytest_runtimefaults.containerd import Containerd, CtrError
 from pytest_runtimefaults.daemon import Daemon, connect_error
 from pytest_runtimefaults.faults import FaultRegistry
 from pytest_runtimefaults.sockets import VARIANTS, StaleSocket
-from pytest_runtimefaults.verdicts import DISPLAY
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -198,14 +198,13 @@ def test_containerd_sigkill_during_ctr_run(
     # How soon it serves again: under a second, or (containerd 1.7.24, one kill in
     # one run) a 10 s wait on the interrupted run's shim.  The table knows which.
     observed = ex.Outcome.SURVIVES if max(restarts) < 5 else ex.Outcome.MISBEHAVES
-    verdict = ex.judge(
+    verdict = judged(
+        record_property,
         "containerd",
-        ex.installed_version("containerd"),
         "daemon:sigkill-mid-run-restart",
         observed,
-        detail=f"served again after {', '.join(f'{t:.2f}' for t in restarts)} s",
+        f"served again after {', '.join(f'{t:.2f}' for t in restarts)} s",
     )
-    record_property("runtimefaults_verdict.outcome", DISPLAY[observed])  # docs/matrix.md
     assert verdict.ok, verdict.message
     print("left behind by interrupted runs:", sorted(seen) or "nothing")
     assert runtimefaults_faults.leak_checks["containerd:orphans"].leaked() == set()
@@ -255,14 +254,13 @@ def test_containerd_orphan_shim_blocks_the_id_until_killed(
             errors.append(str(exc))
     assert all(re.search(r"already exists|file exists", e) for e in errors), errors
     observed = ex.Outcome.LEAKS if errors else ex.Outcome.SURVIVES
-    verdict = ex.judge(
+    verdict = judged(
+        record_property,
         "containerd",
-        ex.installed_version("containerd"),
         "daemon:sigkill-shim",
         observed,
-        detail=f"{len(errors)} of 2 runs with ID {cid} refused",
+        f"{len(errors)} of 2 runs with ID {cid} refused",
     )
-    record_property("runtimefaults_verdict.outcome", DISPLAY[observed])  # docs/matrix.md
     assert verdict.ok, verdict.message
     assert len(errors) in (0, 2), errors  # never once refused, once not
     containerd.kill_orphan_shims()
