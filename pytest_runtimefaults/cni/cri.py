@@ -232,6 +232,17 @@ class CriNetworkStatus:
     def plugin_types(self) -> tuple[str, ...]:
         return tuple(t for _, types in self.networks for t in types)
 
+    @property
+    def load_failed(self) -> bool:
+        """The network is down *and* the last load says why.
+
+        Wait for this, not for ``not ready``: while containerd reloads, its
+        loaded networks are already cleared (not ready) before the new load
+        status is stored, so for a moment it reports not ready with the old
+        ``OK`` (seen with containerd 1.7.24).
+        """
+        return not self.ready and self.last_load not in ("", "OK")
+
 
 def cri_network_status(address: str, timeout: float = 5.0) -> CriNetworkStatus:
     """Ask containerd's CRI ``RuntimeService/Status`` (verbose) over *address*."""

@@ -102,7 +102,7 @@ def test_containerd_a_broken_first_file_takes_the_pod_network_down(
     cni_dir.write(good, priority=10)
     assert wait_cri_network(cni_containerd.address, ready_with(good["name"])).ready
     fault = cni_half_written("05-broken.conflist", cni_dir.bridge(), mode=mode, restore=False)
-    status = wait_cri_network(cni_containerd.address, lambda s: not s.ready)
+    status = wait_cri_network(cni_containerd.address, lambda s: s.load_failed)
     # containerd names the file and the reason, but the whole pod network is
     # down although 10-*.conflist is whole: per-file recovery it is not.
     assert (status.ready, status.networks) == (False, ())
@@ -251,7 +251,7 @@ def test_containerd_pod_fails_without_naming_the_broken_file(
     cni_dir.write(good, priority=10)
     assert wait_cri_network(cni_containerd.address, ready_with(good["name"])).ready
     fault = cni_half_written("05-broken.conflist", cni_dir.bridge(), restore=False)
-    wait_cri_network(cni_containerd.address, lambda s: not s.ready)
+    wait_cri_network(cni_containerd.address, lambda s: s.load_failed)
     with pytest.raises(grpc.RpcError) as info:
         cni_cri_pods.run()
     details = info.value.details()  # type: ignore[attr-defined]
