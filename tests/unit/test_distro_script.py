@@ -278,3 +278,29 @@ def test_an_entry_made_from_another_pyproject_is_stale(tmp_path: Path) -> None:
     assert distro.fresh_entry(tmp_path, "sid", today, 7, here) is None
     (entry / "build.json").unlink()
     assert distro.fresh_entry(tmp_path, "sid", today, 7, here) is None
+
+
+def test_an_entry_built_from_another_package_list_is_stale(tmp_path: Path) -> None:
+    today = dt.date(2026, 12, 1)
+    entry = _entry(tmp_path, "sid-20261201")
+    here = distro.pyproject_hash()
+    built = {
+        "pyproject_sha256": here,
+        "packages": ["runc", "crun"],
+        "packages_missing_in_release": ["containernetworking-plugins"],
+    }
+    (entry / "build.json").write_text(distro.json.dumps(built))
+    same = ["crun", "runc", "containernetworking-plugins"]
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here, same) == entry
+    # a package added to scripts/debian-packages (dbus-broker): its rootfs lacks it
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here, [*same, "dbus-broker"]) is None
+    # one taken out is stale too: the rootfs would test with more than the list says
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here, ["runc"]) is None
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here) == entry  # no list: not checked
+
+
+def test_dbus_broker_goes_into_the_rootfs_only() -> None:
+    # Debian's dbus-broker aliases itself to dbus.service: on the host that would
+    # switch the system bus at the next boot, so only the rootfs gets it.
+    assert "dbus-broker" in distro.ROOTFS_EXTRA
+    assert "dbus-broker" not in distro.read_packages()
