@@ -6,6 +6,16 @@ mid-operation, restart it over its stale socket and measure how long it takes
 to serve again, without touching the host's containerd (``/run/containerd``,
 ``/var/lib/containerd``) or its CNI configuration (``/etc/cni/net.d``).
 
+containerd and its shims put shim sockets (``/run/containerd/s``), ``ctr``'s
+FIFOs (``/run/containerd/fifo``) and runc's state (``/run/containerd/runc``)
+under ``/run/containerd`` whatever the config says, and a SIGKILLed shim leaves
+its socket there forever.  So containerd, its shims and every ``ctr`` run in a
+mount namespace of the instance's own, kept across restarts (bound to
+``<dir>/mnt.ns``, as ``ip netns`` keeps network namespaces), where ``/run`` is a
+private tmpfs and ``/run/containerd`` is ``<dir>/run``: what a killed shim
+leaves stays where a restart finds it, as on a real host, and goes with the
+directory.
+
 Everything lives under one private directory::
 
     <dir>/config.toml       generated (plus your extra TOML text)
@@ -13,6 +23,8 @@ Everything lives under one private directory::
     <dir>/containerd.sock   the gRPC socket (:attr:`Containerd.address`)
     <dir>/debug.sock        the debug socket: pprof, for :meth:`Containerd.goroutines`
     <dir>/net.d             the CNI conf dir of the CRI plugin (when enabled)
+    <dir>/run               /run/containerd in its mount namespace (shim sockets...)
+    <dir>/mnt.ns            that mount namespace (a bind mount of its nsfs file)
     <dir>/containerd.log    output of every instance
 
 The CRI plugin is disabled unless ``cri=True``: it is slow to start and most
@@ -280,6 +292,10 @@ class Containerd:
     name, so runc's cgroups ``/<namespace>/<id>`` are ours to remove; with a
     name given, its cgroups are left alone).
     :meth:`import_busybox` and :meth:`run` give a test containers to run.
+    *netns*: a network namespace (a path) to run containerd in (the CNI
+    fixtures' sandbox).  containerd, its shims and :meth:`ctr` run in the
+    instance's own mount namespace (:attr:`mount_ns`), where
+    ``/run/containerd`` is :attr:`run_dir` (see the module doc).
     *ready_timeout*, *journal*, *registry*: as for
     :class:`~pytest_runtimefaults.daemon.Daemon` (:attr:`daemon`).
     """
@@ -299,6 +315,7 @@ class Containerd:
         binary: str = "containerd",
         ctr_binary: str = "ctr",
         namespace: str | None = None,
+        netns: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 20.0,
         journal: Journal | None = None,
@@ -327,14 +344,23 @@ class Containerd:
         self.state = self.directory / "state"
         self.address = os.fspath(socket_path or self.directory / "containerd.sock")
         self.config_path = self.directory / "config.toml"
+        self.run_dir = self.directory / "run"
+        self.mount_ns = self.directory / "mnt.ns"
+        self.netns = os.fspath(netns) if netns is not None else None
         # pprof over a Unix socket: how goroutine leaks are seen (goroutines()).
         self.debug_address = os.fspath(self.directory / "debug.sock")
         if len(self.address.encode()) > 107:
             raise ValueError(
                 f"socket path {self.address!r} is longer than 107 bytes: use a shorter directory"
             )
+        command = [binary, "--config", str(self.config_path)]
+        # nsenter opens every namespace file before it enters any: the network
+        # namespace's path is the host's, the mount namespace hides /run.
+        enter = ["nsenter", f"--mount={self.mount_ns}"]
+        enter += [f"--net={self.netns}"] if self.netns is not None else []
         self.daemon = Daemon(
-            [binary, "--config", str(self.config_path)],
+            [*enter, *command],
+            exec_argv=command,
             env=env,
             socket_path=self.address,
             # Both: a socket that accepts may be someone else's (a stale_socket
@@ -416,9 +442,36 @@ class Containerd:
                 namespace=self.namespace if self._own_namespace else "",
                 remove=self._own_dir,
             )
-        for d in (self.directory, self.root, self.state, self.cni_conf_dir):
+        for d in (self.directory, self.root, self.state, self.cni_conf_dir, self.run_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o711)
         self.config_path.write_text(self.config_text())
+        self._ensure_mount_namespace()
+
+    def _ensure_mount_namespace(self) -> None:
+        """Make :attr:`mount_ns` (once; it outlives containerd's restarts)."""
+        if any(m.target == str(self.mount_ns) for m in mount_table()):
+            return
+        self.mount_ns.touch(mode=0o600)
+        # slave: the host's mounts come in, none of containerd's go out.
+        script = (
+            "mount -t tmpfs -o mode=0755 rfrun /run"
+            " && mkdir -p /run/containerd /run/netns"
+            ' && mount --bind "$0" /run/containerd'
+        )
+        argv = ["unshare", f"--mount={self.mount_ns}", "--propagation", "slave"]
+        result = subprocess.run(
+            [*argv, "sh", "-c", script, str(self.run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"cannot make containerd's mount namespace at {self.mount_ns}: "
+                f"{result.stderr.strip() or f'exit {result.returncode}'} (needs root and "
+                "util-linux's unshare; the directory must not be on a shared mount)"
+            )
 
     def start(self) -> float:
         """Write the config and start containerd; returns seconds until it serves."""
@@ -513,8 +566,10 @@ class Containerd:
     # -- clients ---------------------------------------------------------------------
 
     def ctr_argv(self, *args: str) -> list[str]:
-        """``ctr -a <socket> -n <namespace> args...`` as an argv list."""
-        return [self.ctr_binary, "-a", self.address, "-n", self.namespace, *args]
+        """``ctr -a <socket> -n <namespace> args...`` as an argv list, run in
+        containerd's mount namespace (its FIFOs go to :attr:`run_dir`)."""
+        enter = ["nsenter", f"--mount={self.mount_ns}"] if self.mount_ns.exists() else []
+        return [*enter, self.ctr_binary, "-a", self.address, "-n", self.namespace, *args]
 
     def ctr(
         self,

@@ -102,6 +102,8 @@ FAULTS: dict[str, str] = {
     "run`, then restarted: does it serve again within 5 s?",
     "daemon:sigkill-shim": "containerd SIGKILLed after starting a "
     "task's shim, before recording the task",
+    "daemon:stale-shim-socket": "a running task's shim SIGKILLed (its socket left), then "
+    "containerd restarted: does it serve, report the task and run the ID again?",
     "cni:truncated-config": "a CNI network config file truncated (also empty or NUL-padded)",
     "cni:delete-recreate": "a CNI config file deleted and recreated while pods start",
     "cni:default-gone-at-del": "the pod's network file removed before the pod is stopped",

@@ -9,7 +9,9 @@ every session checks, cheaply, from ``/proc`` and ``/sys`` only:
 * at start and end (:func:`host_invariants`, session scope, autouse): the
   ``/sys/fs/cgroup`` mounts and their ro/rw state, the directories at the root
   of each cgroup hierarchy, the named network namespaces, the host's network
-  links, and this process's child processes.
+  links, podman's and containerd's host state (``/run/containerd/runc/<ns>`` of
+  our containerd namespaces: runc's state, which a containerd outside its own
+  mount namespace leaves there), and this process's child processes.
 
 Several pytest runs (xdist workers, other developers' runs) may share the host,
 so a namespace or link that *appeared* fails the session only when its name
@@ -101,6 +103,7 @@ class HostState:
     links: frozenset[str]
     top_cgroups: frozenset[str]
     podman_state: frozenset[str]
+    containerd_run: frozenset[str]
 
     @classmethod
     def take(cls) -> HostState:
@@ -110,7 +113,24 @@ class HostState:
             frozenset(leaks.links()),
             frozenset(_top_cgroups()),
             frozenset(p for p in PODMAN_HOST_STATE if os.path.lexists(p)),
+            frozenset(_containerd_run()),
         )
+
+
+#: Where containerd and its shims put state whatever their config says (shim
+#: sockets, ctr's FIFOs, runc's state): a private containerd must not.
+CONTAINERD_RUN = "/run/containerd"
+
+
+def _containerd_run() -> set[str]:
+    found = {CONTAINERD_RUN} if os.path.lexists(CONTAINERD_RUN) else set()
+    for sub in ("s", "fifo", "runc"):
+        path = os.path.join(CONTAINERD_RUN, sub)
+        try:
+            found.update(os.path.join(path, name) for name in os.listdir(path))
+        except OSError:
+            continue
+    return found
 
 
 #: What a podman run without private network state creates on the host (podman
@@ -181,6 +201,18 @@ def host_invariants() -> Iterator[None]:
             f"state): {sorted(after.podman_state - before.podman_state)}"
         )
     foreign: list[str] = []
+    # runc's state directories are named by the containerd namespace (ours carry
+    # our tag); shim sockets (hashes) and FIFO directories name no process, so a
+    # new one is another run's as likely as ours: reported, not failed on
+    # (test_containerd_shims.py checks where our own go).
+    new_state = sorted(after.containerd_run - before.containerd_run)
+    mine = [p for p in new_state if p.startswith(f"{CONTAINERD_RUN}/runc/") and _ours(p)]
+    if mine:
+        problems.append(
+            f"containerd state created on the host (a containerd outside its own mount "
+            f"namespace): {mine[:5]}"
+        )
+    foreign += [f"containerd state new: {p}" for p in new_state if p not in mine][:10]
     # A systemd that shared the host's cgroup mounts creates init.scope and
     # system.slice at the host's root: units there are never another run's.
     units = sorted(
