@@ -80,6 +80,13 @@ class Serials(Action):
         self.on_overflow = on_overflow
         self.cycle_to = check_integer(cycle_to, "Serials cycle_to", 1, _MAX)
 
+    def describe(self) -> str:
+        # cycle_to only when it says something: the trace and report stay as they were
+        text = f"Serials(start={self.start!r}, on_overflow={self.on_overflow!r}"
+        if self.cycle_to != 0x80000000:
+            text += f", cycle_to={self.cycle_to!r}"
+        return text + ")"
+
     def rewriter(self) -> SerialRewriter:
         return SerialRewriter(self)
 

@@ -7,10 +7,11 @@ connection, with the real gaps, the boundary and a stall at the same message.
 
 from __future__ import annotations
 
+import pytest
 from jeepney import DBusAddress, HeaderFields, new_method_call, new_method_return, new_signal
 from jeepney.low_level import Message as JMessage
 
-from pytest_runtimefaults.dbus.rules import FaultEngine, Serials
+from pytest_runtimefaults.dbus.rules import FaultEngine, RuleError, Serials, parse_rule
 from pytest_runtimefaults.dbus.trace import TO_BUS, TO_CLIENT
 from pytest_runtimefaults.dbus.wire import Message
 
@@ -128,3 +129,19 @@ def test_removing_the_rule_forgets_the_mapping() -> None:
     engine.remove(rule)
     assert engine.idle
     assert seen(engine, 1, TO_CLIENT, signal(4)) == 4
+
+
+@pytest.mark.parametrize("cycle_to", [0, 0x100000000, True, "1"])
+def test_a_bad_cycle_to_is_a_rule_error_naming_it(cycle_to: object) -> None:
+    with pytest.raises(RuleError, match="cycle_to"):
+        Serials(on_overflow="cycle", cycle_to=cycle_to)  # type: ignore[arg-type]
+
+
+def test_the_rule_text_form_takes_cycle_to_and_says_it_only_when_set() -> None:
+    rule = parse_rule(
+        "Serials(0xfffffff0, on_overflow='cycle', cycle_to=0xfffffff0) direction=to_client"
+    )
+    assert rule.action.describe() == (
+        "Serials(start=4294967280, on_overflow='cycle', cycle_to=4294967280)"
+    )
+    assert Serials().describe() == "Serials(start=4294967280, on_overflow='stall')"
