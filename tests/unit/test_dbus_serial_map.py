@@ -145,3 +145,20 @@ def test_the_rule_text_form_takes_cycle_to_and_says_it_only_when_set() -> None:
         "Serials(start=4294967280, on_overflow='cycle', cycle_to=4294967280)"
     )
     assert Serials().describe() == "Serials(start=4294967280, on_overflow='stall')"
+
+
+def test_memory_stays_bounded_on_long_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_runtimefaults.dbus import serials
+
+    monkeypatch.setattr(serials, "_KEEP", 64)
+    monkeypatch.setattr(serials, "_SENDERS", 16)
+    rule = Serials(start=0xFFFFFFF0, on_overflow="cycle").on(direction=TO_CLIENT)
+    engine = FaultEngine([rule])
+    for s in range(1, 1000):  # calls never answered: each is remembered, then forgotten
+        seen(engine, 1 + s % 3, TO_CLIENT, call(s))
+    for n in range(40):  # many senders
+        seen(engine, 1, TO_CLIENT, signal(1, sender=f":1.{100 + n}"))
+    rewriter = next(iter(engine._rewriters.values()))
+    assert isinstance(rewriter, serials.SerialRewriter)
+    assert len(rewriter.senders) <= 16
+    assert all(len(s.calls) <= 64 and len(s.awaiting) <= 64 for s in rewriter.senders.values())
