@@ -162,3 +162,13 @@ def test_memory_stays_bounded_on_long_runs(monkeypatch: pytest.MonkeyPatch) -> N
     assert isinstance(rewriter, serials.SerialRewriter)
     assert len(rewriter.senders) <= 16
     assert all(len(s.calls) <= 64 and len(s.awaiting) <= 64 for s in rewriter.senders.values())
+
+
+def test_a_driver_that_always_sends_0xffffffff_is_no_overflow() -> None:
+    # dbus-broker numbers every message of its driver 0xffffffff (src/bus/driver.c): a
+    # constant sequence, not a sender past the boundary, so nothing stalls.
+    engine = FaultEngine([Serials(start=0xFFFFFFF0, on_overflow="stall").on(direction=TO_CLIENT)])
+    driver = "org.freedesktop.DBus"
+    got = [seen(engine, 1, TO_CLIENT, signal(0xFFFFFFFF, sender=driver)) for _ in range(3)]
+    assert got == [0xFFFFFFF0] * 3
+    assert engine.notes == []
