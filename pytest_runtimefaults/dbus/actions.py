@@ -8,7 +8,7 @@ This module owns the action side of a rule:
   Duplicate, ErrorReply, Disconnect); each decides the fate of one message;
 * the two small interfaces between actions and the engine: :class:`Context`
   (what an action may ask of the engine for one message) and
-  :class:`Rewriter` (the per-connection state of an action that rewrites
+  :class:`Rewriter` (the state, shared by all connections, of an action that rewrites
   every message it matches and lets it go on: ``Action.rewrites``; the one
   there is, :class:`~pytest_runtimefaults.dbus.serials.Serials`, lives in its
   own module);
@@ -206,20 +206,27 @@ Rewritten = tuple[Message | None, str]
 
 
 class Rewriter(Protocol):
-    """The per-connection state of an action that rewrites messages (``Action.rewrites``).
+    """The state of an action that rewrites messages (``Action.rewrites``), one per rule.
 
-    The engine shows such a rewriter every message its rule matches
-    (:meth:`rewrite`) before the one-shot rules look at it, and every message
-    on the connection (:meth:`restore`) so that it can put back what its
-    peer expects, e.g. a reply_serial that answers a rewritten serial.
+    One rewriter serves every connection of the engine, because what it models
+    spans them (a sender numbers its messages to all clients from one counter);
+    *conn* says which connection a message travels on.  The engine shows it
+    every message its rule matches (:meth:`rewrite`) before the one-shot rules
+    look at it, every message (:meth:`restore`) so that it can put back what the
+    peer expects, e.g. a reply_serial that answers a rewritten serial, and each
+    closed connection (:meth:`forget`).
     """
 
-    def rewrite(self, direction: str, msg: Message) -> Rewritten:
+    def rewrite(self, conn: int, direction: str, msg: Message) -> Rewritten:
         """*msg* (which the rule matched) rewritten, or ``None`` to withhold it; a note."""
         ...
 
-    def restore(self, direction: str, msg: Message) -> tuple[Message, str] | None:
+    def restore(self, conn: int, direction: str, msg: Message) -> tuple[Message, str] | None:
         """*msg* mapped back, with a note, if it concerns this rewriter; else ``None``."""
+        ...
+
+    def forget(self, conn: int) -> None:
+        """Connection *conn* closed: drop what only it needed."""
         ...
 
 
@@ -230,8 +237,8 @@ class Action:
     """What to do with a matching message.  Subclasses implement :meth:`apply`.
 
     An action that sets ``rewrites = True`` instead implements :meth:`rewriter`:
-    the engine then asks a :class:`Rewriter` of its own per connection about
-    every message, and the message goes on to the other rules.
+    the engine then asks the rule's one :class:`Rewriter` (shared by all its
+    connections) about every message, and the message goes on to the other rules.
     """
 
     name: ClassVar[str] = "action"
@@ -243,7 +250,7 @@ class Action:
         raise NotImplementedError
 
     def rewriter(self) -> Rewriter:
-        """A new per-connection rewriter (only for ``rewrites = True`` actions)."""
+        """A new rewriter for one engine (only for ``rewrites = True`` actions)."""
         raise NotImplementedError(f"{type(self).__name__} does not rewrite messages")
 
     def describe(self) -> str:
