@@ -89,6 +89,8 @@ FAULTS: dict[str, str] = {
     "systemd:serials-cycle": "systemd's serials continue at 0x80000000 "
     "past 0xffffffff (after systemd PR 11818)",
     "systemd:serials-wrap": "systemd's serials wrap to 1 past 0xffffffff",
+    "systemd:real-cookie-overflow": "the sandboxed systemd's real sd-bus cookie set to "
+    "0xfffffffc (systemd/cookie.py), so that its real serials cross 0xffffffff mid-lifecycle",
     "systemd:jobremoved-never-sent": "systemd answers StartTransientUnit "
     "but never sends JobRemoved",
     "systemd:cgroup-v1": "booted on a cgroup v1 (hybrid or legacy) hierarchy",

@@ -251,7 +251,9 @@ class _Client:
         with swallowed(OSError, "closing the cookie finder's connection"):
             self.conn.close()
 
-    def _call(self, member: str, interface: str, signature: str = "", body: tuple[object, ...] = ()) -> Message:
+    def _call(
+        self, member: str, interface: str, signature: str = "", body: tuple[object, ...] = ()
+    ) -> Message:
         from jeepney import DBusAddress, new_method_call
 
         addr = DBusAddress(_PATH, bus_name=SYSTEMD1, interface=interface)
@@ -297,12 +299,26 @@ class _Client:
             self.conn.send(msg)
 
 
+def _plain(client: _Client) -> None:
+    # Words that do not advance with the replies (constants, other connections' cookies).
+    for _ in range(3):
+        client.get_unit()
+
+
+def _received(client: _Client) -> None:
+    # Counters of received messages: they move by 6 here, the cookie by 1.
+    client.unanswered(5)
+    client.ping()
+
+
+def _other_path(client: _Client) -> None:
+    # Stale copies of the last cookie on systemd's stack: another call overwrites them.
+    for _ in range(2):
+        client.get_property()
+
+
 # Each round moves the cookie by a known amount and some impostors differently.
-_ROUNDS: tuple[Callable[[_Client], None], ...] = (
-    lambda c: [c.get_unit() for _ in range(3)] and None,
-    lambda c: (c.unanswered(5), c.ping()) and None,
-    lambda c: [c.get_property() for _ in range(2)] and None,
-)
+_ROUNDS: tuple[Callable[[_Client], None], ...] = (_plain, _received, _other_path)
 
 
 def find_cookie(
@@ -338,9 +354,7 @@ def find_cookie(
             os.close(mem)
     finally:
         client.close()
-    raise CookieNotFound(
-        f"no single cookie word in systemd {pid}'s memory: " + "; ".join(problems)
-    )
+    raise CookieNotFound(f"no single cookie word in systemd {pid}'s memory: " + "; ".join(problems))
 
 
 def _attempt(pid: int, mem: int, client: _Client, max_rounds: int) -> CookieWord | str:
