@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,51 @@ def test_where_serials_cycle_differs_systemds_own_calls_leave_gaps(
     assert gaps[2] > 1, shown
     assert gaps[1] == 1, shown
     assert gaps[3] == 1, shown
+
+
+def test_a_cookie_held_by_systemds_own_pending_call_is_skipped_after_the_wrap(
+    sandbox: SystemdSandbox, record_property: Callable[[str, object], None]
+) -> None:
+    """sd-bus skips, once cycled, cookies its own calls still await replies for.
+
+    An unprivileged caller makes systemd ask polkit (``CheckAuthorization``, an async
+    call of systemd's on its system-bus connection); here the test owns the polkit name
+    and holds the answer, so that call's cookie stays in use.  With the cookie set to
+    0x7fffffff first, the held call gets a cookie just past 0x80000000; set to 0xfffffff0
+    next, the replies run up to 0xffffffff, cycle, and step over the held one.
+    """
+    polkit = open_dbus_connection(bus=sandbox.bus_address)
+    child = None
+    try:
+        owned = polkit.send_and_get_reply(
+            new_method_call(BUS, "RequestName", "su", ("org.freedesktop.PolicyKit1", 4)), timeout=5
+        )
+        assert owned.body == (1,)  # the primary owner
+        RealCookieOverflow(sandbox, 0x7FFFFFFF).start()
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busctl"]
+        argv += ["--system", "--timeout=30", "call", "org.freedesktop.systemd1"]
+        argv += ["/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager"]
+        argv += ["StartUnit", "ss", "sockets.target", "replace"]
+        child = subprocess.Popen(sandbox.command(argv), stderr=subprocess.DEVNULL)
+        check = polkit.receive(timeout=10)
+        while check.header.fields.get(3) != "CheckAuthorization":  # 3: MEMBER
+            check = polkit.receive(timeout=10)
+        held = int(check.header.serial)
+        assert COOKIE_CYCLED <= held < COOKIE_CYCLED + 4, hex(held)
+        RealCookieOverflow(sandbox, 0xFFFFFFF0).start()  # found again: a second, known write
+        seen = [_serial(polkit, GET_UNIT) for _ in range(20)]
+    finally:
+        polkit.close()  # systemd's call then fails; busctl is told access denied
+        if child is not None:
+            child.kill()
+            child.wait(timeout=10)
+    record_property("real_cookie_skip", f"held {held:#x}: " + " ".join(map(hex, seen)))
+    _record({"case": "real-cookie-skip", "held": hex(held), "serials": [hex(s) for s in seen]})
+    expected = [next_cookie(0xFFFFFFF0, {held})]
+    while len(expected) < 20:
+        expected.append(next_cookie(expected[-1], {held}))
+    assert held not in seen
+    assert seen == expected, [hex(s) for s in seen]
 
 
 # -- susceptible clients ------------------------------------------------------------------------
