@@ -89,6 +89,8 @@ FAULTS: dict[str, str] = {
     "systemd:serials-cycle": "systemd's serials continue at 0x80000000 "
     "past 0xffffffff (after systemd PR 11818)",
     "systemd:serials-wrap": "systemd's serials wrap to 1 past 0xffffffff",
+    "systemd:real-cookie-overflow": "the sandboxed systemd's real sd-bus cookie set to "
+    "0xfffffffc (systemd/cookie.py), so that its real serials cross 0xffffffff mid-lifecycle",
     "systemd:jobremoved-never-sent": "systemd answers StartTransientUnit "
     "but never sends JobRemoved",
     "systemd:cgroup-v1": "booted on a cgroup v1 (hybrid or legacy) hierarchy",
@@ -230,6 +232,17 @@ _MEASURED = (
     ("crun", "1.28", _SID),
 )
 
+_COOKIE = "tests/system/systemd/test_cookie.py, 2026-12-01"
+#: (runtime, version, where) of the runs against a real cookie overflow (systemd/cookie.py)
+_COOKIE_MEASURED = (
+    ("runc", "1.1.5", "Debian 12, systemd 252.39"),
+    ("crun", "1.8.1", "Debian 12, systemd 252.39"),
+    ("runc", "1.1.15", "Debian 13, systemd 257.13"),
+    ("crun", "1.21", "Debian 13, systemd 257.13"),
+    ("runc", "1.3.6", "sid, systemd 262.1, unified"),
+    ("crun", "1.28", "sid, systemd 262.1, unified"),
+)
+
 #: The known facts.  Sources: README "What it found here", docs/systemd.md,
 #: docs/sockets.md, docs/cni.md, docs/subscribers.md, ../shared/HOST.md
 #: ("Version differences seen").  A row per measured version: an untested
@@ -261,6 +274,17 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         Expectation(rt, v, f, _SB, f"lifecycle ok; {src}")
         for rt, v, src in _MEASURED
         for f in ("systemd:serials-cycle", "systemd:serials-wrap")
+    ),
+    *(
+        Expectation(
+            rt,
+            v,
+            "systemd:real-cookie-overflow",
+            _SB,
+            "create and delete ok while systemd's real cookie crossed 0xffffffff (its replies "
+            f"to the runtime from 0x80000001 on), nothing left; {_COOKIE} ({release})",
+        )
+        for rt, v, release in _COOKIE_MEASURED
     ),
     *(
         Expectation(

@@ -66,6 +66,8 @@ so ``from pytest_runtimefaults.systemd import ...`` keeps working):
 * :mod:`.sandbox`: :class:`SystemdSandbox`, the lifecycle that ties them;
 * :mod:`.inspector`: :class:`SystemdInspector` and :class:`UnitInfo` (pystemd);
 * :mod:`.host_systemd`: :class:`HostSystemd`, the host's own systemd by consent;
+* :mod:`.cookie`: :class:`~.cookie.RealCookieOverflow`, systemd's real sd-bus
+  cookie found by value in a sandbox's memory and set near 2^32;
 * :mod:`.errors`: :class:`SandboxError`.
 
 Process facts, cgroup trees and the mount table come from
