@@ -92,6 +92,15 @@ FAULTS: dict[str, str] = {
     "systemd:jobremoved-never-sent": "systemd answers StartTransientUnit "
     "but never sends JobRemoved",
     "systemd:cgroup-v1": "booted on a cgroup v1 (hybrid or legacy) hierarchy",
+    # The neighbours of incident 2 (issue 15; tests/system/systemd/test_neighbours.py).
+    "dbus:job-removed-result": "JobRemoved of the runtime's scope says failed, timeout, "
+    "canceled or dependency though systemd made the scope (runc PR 2331, crun PR 331)",
+    "systemd:unit-exists": "a live scope of the name the runtime asks for is already there "
+    "(runc PR 1124, podman issue 15583, crun PR 348, systemd issue 6347)",
+    "systemd:reexec-mid-call": "systemd re-executes with the runtime's StartTransientUnit "
+    "in its socket, unanswered (systemd issue 27204)",
+    "systemd:reexec-reply-held": "`systemctl daemon-reexec` while the proxy holds systemd's "
+    "StartTransientUnit reply for 2 s",
     "socket:stale": "a socket file left by a killed instance at the daemon's socket path",
     "socket:live": "another live instance listening at the daemon's socket path",
     "socket:regular-file": "a regular file at the daemon's socket path",
