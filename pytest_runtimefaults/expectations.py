@@ -237,6 +237,25 @@ _MEASURED = (
     ("crun", "1.28", _SID),
 )
 
+_NEIGHBOURS_HOST = "tests/system/systemd/test_neighbours.py on Debian 12 (systemd 252), 2026-12-01"
+_NEIGHBOURS_TRIXIE = (
+    "tests/system/systemd/test_neighbours.py in Debian 13 (scripts/distro, systemd 257.13, "
+    "hybrid), 2026-12-01"
+)
+_NEIGHBOURS_SID = (
+    "tests/system/systemd/test_neighbours.py in Debian sid (scripts/distro, systemd 262.1, "
+    "unified), 2026-12-01"
+)
+#: (runtime, version, evidence) of the runs of the neighbours of incident 2
+_NEIGHBOURS = (
+    ("runc", "1.1.5", _NEIGHBOURS_HOST),
+    ("crun", "1.8.1", _NEIGHBOURS_HOST),
+    ("runc", "1.1.15", _NEIGHBOURS_TRIXIE),
+    ("crun", "1.21", _NEIGHBOURS_TRIXIE),
+    ("runc", "1.3.6", _NEIGHBOURS_SID),
+    ("crun", "1.28", _NEIGHBOURS_SID),
+)
+
 #: The known facts.  Sources: README "What it found here", docs/systemd.md,
 #: docs/sockets.md, docs/cni.md, docs/subscribers.md, ../shared/HOST.md
 #: ("Version differences seen").  A row per measured version: an untested
@@ -657,6 +676,75 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         "UNAVAILABLE while it is down) and every subscriber reconnects; serves again in 0.1 s; "
         "but the churn after the restart loses and doubles events as under subscribers:churn; "
         "4 of 4 runs of scenarios/test_incident5_subscribers.py",
+    ),
+    # The neighbours of incident 2 (issue 15), tests/system/systemd/test_neighbours.py.
+    *(
+        Expectation(
+            rt,
+            v,
+            "dbus:job-removed-result",
+            _FC,
+            f"create fails in < 0.1 s: ``error creating systemd unit `{rt}-ID.scope`: got "
+            f"`failed` `` (and `timeout`, `canceled`, `dependency`); nothing left; {src}",
+        )
+        for rt, v, src in _NEIGHBOURS
+    ),
+    *(
+        Expectation(
+            rt,
+            v,
+            "systemd:reexec-mid-call",
+            _FC,
+            "create fails in 0.3-0.6 s with `Message recipient disconnected from message bus "
+            f"without replying`, no retry (the new systemd answered 0.1-0.3 s later); nothing "
+            f"left; {src}",
+        )
+        for rt, v, src in _NEIGHBOURS
+    ),
+    *(
+        Expectation(
+            rt, v, "systemd:reexec-reply-held", _SB, f"created in 2.1 s, nothing left; {src}"
+        )
+        for rt, v, src in _NEIGHBOURS
+    ),
+    *(
+        Expectation(
+            "crun",
+            v,
+            "systemd:unit-exists",
+            _FC,
+            "create fails at once: `sd-bus call: Unit crun-ID.scope was already loaded or has a "
+            f"fragment file.: File exists`; the leftover and its process untouched; {src}",
+        )
+        for rt, v, src in _NEIGHBOURS
+        if rt == "crun"
+    ),
+    Expectation(
+        "runc",
+        "1.1.5",
+        "systemd:unit-exists",
+        _MB,
+        "create succeeds with the container's init put into the leftover scope, beside its "
+        "process (UnitExists taken for its own unit, runc PR 1124); `delete` stops the scope, "
+        f"killing that process; {_NEIGHBOURS_HOST}",
+    ),
+    Expectation(
+        "runc",
+        "1.1.15",
+        "systemd:unit-exists",
+        _MB,
+        "create fails: `unable to apply cgroup configuration: Unit runc-ID.scope was already "
+        "loaded or has a fragment file.`, and its cleanup stops the leftover scope, killing "
+        f"its process; {_NEIGHBOURS_TRIXIE}",
+    ),
+    Expectation(
+        "runc",
+        "1.3.6",
+        "systemd:unit-exists",
+        _FC,
+        "create fails at once: `container's cgroup is not empty: 1 process(es) found` (it "
+        "takes the existing scope, then refuses its non-empty cgroup); the leftover and its "
+        f"process untouched; {_NEIGHBOURS_SID}",
     ),
 )
 
