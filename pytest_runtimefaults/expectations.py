@@ -684,7 +684,7 @@ EXPECTATIONS: tuple[Expectation, ...] = (
             v,
             "dbus:job-removed-result",
             _FC,
-            f"create fails in < 0.1 s: ``error creating systemd unit `{rt}-ID.scope`: got "
+            f"create fails in < 0.3 s: ``error creating systemd unit `{rt}-ID.scope`: got "
             f"`failed` `` (and `timeout`, `canceled`, `dependency`); nothing left; {src}",
         )
         for rt, v, src in _NEIGHBOURS

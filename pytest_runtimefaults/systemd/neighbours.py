@@ -38,6 +38,7 @@ from pytest_runtimefaults.core.log import logger, swallowed
 from pytest_runtimefaults.systemd.errors import SandboxError
 
 if TYPE_CHECKING:
+    from pytest_runtimefaults.systemd.inspector import SystemdInspector
     from pytest_runtimefaults.systemd.sandbox import SystemdSandbox
 
 __all__ = ["LeftoverScope", "ReexecMidCall", "daemon_reexec", "scope_name"]
@@ -86,15 +87,12 @@ class LeftoverScope(FaultBase):
             raise ValueError(f"LeftoverScope unit must be a NAME.scope unit name, got {unit!r}")
         if not isinstance(slice, str) or not slice.endswith(".slice"):
             raise ValueError(f"LeftoverScope slice must be a NAME.slice unit name, got {slice!r}")
+        self.name = f"leftover scope {unit}"
         self.sandbox = sandbox
         self.unit = unit
         self.slice = slice
         self.timeout = timeout
         self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def name(self) -> str:
-        return f"leftover scope {self.unit}"
 
     def _start(self) -> None:
         argv = [
@@ -174,15 +172,12 @@ class ReexecMidCall(FaultBase):
 
     def __init__(self, sandbox: SystemdSandbox, *, timeout: float = 30.0) -> None:
         super().__init__()
+        self.name = "systemd re-executes mid-call"
         self.sandbox = sandbox
         self.timeout = timeout
         self.reexec_seconds: float | None = None
         self._conn: Any = None
         self._stopped_pid: int | None = None
-
-    @property
-    def name(self) -> str:
-        return "systemd re-executes mid-call"
 
     def _start(self) -> None:
         from jeepney import DBusAddress, new_method_call
@@ -208,11 +203,7 @@ class ReexecMidCall(FaultBase):
         self._cont()
         deadline = t0 + self.timeout
         inspector = self.sandbox.inspector()
-        while True:
-            # Back once a new systemd answers on the bus.
-            with swallowed(Exception, "systemd not answering yet after Reexecute"):
-                inspector.system_state()
-                break
+        while not _answers(inspector):  # back once a new systemd answers on the bus
             if time.monotonic() > deadline:
                 raise SandboxError(f"systemd did not answer within {self.timeout} s of Reexecute")
             time.sleep(0.05)
@@ -230,6 +221,16 @@ class ReexecMidCall(FaultBase):
         if pid is not None:
             with swallowed(ProcessLookupError, "SIGCONT to systemd pid %d", pid):
                 os.kill(pid, signal.SIGCONT)
+
+
+def _answers(inspector: SystemdInspector) -> bool:
+    """Whether systemd answers a property read now (it does not while it re-executes)."""
+    try:
+        inspector.system_state()
+    except Exception:  # pystemd raises its own errors, of no common base but Exception
+        logger.debug("systemd not answering yet after Reexecute", exc_info=True)
+        return False
+    return True
 
 
 def daemon_reexec(sandbox: SystemdSandbox, *, timeout: float = 30.0) -> float:
