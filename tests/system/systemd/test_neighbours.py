@@ -493,3 +493,31 @@ def test_runtime_when_systemd_reexecutes_while_its_reply_is_held(
     verdict = judged(record_property, name, "systemd:reexec-reply-held", observed, detail)
     print(verdict.message)
     assert verdict.ok, verdict.message
+
+
+USES_LEFTOVER = """
+from pytest_runtimefaults.systemd import scope_name
+
+def test_leftover(runtime, leftover_scope, systemd, oci_bundle, runtimefaults_faults):
+    unit = scope_name(runtime.name, "rf-fx")
+    scope = leftover_scope(unit)
+    assert scope.applied == 1
+    assert unit in systemd.inspector().unit_names(["scope"])
+    assert any(r.fault is scope for r in runtimefaults_faults.records)
+    scope.lift()
+    assert not systemd.inspector().wait_gone({unit})
+    assert runtime.lifecycle(oci_bundle, "rf-fx").ok
+
+def test_left_for_the_teardown(leftover_scope):
+    leftover_scope("rf-teardown.scope")
+"""
+
+
+@needs_runtime
+def test_the_leftover_scope_fixture(pytester: pytest.Pytester) -> None:
+    """The fixture makes the scope, registers it as a fault, and the teardown removes it."""
+    pytester.makepyfile(USES_LEFTOVER)
+    result = pytester.runpytest_subprocess(
+        "-p", "runtimefaults", f"--runtimefaults-runtime={RUNTIMES[0]}", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=2)
