@@ -697,7 +697,15 @@ EXPECTATIONS: tuple[Expectation, ...] = (
             _FC,
             "create fails in 0.3-0.6 s with `Message recipient disconnected from message bus "
             f"without replying`, no retry (the new systemd answered 0.1-0.3 s later); nothing "
-            f"left; {src}",
+            f"left; {src}"
+            + (
+                "; but in 1 of 7 runs of scenarios/test_incident2_neighbours.py the next "
+                "lifecycle right after the re-exec failed: ``creating cgroup directory "
+                "`/sys/fs/c...` `` (crun or systemd 257's re-exec on hybrid: not told apart)"
+                if (rt, v) == ("crun", "1.21")
+                else ""
+            ),
+            also=(_MB,) if (rt, v) == ("crun", "1.21") else (),
         )
         for rt, v, src in _NEIGHBOURS
     ),

@@ -435,7 +435,6 @@ def test_runtime_when_systemd_reexecutes_mid_call(
     left = inspector.wait_gone({u.name for u in inspector.leftovers(baseline)}, timeout=3)
     processes = sandbox.processes()
     after = rt.lifecycle(bundle)
-    assert after.ok, after.stderr
     assert inspector.unique_name() != before, "systemd did not re-execute"
     noreply = [
         e for e in proxy.trace.entries() if e.error_name == "org.freedesktop.DBus.Error.NoReply"
@@ -443,7 +442,13 @@ def test_runtime_when_systemd_reexecutes_mid_call(
     observed = _outcome(created, left, processes)
     if observed is not Outcome.SURVIVES:
         assert noreply, "the runtime's call was answered: the fault did not land mid-call"
-    detail = f"{_detail(created, left, processes)}; re-executed in {fault.reexec_seconds:.2f} s"
+    if not after.ok and observed in (Outcome.SURVIVES, Outcome.FAILS_CLEANLY):
+        # Seen once with crun 1.21 (Debian 13): judged by the table, not asserted.
+        observed = Outcome.MISBEHAVES
+    detail = (
+        f"{_detail(created, left, processes)}; re-executed in {fault.reexec_seconds:.2f} s; "
+        f"next lifecycle: {'ok' if after.ok else after.stderr.strip()[-200:]}"
+    )
     verdict = judged(record_property, name, "systemd:reexec-mid-call", observed, detail)
     print(verdict.message)
     assert verdict.ok, verdict.message
