@@ -94,6 +94,15 @@ FAULTS: dict[str, str] = {
     "systemd:jobremoved-never-sent": "systemd answers StartTransientUnit "
     "but never sends JobRemoved",
     "systemd:cgroup-v1": "booted on a cgroup v1 (hybrid or legacy) hierarchy",
+    # The neighbours of incident 2 (issue 15; tests/system/systemd/test_neighbours.py).
+    "dbus:job-removed-result": "JobRemoved of the runtime's scope says failed, timeout, "
+    "canceled or dependency though systemd made the scope (runc PR 2331, crun PR 331)",
+    "systemd:unit-exists": "a live scope of the name the runtime asks for is already there "
+    "(runc PR 1124, podman issue 15583, crun PR 348, systemd issue 6347)",
+    "systemd:reexec-mid-call": "systemd re-executes with the runtime's StartTransientUnit "
+    "in its socket, unanswered (systemd issue 27204)",
+    "systemd:reexec-reply-held": "`systemctl daemon-reexec` while the proxy holds systemd's "
+    "StartTransientUnit reply for 2 s",
     "socket:stale": "a socket file left by a killed instance at the daemon's socket path",
     "socket:live": "another live instance listening at the daemon's socket path",
     "socket:regular-file": "a regular file at the daemon's socket path",
@@ -241,6 +250,24 @@ _COOKIE_MEASURED = (
     ("crun", "1.21", "Debian 13, systemd 257.13"),
     ("runc", "1.3.6", "sid, systemd 262.1, unified"),
     ("crun", "1.28", "sid, systemd 262.1, unified"),
+)
+_NEIGHBOURS_HOST = "tests/system/systemd/test_neighbours.py on Debian 12 (systemd 252), 2026-12-01"
+_NEIGHBOURS_TRIXIE = (
+    "tests/system/systemd/test_neighbours.py in Debian 13 (scripts/distro, systemd 257.13, "
+    "hybrid), 2026-12-01"
+)
+_NEIGHBOURS_SID = (
+    "tests/system/systemd/test_neighbours.py in Debian sid (scripts/distro, systemd 262.1, "
+    "unified), 2026-12-01"
+)
+#: (runtime, version, evidence) of the runs of the neighbours of incident 2
+_NEIGHBOURS = (
+    ("runc", "1.1.5", _NEIGHBOURS_HOST),
+    ("crun", "1.8.1", _NEIGHBOURS_HOST),
+    ("runc", "1.1.15", _NEIGHBOURS_TRIXIE),
+    ("crun", "1.21", _NEIGHBOURS_TRIXIE),
+    ("runc", "1.3.6", _NEIGHBOURS_SID),
+    ("crun", "1.28", _NEIGHBOURS_SID),
 )
 
 #: The known facts.  Sources: README "What it found here", docs/systemd.md,
@@ -674,6 +701,83 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         "UNAVAILABLE while it is down) and every subscriber reconnects; serves again in 0.1 s; "
         "but the churn after the restart loses and doubles events as under subscribers:churn; "
         "4 of 4 runs of scenarios/test_incident5_subscribers.py",
+    ),
+    # The neighbours of incident 2 (issue 15), tests/system/systemd/test_neighbours.py.
+    *(
+        Expectation(
+            rt,
+            v,
+            "dbus:job-removed-result",
+            _FC,
+            f"create fails in < 0.3 s: ``error creating systemd unit `{rt}-ID.scope`: got "
+            f"`failed` `` (and `timeout`, `canceled`, `dependency`); nothing left; {src}",
+        )
+        for rt, v, src in _NEIGHBOURS
+    ),
+    *(
+        Expectation(
+            rt,
+            v,
+            "systemd:reexec-mid-call",
+            _FC,
+            "create fails in 0.3-0.6 s with `Message recipient disconnected from message bus "
+            f"without replying`, no retry (the new systemd answered 0.1-0.3 s later); nothing "
+            f"left; {src}"
+            + (
+                "; but in 1 of 7 runs of scenarios/test_incident2_neighbours.py the next "
+                "lifecycle right after the re-exec failed: ``creating cgroup directory "
+                "`/sys/fs/c...` `` (crun or systemd 257's re-exec on hybrid: not told apart)"
+                if (rt, v) == ("crun", "1.21")
+                else ""
+            ),
+            also=(_MB,) if (rt, v) == ("crun", "1.21") else (),
+        )
+        for rt, v, src in _NEIGHBOURS
+    ),
+    *(
+        Expectation(
+            rt, v, "systemd:reexec-reply-held", _SB, f"created in 2.1 s, nothing left; {src}"
+        )
+        for rt, v, src in _NEIGHBOURS
+    ),
+    *(
+        Expectation(
+            "crun",
+            v,
+            "systemd:unit-exists",
+            _FC,
+            "create fails at once: `sd-bus call: Unit crun-ID.scope was already loaded or has a "
+            f"fragment file.: File exists`; the leftover and its process untouched; {src}",
+        )
+        for rt, v, src in _NEIGHBOURS
+        if rt == "crun"
+    ),
+    Expectation(
+        "runc",
+        "1.1.5",
+        "systemd:unit-exists",
+        _MB,
+        "create succeeds with the container's init put into the leftover scope, beside its "
+        "process (UnitExists taken for its own unit, runc PR 1124); `delete` stops the scope, "
+        f"killing that process; {_NEIGHBOURS_HOST}",
+    ),
+    Expectation(
+        "runc",
+        "1.1.15",
+        "systemd:unit-exists",
+        _MB,
+        "create fails: `unable to apply cgroup configuration: Unit runc-ID.scope was already "
+        "loaded or has a fragment file.`, and its cleanup stops the leftover scope, killing "
+        f"its process; {_NEIGHBOURS_TRIXIE}",
+    ),
+    Expectation(
+        "runc",
+        "1.3.6",
+        "systemd:unit-exists",
+        _FC,
+        "create fails at once: `container's cgroup is not empty: 1 process(es) found` (it "
+        "takes the existing scope, then refuses its non-empty cgroup); the leftover and its "
+        f"process untouched; {_NEIGHBOURS_SID}",
     ),
 )
 

@@ -91,6 +91,12 @@ from pytest_runtimefaults.systemd.inspector import _s as _s
 from pytest_runtimefaults.systemd.inspector import _typed as _typed
 from pytest_runtimefaults.systemd.launcher import GUARD_AWK as GUARD_AWK
 from pytest_runtimefaults.systemd.launcher import REFUSED as REFUSED
+from pytest_runtimefaults.systemd.neighbours import (
+    LeftoverScope,
+    ReexecMidCall,
+    daemon_reexec,
+    scope_name,
+)
 from pytest_runtimefaults.systemd.sandbox import SystemdSandbox
 from pytest_runtimefaults.systemd.sandbox import describe as describe
 from pytest_runtimefaults.systemd.units import DBUS_CONFIG as DBUS_CONFIG
@@ -105,14 +111,18 @@ from pytest_runtimefaults.systemd.units import TARGET as TARGET
 __all__ = [
     "CgroupMount",
     "HostSystemd",
+    "LeftoverScope",
+    "ReexecMidCall",
     "SandboxError",
     "SystemdInspector",
     "SystemdSandbox",
     "UnitInfo",
     "cgroup_mounts",
+    "daemon_reexec",
     "host_cgroup_state",
     "resolve_layout",
     "sandbox_controllers",
+    "scope_name",
     "thaw",
 ]
 
