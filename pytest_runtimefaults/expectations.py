@@ -110,6 +110,15 @@ FAULTS: dict[str, str] = {
     "(RunPodSandbox fails: what is left of the failed pod?)",
     "cni:config-written-in-place": "a network config created at its "
     "final name, not renamed into place",
+    "cni:config-renamed-into": "a CNI config that appears in the conf dir only by a rename "
+    "from outside it (one IN_MOVED_TO; containerd issue 11715)",
+    "cni:conf-dir-swapped": "the CNI conf dir deleted and recreated (a new inode) with a new "
+    "config (containerd issue 6490)",
+    "cni:event-storm": "a burst of inotify events in the CNI conf dir (1.5 x "
+    "fs.inotify.max_queued_events) while the daemon is frozen (SIGSTOP), so its queue "
+    "overflows (containerd issue 5041's family)",
+    "cni:inotify-instances-exhausted": "no inotify instance left to the daemon at start (its "
+    "user namespace's max_inotify_instances all held; containerd issues 10468, 10308)",
     "subscribers:churn": "event subscribers connecting and leaving while events are broadcast",
     # The scenarios of incidents 3-5 (pytest_runtimefaults/scenarios/test_incident[345]_*).
     "socket:foreign-dir": "a stale socket in a directory owned by another user",
