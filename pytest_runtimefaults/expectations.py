@@ -549,6 +549,76 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         "CRI: DEL runs against the new default network; the IPAM reservation stays; docs/cni.md; "
         "the same test passed on 1.7.24 (Debian 13, docs/matrix.md)",
     ),
+    # CNI reload races and inotify limits (docs/cni.md, "Reload races").
+    *(
+        Expectation(
+            "containerd",
+            v,
+            "cni:config-renamed-into",
+            _MB,
+            "CRI skips fsnotify's Create, which a rename into the dir is: the file is never "
+            "loaded (`no network config found`, or the old network kept) until another change; "
+            f"tests/system/cni/test_cni_reload.py on {v}",
+        )
+        for v in ("1.6.20", "1.7.24", "2.1.9")
+    ),
+    *(
+        Expectation(
+            "containerd",
+            v,
+            "cni:conf-dir-swapped",
+            _MB,
+            "CRI's watch dies with the old inode: never reloaded (`no network config found` "
+            "from the rmtree's last event) until restarted; "
+            f"tests/system/cni/test_cni_reload.py on {v}",
+        )
+        for v in ("1.6.20", "1.7.24")
+    ),
+    Expectation(
+        "containerd",
+        "2.1.9",
+        "cni:conf-dir-swapped",
+        Outcome.CRASHES,
+        "containerd exits: `Failed to run CRI service` error=`cni network conf monitor error: "
+        "cni conf dir is removed, stop watching` (level=fatal, PR 10646); a restart loads the "
+        "new dir; tests/system/cni/test_cni_reload.py in sid",
+    ),
+    *(
+        Expectation(
+            "containerd",
+            v,
+            "cni:event-storm",
+            Outcome.CRASHES,
+            "containerd exits within 1 s of the overflow: `failed to continue sync cni conf "
+            f"change` error=`{msg}`, then level=fatal `Failed to run CRI service`; a restart "
+            f"recovers; tests/system/cni/test_cni_reload.py on {v}",
+        )
+        for v, msg in (
+            ("1.6.20", "fsnotify queue overflow"),
+            ("1.7.24", "fsnotify: queue or buffer overflow"),
+            ("2.1.9", "fsnotify: queue or buffer overflow"),
+        )
+    ),
+    *(
+        Expectation(
+            "containerd",
+            v,
+            "cni:inotify-instances-exhausted",
+            _MB,
+            "keeps running without CRI (`unknown service runtime.v1.RuntimeService`); said "
+            f"once, at level=warning: `failed to load plugin` ... `{msg}`; not back when the "
+            f"instances are, only after a restart; tests/system/cni/test_cni_inotify.py on {v}",
+        )
+        for v, msg in (
+            ("1.6.20", "failed to create fsnotify watcher: too many open files"),
+            ("1.7.24", "failed to create fsnotify watcher: too many open files"),
+            (
+                "2.1.9",
+                "failed to create fsnotify watcher: couldn't initialize inotify: too many "
+                "open files",
+            ),
+        )
+    ),
     Expectation(
         "containerd",
         "1.6.20",

@@ -378,9 +378,7 @@ class ConfDirSwap(FaultBase):
     *files* (whole; it cannot give a reader its watch back).
     """
 
-    def __init__(
-        self, cni: ConfigDir, files: Mapping[str, Content], *, gap: float = 0.05
-    ) -> None:
+    def __init__(self, cni: ConfigDir, files: Mapping[str, Content], *, gap: float = 0.05) -> None:
         super().__init__()
         self.cni = cni
         self.files = {name: encode(c) for name, c in files.items()}

@@ -119,14 +119,11 @@ class ConfReader:
         fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
-            self.error = (
-                f"cannot watch {self.conf_dir}: inotify_init1: {os.strerror(err)}"
-                + (
-                    " (no inotify instance left to this user: fs.inotify.max_user_instances, "
-                    "or user.max_inotify_instances in a user namespace)"
-                    if err == errno.EMFILE
-                    else ""
-                )
+            self.error = f"cannot watch {self.conf_dir}: inotify_init1: {os.strerror(err)}" + (
+                " (no inotify instance left to this user: fs.inotify.max_user_instances, "
+                "or user.max_inotify_instances in a user namespace)"
+                if err == errno.EMFILE
+                else ""
             )
             return
         if _libc.inotify_add_watch(fd, os.fsencode(self.conf_dir), _MASK) < 0:
@@ -223,8 +220,12 @@ def main() -> None:
     args = parser.parse_args()
     reader = ConfReader(args.conf_dir, no_watch=args.no_watch)
 
+    last: list[object] = []
+
     def say(network: str | None) -> None:
-        print(json.dumps({"network": network, "error": reader.error}), flush=True)
+        if last != [network, reader.error]:  # a poll that changed nothing says nothing
+            last[:] = [network, reader.error]
+            print(json.dumps({"network": network, "error": reader.error}), flush=True)
 
     reader.on_reload = say
     with reader:

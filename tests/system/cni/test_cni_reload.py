@@ -84,7 +84,9 @@ def test_containerd_config_renamed_into_the_conf_dir(
     )
     assert verdict.ok, verdict.message
     fault.lift()  # an in-dir write (temp + rename): every version reloads on it
-    assert ready_with(new["name"])(wait_cri_network(cni_containerd.address, ready_with(new["name"])))
+    assert ready_with(new["name"])(
+        wait_cri_network(cni_containerd.address, ready_with(new["name"]))
+    )
 
 
 def test_containerd_conf_dir_deleted_and_recreated(
@@ -115,7 +117,9 @@ def test_containerd_conf_dir_deleted_and_recreated(
     assert verdict.ok, verdict.message
     # What brings every version back: a restart, which watches the new inode.
     cni_containerd.restart()
-    assert ready_with(new["name"])(wait_cri_network(cni_containerd.address, ready_with(new["name"])))
+    assert ready_with(new["name"])(
+        wait_cri_network(cni_containerd.address, ready_with(new["name"]))
+    )
 
 
 def test_containerd_event_storm_overflowing_its_queue(
@@ -157,10 +161,11 @@ def test_containerd_event_storm_overflowing_its_queue(
     assert verdict.ok, verdict.message
     if observed is ex.Outcome.CRASHES:
         assert log_lines(cni_containerd, "overflow"), "containerd died without saying why"
-    cni_containerd.restart()  # back, with whatever the directory holds now
-    first = sorted(p.name for p in cni_dir.files())[0]
-    status = wait_cri_network(cni_containerd.address, lambda s: s.ready)
-    assert status.ready and len(status.networks) == 1, (first, status)
+    last = cni_dir.bridge()
+    cni_dir.write(last, "01-last.conflist")
+    cni_containerd.restart()  # back, with the directory as it is now
+    status = wait_cri_network(cni_containerd.address, ready_with(last["name"]))
+    assert ready_with(last["name"])(status), status
 
 
 # --- the test-only readers: the fault catches the susceptible one -------------------
