@@ -16,7 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,40 +29,15 @@ from pytest_runtimefaults.cni import CniDir, cri_network_status, wait_cri_networ
 from pytest_runtimefaults.cni.inotify import InotifyInstancesHeld, inotify_instances
 from pytest_runtimefaults.cni.namespaces import private_state_argv
 from pytest_runtimefaults.containerd import Containerd
-from pytest_runtimefaults.faults import FaultRegistry
 from pytest_runtimefaults.netns import CniSandbox
 
 pytestmark = pytest.mark.timeout(90)
 
-HOST_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")
 READERS = Path(__file__).resolve().parents[2] / "helpers" / "cni_readers.py"
 
 
 def ready_with(name: str) -> Any:
     return lambda s: s.ready and [n for n, _ in s.networks] == [name]
-
-
-@pytest.fixture
-def inotify_exhausted(
-    request: pytest.FixtureRequest, runtimefaults_faults: FaultRegistry
-) -> Iterator[Callable[..., InotifyInstancesHeld]]:
-    """Factory: ``inotify_exhausted(limit=4)``, a started, registered fault; stopped at teardown."""
-    caps.require_root(request, "the identity maps of a user namespace")
-    caps.require_command(request, "nsenter", package="util-linux")
-    made: list[InotifyInstancesHeld] = []
-
-    def make(limit: int = 4) -> InotifyInstancesHeld:
-        fault = runtimefaults_faults.register(InotifyInstancesHeld(limit=limit).start())
-        made.append(fault)
-        return fault
-
-    host_limit = HOST_LIMIT.read_text()
-    try:
-        yield make
-    finally:
-        for fault in reversed(made):
-            fault.stop()
-        assert HOST_LIMIT.read_text() == host_limit  # the host's sysctl, untouched
 
 
 def containerd_in(

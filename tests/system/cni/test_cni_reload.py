@@ -42,7 +42,22 @@ def storm_files() -> int:
 
 
 def ready_with(name: str) -> Any:
-    return lambda s: s.ready and [n for n, _ in s.networks] == [name]
+    return lambda s: s is not None and s.ready and [n for n, _ in s.networks] == [name]
+
+
+def wait_unless_gone(ctd: Containerd, predicate: Any, timeout: float) -> CriNetworkStatus | None:
+    """:func:`wait_cri_network`, or None when containerd stops serving meanwhile
+    (it may exit on the fault: then the outcome is the crash, not an RPC error)."""
+    import grpc
+
+    try:
+        return wait_cri_network(ctd.address, predicate, timeout)
+    except grpc.RpcError:
+        if ctd.running:
+            time.sleep(1)  # dying: give it the second it takes
+        if ctd.running:
+            raise
+        return None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -60,7 +75,11 @@ def log_lines(ctd: Containerd, *needles: str) -> list[str]:
 
 @pytest.mark.parametrize("beside", [False, True], ids=["empty-dir", "beside-another"])
 def test_containerd_config_renamed_into_the_conf_dir(
-    cni_dir: CniDir, cni_containerd: Containerd, record_property: Any, beside: bool
+    cni_dir: CniDir,
+    cni_containerd: Containerd,
+    cni_renamed_into: Any,
+    record_property: Any,
+    beside: bool,
 ) -> None:
     # containerd skips fsnotify's Create, and a rename into the directory is
     # reported as Create: the file is never loaded (issue 11715).  Beside
@@ -70,7 +89,7 @@ def test_containerd_config_renamed_into_the_conf_dir(
         cni_dir.write(old, "20-old.conflist")
         assert wait_cri_network(cni_containerd.address, ready_with(old["name"])).ready
     new = cni_dir.bridge()
-    fault = RenamedInto(cni_dir, "10-new.conflist", new).start()
+    fault = cni_renamed_into("10-new.conflist", new)
     status = wait_cri_network(cni_containerd.address, ready_with(new["name"]), RELOAD_BOUND)
     observed = ex.Outcome.SURVIVES if ready_with(new["name"])(status) else ex.Outcome.MISBEHAVES
     if observed is ex.Outcome.MISBEHAVES and not beside:
@@ -90,19 +109,17 @@ def test_containerd_config_renamed_into_the_conf_dir(
 
 
 def test_containerd_conf_dir_deleted_and_recreated(
-    cni_dir: CniDir, cni_containerd: Containerd, record_property: Any
+    cni_dir: CniDir, cni_containerd: Containerd, cni_conf_dir_swap: Any, record_property: Any
 ) -> None:
     old = cni_dir.bridge()
     cni_dir.write(old, "20-old.conflist")
     assert wait_cri_network(cni_containerd.address, ready_with(old["name"])).ready
     new = cni_dir.bridge()
-    fault = ConfDirSwap(cni_dir, {"10-new.conflist": new}).start()
-    status: CriNetworkStatus | None = None
-    if cni_containerd.running:
-        status = wait_cri_network(cni_containerd.address, ready_with(new["name"]), SWAP_BOUND)
+    fault = cni_conf_dir_swap({"10-new.conflist": new})
+    status = wait_unless_gone(cni_containerd, ready_with(new["name"]), SWAP_BOUND)
     if not cni_containerd.running:
         observed = ex.Outcome.CRASHES
-    elif status is not None and ready_with(new["name"])(status):
+    elif ready_with(new["name"])(status):
         observed = ex.Outcome.SURVIVES
     else:
         observed = ex.Outcome.MISBEHAVES  # the watch died with the old inode
@@ -123,7 +140,7 @@ def test_containerd_conf_dir_deleted_and_recreated(
 
 
 def test_containerd_event_storm_overflowing_its_queue(
-    cni_dir: CniDir, cni_containerd: Containerd, record_property: Any
+    cni_dir: CniDir, cni_containerd: Containerd, cni_event_storm: Any, record_property: Any
 ) -> None:
     old = cni_dir.bridge()
     cni_dir.write(old, "20-old.conflist")
@@ -135,10 +152,10 @@ def test_containerd_event_storm_overflowing_its_queue(
     # the events and drops the excess with IN_Q_OVERFLOW.
     os.kill(pid, signal.SIGSTOP)
     try:
-        storm = EventStorm(cni_dir, files=storm_files(), touch=("10-new.conflist", new)).start()
+        storm = cni_event_storm(files=storm_files(), touch=("10-new.conflist", new))
     finally:
         os.kill(pid, signal.SIGCONT)
-    status = wait_cri_network(cni_containerd.address, ready_with(new["name"]), 10)
+    status = wait_unless_gone(cni_containerd, ready_with(new["name"]), 10)
     detail = f"{storm.applied} files in {storm.seconds:.2f} s; then {status}"
     time.sleep(1)  # a daemon that dies of the overflow does so within this second
     quiet_cpu = 0.0
@@ -152,10 +169,14 @@ def test_containerd_event_storm_overflowing_its_queue(
         quiet_cpu = cpu_seconds(pid) - before
         later = cni_dir.bridge()
         cni_dir.write(later, "05-later.conflist")
-        after = wait_cri_network(cni_containerd.address, ready_with(later["name"]), RELOAD_BOUND)
+        after = wait_unless_gone(cni_containerd, ready_with(later["name"]), RELOAD_BOUND)
         detail += f"; quiet CPU {quiet_cpu:.2f} s/s; a later change: {after}"
-        picked = bool(ready_with(later["name"])(after))
-        observed = ex.Outcome.SURVIVES if picked and quiet_cpu < 0.5 else ex.Outcome.MISBEHAVES
+        if after is None:
+            observed = ex.Outcome.CRASHES
+        elif ready_with(later["name"])(after) and quiet_cpu < 0.5:
+            observed = ex.Outcome.SURVIVES
+        else:
+            observed = ex.Outcome.MISBEHAVES
     detail += f"; log: {log_lines(cni_containerd, 'overflow', 'level=fatal')[-2:]}"
     verdict = judged(record_property, "containerd", "cni:event-storm", observed, detail)
     assert verdict.ok, verdict.message
