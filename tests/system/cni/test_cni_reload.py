@@ -257,3 +257,45 @@ def test_reader_event_storm_overflowing_its_queue(
         conf_dir.write(conf_dir.bridge(), "05-later.conflist")
         recovered = recovered and r.wait_for("05-later.conflist", RELOAD_BOUND)
         assert recovered is not caught, (r.error, r.reloads, r.network)
+
+
+# --- the faults themselves --------------------------------------------------------
+
+ALL_EVENTS = 0xFFF  # IN_ALL_EVENTS of inotify(7)
+
+
+def test_renamed_into_queues_one_moved_to_and_nothing_else(conf_dir: CniDir) -> None:
+    from inotify_simple import INotify, flags
+
+    with INotify() as watch:
+        watch.add_watch(conf_dir.conf_dir, ALL_EVENTS)
+        RenamedInto(conf_dir, "10-new.conflist", conf_dir.bridge()).start()
+        events = [(flags.from_mask(e.mask), e.name) for e in watch.read(timeout=200)]
+    assert events == [([flags.MOVED_TO], "10-new.conflist")]
+    assert not [p for p in conf_dir.root.iterdir() if p.name.startswith(".rf-staging-")]
+
+
+def test_conf_dir_swap_ends_the_old_watch(conf_dir: CniDir) -> None:
+    from inotify_simple import INotify, flags
+
+    conf_dir.write(conf_dir.bridge(), "20-old.conflist")
+    with INotify() as watch:
+        watch.add_watch(conf_dir.conf_dir, flags.CREATE | flags.MOVED_TO | flags.DELETE_SELF)
+        ConfDirSwap(conf_dir, {"10-new.conflist": conf_dir.bridge()}).start()
+        masks = [e.mask for e in watch.read(timeout=200)]
+        assert any(m & flags.IGNORED for m in masks), masks  # the kernel dropped the watch
+        assert not any(m & flags.MOVED_TO for m in masks), masks  # the new file: unseen
+    assert [p.name for p in conf_dir.files()] == ["10-new.conflist"]
+
+
+def test_event_storm_overflows_a_paused_queue(conf_dir: CniDir) -> None:
+    from inotify_simple import INotify, flags
+
+    with INotify() as watch:
+        watch.add_watch(conf_dir.conf_dir, flags.CREATE | flags.MODIFY | flags.DELETE)
+        EventStorm(conf_dir, files=storm_files()).start()
+        seen = []
+        while batch := watch.read(timeout=100):
+            seen += batch
+    assert seen[-1].mask & flags.Q_OVERFLOW
+    assert not list(conf_dir.conf_dir.iterdir())  # the scratch files are gone
