@@ -123,6 +123,15 @@ FAULTS: dict[str, str] = {
     "(RunPodSandbox fails: what is left of the failed pod?)",
     "cni:config-written-in-place": "a network config created at its "
     "final name, not renamed into place",
+    "cni:config-renamed-into": "a CNI config that appears in the conf dir only by a rename "
+    "from outside it (one IN_MOVED_TO; containerd issue 11715)",
+    "cni:conf-dir-swapped": "the CNI conf dir deleted and recreated (a new inode) with a new "
+    "config (containerd issue 6490)",
+    "cni:event-storm": "a burst of inotify events in the CNI conf dir (1.5 x "
+    "fs.inotify.max_queued_events) while the daemon is frozen (SIGSTOP), so its queue "
+    "overflows (containerd issue 5041's family)",
+    "cni:inotify-instances-exhausted": "no inotify instance left to the daemon at start (its "
+    "user namespace's max_inotify_instances all held; containerd issues 10468, 10308)",
     "subscribers:churn": "event subscribers connecting and leaving while events are broadcast",
     # The scenarios of incidents 3-5 (pytest_runtimefaults/scenarios/test_incident[345]_*).
     "socket:foreign-dir": "a stale socket in a directory owned by another user",
@@ -592,6 +601,76 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         _LK,
         "CRI: DEL runs against the new default network; the IPAM reservation stays; docs/cni.md; "
         "the same test passed on 1.7.24 (Debian 13, docs/matrix.md)",
+    ),
+    # CNI reload races and inotify limits (docs/cni.md, "Reload races").
+    *(
+        Expectation(
+            "containerd",
+            v,
+            "cni:config-renamed-into",
+            _MB,
+            "CRI skips fsnotify's Create, which a rename into the dir is: the file is never "
+            "loaded (`no network config found`, or the old network kept) until another change; "
+            f"tests/system/cni/test_cni_reload.py on {v}",
+        )
+        for v in ("1.6.20", "1.7.24", "2.1.9")
+    ),
+    *(
+        Expectation(
+            "containerd",
+            v,
+            "cni:conf-dir-swapped",
+            _MB,
+            "CRI's watch dies with the old inode: never reloaded (`no network config found` "
+            "from the rmtree's last event) until restarted; "
+            f"tests/system/cni/test_cni_reload.py on {v}",
+        )
+        for v in ("1.6.20", "1.7.24")
+    ),
+    Expectation(
+        "containerd",
+        "2.1.9",
+        "cni:conf-dir-swapped",
+        Outcome.CRASHES,
+        "containerd exits: `Failed to run CRI service` error=`cni network conf monitor error: "
+        "cni conf dir is removed, stop watching` (level=fatal, PR 10646); a restart loads the "
+        "new dir; tests/system/cni/test_cni_reload.py in sid",
+    ),
+    *(
+        Expectation(
+            "containerd",
+            v,
+            "cni:event-storm",
+            Outcome.CRASHES,
+            "containerd exits within 1 s of the overflow: `failed to continue sync cni conf "
+            f"change` error=`{msg}`, then level=fatal `Failed to run CRI service`; a restart "
+            f"recovers; tests/system/cni/test_cni_reload.py on {v}",
+        )
+        for v, msg in (
+            ("1.6.20", "fsnotify queue overflow"),
+            ("1.7.24", "fsnotify: queue or buffer overflow"),
+            ("2.1.9", "fsnotify: queue or buffer overflow"),
+        )
+    ),
+    *(
+        Expectation(
+            "containerd",
+            v,
+            "cni:inotify-instances-exhausted",
+            _MB,
+            "keeps running without CRI (`unknown service runtime.v1.RuntimeService`); said "
+            f"once, at level=warning: `failed to load plugin` ... `{msg}`; not back when the "
+            f"instances are, only after a restart; tests/system/cni/test_cni_inotify.py on {v}",
+        )
+        for v, msg in (
+            ("1.6.20", "failed to create fsnotify watcher: too many open files"),
+            ("1.7.24", "failed to create fsnotify watcher: too many open files"),
+            (
+                "2.1.9",
+                "failed to create fsnotify watcher: couldn't initialize inotify: too many "
+                "open files",
+            ),
+        )
     ),
     Expectation(
         "containerd",

@@ -276,6 +276,38 @@ def test_vanishing_config(
     record(verdict, runs, "cni:delete-recreate", time.monotonic() - started)
 
 
+def test_config_renamed_into_place(
+    cni_dir: Any,
+    cni_sandbox: Any,
+    cni_containerd: Containerd,
+    pods: Any,
+    cni_renamed_into: Any,
+    runtimefaults_faults: FaultRegistry,
+    link_kind: Any,
+    verdict: Any,
+) -> None:
+    """A macvlan network's file renamed into the dir beside a bridge one: pods must get macvlan.
+
+    The rename queues only IN_MOVED_TO (containerd issue 11715): a watcher
+    that skips creates keeps the bridge network as the default.
+    """
+    from pytest_runtimefaults.cni import wait_cri_network
+
+    cni_dir.write(cni_dir.bridge(), "20-bridge.conflist")
+    wait_cri_network(cni_containerd.address, lambda s: s.plugin_types == ("bridge",))
+    started = time.monotonic()
+    mac = cni_dir.macvlan(cni_sandbox.master_link())
+    fault = cni_renamed_into("10-mac.conflist", mac)
+    # A reload takes milliseconds; a second is generous.
+    wait_cri_network(cni_containerd.address, lambda s: s.plugin_types == ("macvlan",), 1.0)
+    runs = PodRuns(wanted="macvlan")
+    for _ in range(PODS // 2):
+        runs.run(pods, link_kind)
+    runs.file_named = names_file(fault.path, cni_containerd, runs)
+    finish(runs, pods, runtimefaults_faults, cni_containerd, link_kind)
+    record(verdict, runs, "cni:config-renamed-into", time.monotonic() - started)
+
+
 def test_racing_writer(
     cni_dir: Any,
     cni_sandbox: Any,
