@@ -127,6 +127,24 @@ def test_the_session_default_bus_reaches_sandboxes_built_without_one() -> None:
         SystemdSandbox(bus_daemon="dbus-brokr")
 
 
+def test_a_bus_that_is_not_installed_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_runtimefaults.systemd import SandboxError, units
+
+    # The host's PATH as a sandbox would search it, without dbus-broker-launch.
+    real_which = shutil.which
+    monkeypatch.setattr(
+        units.shutil,
+        "which",
+        lambda name, **kw: None if name.startswith("dbus-broker") else real_which(name, **kw),
+    )
+    sandbox = SystemdSandbox(bus_daemon="dbus-broker")
+    with pytest.raises(
+        SandboxError, match=r"dbus-broker is not installed \(apt-get install dbus-broker"
+    ):
+        sandbox.start()
+    assert sandbox.workdir is None  # nothing made before the check
+
+
 def test_the_option_sets_the_bus_and_a_typo_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         "from pytest_runtimefaults.systemd import SystemdSandbox\n"
