@@ -239,11 +239,15 @@ _BEFORE_JOB = "dbus:bus-restart-before-jobremoved"
 _BUS_RESTART = {
     "host": "tests/system/systemd/test_bus_restart.py, Debian 12 (systemd 252, dbus-daemon "
     "1.14.10 and dbus-broker 33 alike), 2026-12-01",
+    "trixie": "tests/system/systemd/test_bus_restart.py in Debian 13 (scripts/distro, "
+    "systemd 257.13, dbus-daemon 1.16.2 and dbus-broker 37 alike), 2026-12-01",
+    "sid": "tests/system/systemd/test_bus_restart.py in Debian sid (scripts/distro, "
+    "systemd 262.1, unified, dbus-daemon 1.16.2 and dbus-broker 37 alike), 2026-12-01",
 }
 #: what the runtimes said, and what was left (nothing: the next lifecycle worked)
 _RUNC_EOF = (
-    "create fails at once, not retried: `unable to apply cgroup configuration: read unix "
-    "@->PROXY: EOF` (godbus reports io.EOF, not the dbus.ErrClosed or Disconnected error "
+    "create fails at once, not retried: `unable to apply cgroup configuration: ... read "
+    "unix @->PROXY: EOF` (godbus reports io.EOF, not the dbus.ErrClosed or Disconnected error "
     "runc's retry of PR 2923 looks for); nothing left, the next lifecycle works"
 )
 _RUNC_LOST_JOB = (
@@ -689,6 +693,14 @@ EXPECTATIONS: tuple[Expectation, ...] = (
             ("runc", "1.1.5", "host", _BEFORE_JOB, _FC, _RUNC_LOST_JOB),
             ("crun", "1.8.1", "host", _MID_CALL, _FC, _CRUN_RESET_CALL),
             ("crun", "1.8.1", "host", _BEFORE_JOB, _FC, _CRUN_RESET_PROCESS),
+            ("runc", "1.1.15", "trixie", _MID_CALL, _FC, _RUNC_EOF),
+            ("runc", "1.1.15", "trixie", _BEFORE_JOB, _FC, _RUNC_LOST_JOB),
+            ("crun", "1.21", "trixie", _MID_CALL, _FC, _CRUN_RESET_CALL),
+            ("crun", "1.21", "trixie", _BEFORE_JOB, _FC, _CRUN_RESET_PROCESS),
+            ("runc", "1.3.6", "sid", _MID_CALL, _FC, _RUNC_EOF),
+            ("runc", "1.3.6", "sid", _BEFORE_JOB, _FC, _RUNC_LOST_JOB),
+            ("crun", "1.28", "sid", _MID_CALL, _FC, _CRUN_RESET_CALL),
+            ("crun", "1.28", "sid", _BEFORE_JOB, _FC, _CRUN_RESET_PROCESS),
         )
     ),
 )
