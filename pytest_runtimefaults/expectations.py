@@ -144,6 +144,12 @@ FAULTS: dict[str, str] = {
     "cni:racing-writer": "CNI config files rewritten in place in small chunks while pods start",
     "subscribers:daemon-restart": "the event daemon SIGKILLed and restarted while a "
     "churning subscriber swarm is connected",
+    # The bus restarts under the runtime (runc PRs 2923, 3475; crun `sd-bus call:
+    # Transport endpoint is not connected`): tests/system/systemd/test_bus_restart.py.
+    "dbus:bus-restart-mid-call": "`systemctl restart dbus` in the sandbox while the "
+    "runtime waits for the StartTransientUnit reply (held 1 s by the proxy)",
+    "dbus:bus-restart-before-jobremoved": "`systemctl restart dbus` in the sandbox after "
+    "the StartTransientUnit reply, while the runtime waits for JobRemoved (held 2 s)",
 }
 
 
@@ -277,6 +283,34 @@ _NEIGHBOURS = (
     ("crun", "1.21", _NEIGHBOURS_TRIXIE),
     ("runc", "1.3.6", _NEIGHBOURS_SID),
     ("crun", "1.28", _NEIGHBOURS_SID),
+)
+_MID_CALL = "dbus:bus-restart-mid-call"
+_BEFORE_JOB = "dbus:bus-restart-before-jobremoved"
+_BUS_RESTART = {
+    "host": "tests/system/systemd/test_bus_restart.py, Debian 12 (systemd 252, dbus-daemon "
+    "1.14.10 and dbus-broker 33 alike), 2026-12-01",
+    "trixie": "tests/system/systemd/test_bus_restart.py in Debian 13 (scripts/distro, "
+    "systemd 257.13, dbus-daemon 1.16.2 and dbus-broker 37 alike), 2026-12-01",
+    "sid": "tests/system/systemd/test_bus_restart.py in Debian sid (scripts/distro, "
+    "systemd 262.1, unified, dbus-daemon 1.16.2 and dbus-broker 37 alike), 2026-12-01",
+}
+#: what the runtimes said, and what was left (nothing: the next lifecycle worked)
+_RUNC_EOF = (
+    "create fails at once, not retried: `unable to apply cgroup configuration: ... read "
+    "unix @->PROXY: EOF` (godbus reports io.EOF, not the dbus.ErrClosed or Disconnected error "
+    "runc's retry of PR 2923 looks for); nothing left, the next lifecycle works"
+)
+_RUNC_LOST_JOB = (
+    "does not notice the closed connection: waits its full 30 s, then `Timeout waiting for "
+    "systemd to create runc-ID.scope`; nothing left, the next lifecycle works"
+)
+_CRUN_RESET_CALL = (
+    "create fails at once: `sd-bus call: Connection reset by peer`; nothing left, the "
+    "next lifecycle works"
+)
+_CRUN_RESET_PROCESS = (
+    "create fails at once: `sd-bus process: Connection reset by peer`; nothing left, the "
+    "next lifecycle works"
 )
 
 #: The known facts.  Sources: README "What it found here", docs/systemd.md,
@@ -857,6 +891,25 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         "create fails at once: `container's cgroup is not empty: 1 process(es) found` (it "
         "takes the existing scope, then refuses its non-empty cgroup); the leftover and its "
         f"process untouched; {_NEIGHBOURS_SID}",
+    ),
+    # The bus restarted under the runtime (tests/system/systemd/test_bus_restart.py),
+    # on dbus-daemon and dbus-broker alike.
+    *(
+        Expectation(rt, v, fault, outcome, f"{what}; {_BUS_RESTART[src]}")
+        for rt, v, src, fault, outcome, what in (
+            ("runc", "1.1.5", "host", _MID_CALL, _FC, _RUNC_EOF),
+            ("runc", "1.1.5", "host", _BEFORE_JOB, _FC, _RUNC_LOST_JOB),
+            ("crun", "1.8.1", "host", _MID_CALL, _FC, _CRUN_RESET_CALL),
+            ("crun", "1.8.1", "host", _BEFORE_JOB, _FC, _CRUN_RESET_PROCESS),
+            ("runc", "1.1.15", "trixie", _MID_CALL, _FC, _RUNC_EOF),
+            ("runc", "1.1.15", "trixie", _BEFORE_JOB, _FC, _RUNC_LOST_JOB),
+            ("crun", "1.21", "trixie", _MID_CALL, _FC, _CRUN_RESET_CALL),
+            ("crun", "1.21", "trixie", _BEFORE_JOB, _FC, _CRUN_RESET_PROCESS),
+            ("runc", "1.3.6", "sid", _MID_CALL, _FC, _RUNC_EOF),
+            ("runc", "1.3.6", "sid", _BEFORE_JOB, _FC, _RUNC_LOST_JOB),
+            ("crun", "1.28", "sid", _MID_CALL, _FC, _CRUN_RESET_CALL),
+            ("crun", "1.28", "sid", _BEFORE_JOB, _FC, _CRUN_RESET_PROCESS),
+        )
     ),
 )
 

@@ -317,6 +317,7 @@ NEEDS: dict[str, Need] = {
     "crun": _command("crun", "crun"),
     "containerd": _command("containerd", "containerd"),
     "dbus-daemon": _command("dbus-daemon", "dbus-daemon"),
+    "dbus-broker": _command("dbus-broker-launch", "dbus-broker"),
     "podman": _command("podman", "podman"),
     "tshark": _command("tshark", "tshark"),
     "unshare": _command("unshare", "util-linux"),

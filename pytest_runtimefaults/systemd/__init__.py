@@ -15,8 +15,8 @@ touch the host's systemd anyway, so :class:`SystemdSandbox` boots the real
   superblock, which every mount namespace shares.  The launcher refuses to
   exec systemd if ``/sys/fs/cgroup`` is still the host's filesystem;
 * a unit directory of empty stub targets, a ``dbus.socket`` and a
-  ``dbus.service`` (its own dbus-daemon) is all systemd loads: it is on
-  ``running`` in a fraction of a second.
+  ``dbus.service`` (its own dbus-daemon, or dbus-broker: ``bus_daemon=``) is
+  all systemd loads: it is on ``running`` in a fraction of a second.
 
 The bus is reachable from the host as ``unix:path=/proc/PID/root/run/dbus/
 system_bus_socket`` (:attr:`SystemdSandbox.bus_address`).  Programs that pass
@@ -97,8 +97,13 @@ from pytest_runtimefaults.systemd.neighbours import (
     daemon_reexec,
     scope_name,
 )
-from pytest_runtimefaults.systemd.sandbox import SystemdSandbox
+from pytest_runtimefaults.systemd.sandbox import (
+    SystemdSandbox,
+    default_bus_daemon,
+    set_default_bus_daemon,
+)
 from pytest_runtimefaults.systemd.sandbox import describe as describe
+from pytest_runtimefaults.systemd.units import BUS_DAEMONS
 from pytest_runtimefaults.systemd.units import DBUS_CONFIG as DBUS_CONFIG
 from pytest_runtimefaults.systemd.units import INNER_BUS_PATH as INNER_BUS_PATH
 from pytest_runtimefaults.systemd.units import STUB_TARGETS as STUB_TARGETS
@@ -109,6 +114,7 @@ from pytest_runtimefaults.systemd.units import TARGET as TARGET
 # systemd.py module had (constants, describe, and the private names tests
 # import): importable from here as before.
 __all__ = [
+    "BUS_DAEMONS",
     "CgroupMount",
     "HostSystemd",
     "LeftoverScope",
@@ -119,10 +125,12 @@ __all__ = [
     "UnitInfo",
     "cgroup_mounts",
     "daemon_reexec",
+    "default_bus_daemon",
     "host_cgroup_state",
     "resolve_layout",
     "sandbox_controllers",
     "scope_name",
+    "set_default_bus_daemon",
     "thaw",
 ]
 
