@@ -46,11 +46,11 @@ def containerd_in(
     """A containerd with CRI on *cni*, as root of *held*'s user namespace.
 
     The sandbox's network namespace is joined first (with the host's
-    privileges), then the user namespace, then a private mount namespace,
-    which is the user namespace's own (so containerd may mount in it).
+    privileges, by Containerd's own ``nsenter``, with its mount namespace),
+    then the user namespace, then a private mount namespace, which is the
+    user namespace's own (so containerd may mount in it).
     """
-    prefix = private_state_argv(sandbox.host.path)
-    argv = [*prefix[:2], *held.argv, *prefix[2:]]  # nsenter --net, --user, unshare --mount
+    argv = [*held.argv, *private_state_argv(None)]  # nsenter --user, unshare --mount
     wrapper = directory / "containerd-in-userns"
     wrapper.write_text(f'#!/bin/sh\nexec {shlex.join(argv)} containerd "$@"\n')
     wrapper.chmod(0o755)
@@ -60,6 +60,7 @@ def containerd_in(
         cni_conf_dir=cni.conf_dir,
         cni_bin_dir=cni.plugin_dir,
         namespace="k8s.io",
+        netns=sandbox.host.path,
         log_level="info",
         cri_config="enable_cdi = false\nrestrict_oom_score_adj = true",
     )
