@@ -304,3 +304,16 @@ def test_dbus_broker_goes_into_the_rootfs_only() -> None:
     # switch the system bus at the next boot, so only the rootfs gets it.
     assert "dbus-broker" in distro.ROOTFS_EXTRA
     assert "dbus-broker" not in distro.read_packages()
+
+
+def test_every_ci_matrix_entry_is_a_release_scripts_distro_knows() -> None:
+    m = re.search(r"^RUNTIMEFAULTS_MATRIX=\$\{RUNTIMEFAULTS_MATRIX-([^}]*)\}$",
+                  (REPO / ".ci" / "run").read_text(), re.MULTILINE)  # fmt: skip
+    assert m is not None
+    for name in filter(None, m.group(1).split(",")):
+        assert name in distro.RELEASES, name
+    # the dbus-broker entry runs the systemd family on the other bus
+    assert distro.DEFAULT_ARGS["debian13-broker"] == [
+        "--runtimefaults-bus-daemon=dbus-broker",
+        "tests/system/systemd",
+    ]
