@@ -549,6 +549,15 @@ EXPECTATIONS: tuple[Expectation, ...] = (
     ),
     Expectation(
         "containerd",
+        "1.6.20",
+        "daemon:stale-shim-socket",
+        _SB,
+        "a running task's shim SIGKILLed (containerd down, or up): serves again in 0.03-0.16 s, "
+        "removes the stale socket, cleans the task up, the ID runs again; "
+        "tests/system/sockets/test_containerd_shims.py, 2026-12-01",
+    ),
+    Expectation(
+        "containerd",
         "2.1",
         "daemon:sigkill-shim",
         _SB,
