@@ -52,6 +52,7 @@ import http.client
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -448,30 +449,67 @@ class Containerd:
         self._ensure_mount_namespace()
 
     def _ensure_mount_namespace(self) -> None:
-        """Make :attr:`mount_ns` (once; it outlives containerd's restarts)."""
+        """Make :attr:`mount_ns` (once; it outlives containerd's restarts).
+
+        A holder process unshares the namespace and sets its mounts up; this
+        process binds the holder's ``/proc/PID/ns/mnt`` onto :attr:`mount_ns`
+        once the holder says so, checks that it is another namespace than its
+        own, then lets the holder go.  (``unshare --mount=FILE`` does the same
+        from a forked child, which in util-linux 2.41 sometimes bound before the
+        parent had unshared: the kernel refused, EINVAL, in Debian 13 runs.)
+        """
         if any(m.target == str(self.mount_ns) for m in mount_table()):
             return
         self.mount_ns.touch(mode=0o600)
-        # slave: the host's mounts come in, none of containerd's go out.
+        # slave: the host's mounts come in, none of containerd's go out.  The
+        # holder waits on its stdin: if this process dies, so does the holder.
         script = (
             "mount -t tmpfs -o mode=0755 rfrun /run"
             " && mkdir -p /run/containerd /run/netns"
             ' && mount --bind "$0" /run/containerd'
+            " && echo ready && read _"
         )
-        argv = ["unshare", f"--mount={self.mount_ns}", "--propagation", "slave"]
-        result = subprocess.run(
-            [*argv, "sh", "-c", script, str(self.run_dir)],
-            capture_output=True,
+        holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script, str(self.run_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=30,
-            check=False,
         )
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"cannot make containerd's mount namespace at {self.mount_ns}: "
-                f"{result.stderr.strip() or f'exit {result.returncode}'} (needs root and "
-                "util-linux's unshare; the directory must not be on a shared mount)"
+        try:
+            assert holder.stdout is not None
+            ready, _, _ = select.select([holder.stdout], [], [], 30)
+            said = holder.stdout.readline() if ready else ""
+            if said.strip() != "ready":
+                holder.kill()
+                _, err = holder.communicate(timeout=10)
+                raise RuntimeError(
+                    f"cannot make containerd's mount namespace for {self.directory}: "
+                    f"{err.strip() or 'unshare gave no answer in 30 s'} (needs root and "
+                    "util-linux's unshare)"
+                )
+            theirs = f"/proc/{holder.pid}/ns/mnt"
+            if os.stat(theirs).st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+                raise RuntimeError(f"unshare --mount left PID {holder.pid} in our namespace")
+            bound = subprocess.run(
+                ["mount", "--bind", theirs, str(self.mount_ns)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
             )
+            if bound.returncode != 0:
+                raise RuntimeError(
+                    f"cannot keep containerd's mount namespace at {self.mount_ns}: "
+                    f"{bound.stderr.strip() or f'exit {bound.returncode}'}"
+                )
+        finally:
+            if holder.poll() is None:
+                with swallowed(OSError, "letting the mount namespace holder go"):
+                    holder.communicate(input="\n", timeout=10)
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
 
     def start(self) -> float:
         """Write the config and start containerd; returns seconds until it serves."""
