@@ -122,6 +122,16 @@ FAULTS: dict[str, str] = {
     "cni:racing-writer": "CNI config files rewritten in place in small chunks while pods start",
     "subscribers:daemon-restart": "the event daemon SIGKILLed and restarted while a "
     "churning subscriber swarm is connected",
+    # CRI GetContainerEvents (transports/cri.py; tests/system/subscribers/test_subscribers_cri.py)
+    "subscribers:cri-churn": "CRI GetContainerEvents subscribers connecting and leaving "
+    "while pods and containers are made through CRI",
+    "subscribers:cri-fan-out": "N concurrent CRI GetContainerEvents subscribers: does each "
+    "get every pod and container event (cri-o 6466, containerd 7318)?",
+    "subscribers:cri-daemon-restart": "containerd SIGKILLed and restarted under N CRI "
+    "GetContainerEvents subscribers (kubernetes 129827)",
+    "subscribers:cri-event-order": "one CRI GetContainerEvents subscriber, containers made "
+    "one after another: does each container's CREATED, STARTED, STOPPED, DELETED arrive "
+    "in the order the calls returned?",
 }
 
 
@@ -648,6 +658,82 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         "UNAVAILABLE while it is down) and every subscriber reconnects; serves again in 0.1 s; "
         "but the churn after the restart loses and doubles events as under subscribers:churn; "
         "4 of 4 runs of scenarios/test_incident5_subscribers.py",
+    ),
+    # CRI GetContainerEvents (transports/cri.py), measured with
+    # tests/system/subscribers/test_subscribers_cri.py in Debian 13 and sid-hybrid;
+    # containerd 1.6 has no GetContainerEvents (UNIMPLEMENTED: the tests skip).
+    Expectation(
+        "containerd",
+        "1.7",
+        "subscribers:cri-fan-out",
+        _MB,
+        "one channel for every caller (containerd issue 7318, fixed by PR 9661 in 2.0): each "
+        "event goes to one subscriber only; 8 subscribers + witness, 74 events made, 73-77 "
+        "deliveries in all (priming included), each subscriber missing up to 66 of them",
+    ),
+    Expectation(
+        "containerd",
+        "1.7",
+        "subscribers:cri-churn",
+        _MB,
+        "as under subscribers:cri-fan-out, and worse: an event taken by a stream being "
+        "cancelled is lost for everyone; 98 events made, 36-58 deliveries in all among 21 "
+        "callers, the witness and the 5 steady subscribers each missing up to 96",
+    ),
+    Expectation(
+        "containerd",
+        "1.7",
+        "subscribers:cri-daemon-restart",
+        _MB,
+        "the kill ends every stream cleanly (`UNAVAILABLE: Stream removed (Socket closed)`, "
+        "then `UNAVAILABLE: failed to connect to all addresses; ... connect failed` while it "
+        "is down), every subscriber reconnects and no panic; but after the restart the events "
+        "are dealt out as under subscribers:cri-fan-out (each of 9 missed 44-50 of 50)",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "subscribers:cri-fan-out",
+        _SB,
+        "each of 8 subscribers and the witness got all 74 events once, in order (640 deliveries)",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "subscribers:cri-churn",
+        _SB,
+        "20 subscribers, 222 connections, 202 cancels, 1770 deliveries: no gap, duplicate or "
+        "reordering against the witness; the witness and the 5 steady ones got all 98 events",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "subscribers:cri-daemon-restart",
+        _FC,
+        "every stream ends with `UNAVAILABLE: Stream removed (Socket closed)`, reconnects "
+        "are refused (`UNAVAILABLE: failed to connect to all addresses; ... connect failed`) "
+        "until it serves again, then each of 9 subscribers got all 50 events made after it "
+        "reconnected; no panic in either instance's log",
+    ),
+    Expectation(
+        "containerd",
+        "1.7",
+        "subscribers:cri-event-order",
+        _MB,
+        "a container's STOPPED often comes after its DELETED although StopContainer returned "
+        "before RemoveContainer was called: 2-3 of 10 containers in each of 4 runs (the exit "
+        "handler sends STOPPED after it released StopContainer's wait)",
+        also=(_SB,),
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "subscribers:cri-event-order",
+        _MB,
+        "the same race, rarer: 1 of 10 containers' STOPPED after its DELETED in one of 2 runs, "
+        "none in the other; in a fan-out run one container's STOPPED reached none of 9 "
+        "subscribers",
+        also=(_SB,),
     ),
 )
 
