@@ -5,7 +5,11 @@ subscriber left while events were in flight.  Here a swarm of gRPC
 ``Subscribe`` streams to a private containerd connects, reads a few events,
 cancels at seeded moments and reconnects while containers run and markers
 are published; a witness that never churns is the reference.  The second
-scenario SIGKILLs containerd mid-swarm and restarts it.
+scenario SIGKILLs containerd mid-swarm and restarts it.  The last three do
+the same on CRI ``GetContainerEvents``, the stream kubelet's Evented PLEG
+reads (containerd 1.7 and later; 1.6 has none and they skip): churn,
+fan-out to N concurrent subscribers, and a SIGKILL mid-stream, with pods and
+containers made through CRI (:mod:`pytest_runtimefaults.transports.cri`).
 
 Recovered means: the daemon never panics or exits, every subscriber that
 stayed connected received every event once and in order, the departed ones

@@ -507,7 +507,7 @@ def split_unsent(
         return missing, []
     counts: dict[tuple[str, str], int] = {}
     for lost in missing.values():
-        for step in lost:
+        for step in set(lost):
             counts[step] = counts.get(step, 0) + 1
     unsent = [step for step, n in counts.items() if n == judged]
     gone = set(unsent)

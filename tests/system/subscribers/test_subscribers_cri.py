@@ -29,9 +29,12 @@ from pytest_runtimefaults import expectations as ex
 from pytest_runtimefaults.containerd import Containerd
 from pytest_runtimefaults.subscribers import (
     Churn,
+    Connection,
     Event,
+    SubscriberRecord,
     Subscription,
     SubscriptionError,
+    SwarmReport,
     first_events,
 )
 from pytest_runtimefaults.transports.cri import (
@@ -39,11 +42,17 @@ from pytest_runtimefaults.transports.cri import (
     CriEvents,
     CriLifecycles,
     CriRun,
+    event_key,
+    fan_out_outcome,
+    missing_events,
     run_fan_out,
     run_restart,
+    split_unsent,
 )
 
-pytestmark = [pytest.mark.needs("container-cgroups"), pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
+#: the tests that run pods and containers
+needs_containers = pytest.mark.needs("container-cgroups")
 
 FAN_OUT = 8  # concurrent subscribers (plus the witness)
 CONTAINERS = 10  # container lifecycles one subscriber watches, one after another
@@ -165,9 +174,47 @@ class SwallowsEndOfStream:
         return Deaf()
 
 
+# --- the judging, on made-up records ----------------------------------------------
+
+
+def _record(index: int, *steps: tuple[str, str]) -> SubscriberRecord:
+    conn = Connection(opened=1.0, keys=[event_key(c, k, n) for n, (c, k) in enumerate(steps)])
+    conn.times = [2.0] * len(conn.keys)
+    return SubscriberRecord(index=index, steady=True, connections=[conn])
+
+
+def _report(records: list[SubscriberRecord]) -> SwarmReport:
+    return SwarmReport("t", 0, [], records[0], records[1:], [], 1.0)
+
+
+MADE = [("a", "CREATED"), ("a", "STARTED"), ("a", "STOPPED"), ("a", "DELETED")]
+
+
+def test_an_event_nobody_got_is_told_apart_from_a_fan_out_loss() -> None:
+    records = [_record(-1, *MADE[:2], MADE[3]), _record(0, MADE[0], MADE[3])]
+    missing, unsent = split_unsent(missing_events(records, MADE), len(records))
+    assert unsent == [("a", "STOPPED")]
+    assert missing == {0: [("a", "STARTED")]}
+    outcome, evidence = fan_out_outcome(_report(records), missing, 4, unsent=unsent)
+    assert outcome is ex.Outcome.MISBEHAVES
+    assert "1 of 4 events reached no subscriber (STOPPED)" in evidence
+
+
+def test_a_daemon_that_sends_nothing_does_not_pass_for_one_that_fans_out() -> None:
+    made = [(f"c{i}", kind) for i in range(5) for _, kind in MADE]  # 20 events, none delivered
+    records = [_record(-1), _record(0)]
+    missing, unsent = split_unsent(missing_events(records, made), len(records))
+    assert missing == {}
+    outcome, _ = fan_out_outcome(_report(records), missing, len(made), unsent=unsent)
+    assert outcome is ex.Outcome.MISBEHAVES
+    everything = [_record(-1, *MADE), _record(0, *MADE)]
+    assert fan_out_outcome(_report(everything), {}, 4)[0] is ex.Outcome.SURVIVES
+
+
 # --- against the real containerd ------------------------------------------------
 
 
+@needs_containers
 def test_cri_events_of_pods_and_containers_one_subscriber(
     cri_events_containerd: Containerd, cri_lifecycles: CriLifecycles, record_property: Any
 ) -> None:
@@ -215,6 +262,7 @@ def test_cri_events_of_pods_and_containers_one_subscriber(
     assert verdict.ok, verdict.message
 
 
+@needs_containers
 def test_cri_swarm_with_churn(
     cri_events_containerd: Containerd,
     cri_lifecycles: CriLifecycles,
@@ -233,6 +281,7 @@ def test_cri_swarm_with_churn(
     assert first_events(transport, lambda: cri_lifecycles.cycle(1), timeout=20)
 
 
+@needs_containers
 def test_cri_fan_out_every_subscriber_gets_every_event(
     cri_events_containerd: Containerd,
     cri_lifecycles: CriLifecycles,
@@ -249,6 +298,7 @@ def test_cri_fan_out_every_subscriber_gets_every_event(
     _judge(record_property, "subscribers:cri-fan-out", run)
 
 
+@needs_containers
 def test_cri_sigkill_mid_stream_then_every_subscriber_reconnects(
     cri_events_containerd: Containerd,
     cri_lifecycles: CriLifecycles,
@@ -272,6 +322,7 @@ def test_cri_sigkill_mid_stream_then_every_subscriber_reconnects(
 # --- the susceptible clients are caught -----------------------------------------
 
 
+@needs_containers
 def test_a_client_sharing_one_stream_is_caught_by_the_fan_out_judgement(
     cri_events_containerd: Containerd, cri_lifecycles: CriLifecycles, subscribers: Any
 ) -> None:
@@ -288,6 +339,7 @@ def test_a_client_sharing_one_stream_is_caught_by_the_fan_out_judgement(
     assert all(len(lost) >= run.expected // 2 for lost in run.missing.values())
 
 
+@needs_containers
 def test_a_client_swallowing_the_end_of_stream_is_caught_by_the_restart_judgement(
     cri_events_containerd: Containerd, cri_lifecycles: CriLifecycles, subscribers: Any
 ) -> None:
