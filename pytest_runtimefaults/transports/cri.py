@@ -409,6 +409,11 @@ class CriLifecycles:
         self._call("RemovePodSandbox", _message("RemovePodSandboxRequest", pod_sandbox_id=pod.id))
         self._expect((pod.id, "DELETED"))
 
+    def pods(self) -> list[str]:
+        """Ids of every pod sandbox CRI lists (``ListPodSandbox``)."""
+        response = self._call("ListPodSandbox", _message("ListPodSandboxRequest"))
+        return [str(item.id) for item in response.items]
+
     def cycle(self, containers: int = 2) -> None:
         """A pod with *containers* container lifecycles in it, then the pod removed."""
         pod = self.pod()
@@ -420,8 +425,7 @@ class CriLifecycles:
         """Stop and remove every pod CRI lists (best effort, as a kubelet's garbage
         collection), kill what is left under the cgroup parent, close the channel."""
         with swallowed(Exception, "listing CRI pods at %s", self.address):
-            items = self._call("ListPodSandbox", _message("ListPodSandboxRequest")).items
-            for pod_id in [str(item.id) for item in items]:
+            for pod_id in self.pods():
                 with swallowed(Exception, "removing CRI pod %s", pod_id):
                     self.remove_pod(CriPodRef(pod_id, None))
         kill_cgroup_tree(self.cgroup_parent)

@@ -55,6 +55,7 @@ pytestmark = pytest.mark.timeout(180)
 needs_containers = pytest.mark.needs("container-cgroups")
 
 FAN_OUT = 8  # concurrent subscribers (plus the witness)
+STREAMS = 50  # streams opened and cancelled with no event in flight
 CONTAINERS = 10  # container lifecycles one subscriber watches, one after another
 
 
@@ -271,6 +272,16 @@ def test_cri_swarm_with_churn(
 ) -> None:
     """20 CRI subscribers with churn: the witness and the steady ones get every event."""
     transport = CriEvents(cri_events_containerd.address)
+    ctd = cri_events_containerd
+    assert ctd.pid is not None
+    # One pod's whole lifecycle first: CRI starts workers of its own on the
+    # first pod, and the producer's channel belongs to the baseline too.
+    cri_lifecycles.cycle(1)
+    assert cri_lifecycles.pods() == []
+    time.sleep(1)
+    # Descriptors only: goroutines of cancelled streams outlive them until the
+    # next event (subscribers:cri-cancelled-stream, judged below).
+    watch = subscribers.watch(ctd.pid, ctd.daemon.log_path)
     swarm = subscribers(transport, 20, churn=Churn(max_events=12, max_life=1.5, steady=5))
     run = run_fan_out(
         swarm, cri_lifecycles, pods=6, containers=3, steady_only=True, ambiguous=("head",)
@@ -278,7 +289,45 @@ def test_cri_swarm_with_churn(
     _show("CRI swarm with churn", run)
     assert run.report.cancels > 10  # the churn happened
     _judge(record_property, "subscribers:cri-churn", run)
+    # Every stream gone, every pod removed: containerd's fds are back to the
+    # baseline, and no panic was logged.
+    watch.check(settle=10)
     assert first_events(transport, lambda: cri_lifecycles.cycle(1), timeout=20)
+
+
+@needs_containers
+def test_cri_streams_cancelled_while_no_event_comes(
+    cri_events_containerd: Containerd, cri_lifecycles: CriLifecycles, record_property: Any
+) -> None:
+    """Do a cancelled stream's goroutines end at once, or only when the next event comes?"""
+    ctd = cri_events_containerd
+    cri_lifecycles.cycle(1)  # CRI's own first-pod workers belong to the baseline
+    time.sleep(1)
+    before = ctd.goroutines()
+    transport = CriEvents(ctd.address)
+    for _ in range(STREAMS):
+        sub = transport.subscribe()
+        time.sleep(0.01)  # served: the daemon has the stream
+        sub.cancel()
+    deadline = time.monotonic() + 10
+    while (held := ctd.goroutines() - before) > 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    cri_lifecycles.cycle(1)  # events: a stream that is still served notices now
+    time.sleep(2)
+    after_events = ctd.goroutines() - before
+    print(
+        f"\n{STREAMS} cancelled streams: {held:+d} goroutines 10 s later, "
+        f"{after_events:+d} after one pod's events"
+    )
+    observed = ex.Outcome.LEAKS if held > 2 else ex.Outcome.SURVIVES
+    detail = (
+        f"{STREAMS} streams opened and cancelled: {held:+d} goroutines 10 s later, "
+        f"{after_events:+d} once one pod's 12 events were sent"
+    )
+    verdict = judged(
+        record_property, "containerd", "subscribers:cri-cancelled-stream", observed, detail
+    )
+    assert verdict.ok, verdict.message
 
 
 @needs_containers
