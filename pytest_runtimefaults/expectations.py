@@ -746,7 +746,8 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         _MB,
         "a container's STOPPED often comes after its DELETED although StopContainer returned "
         "before RemoveContainer was called: 0-3 of 10 containers per run (2-3 in 2 of 3 runs, "
-        "1 in 3 later runs), a pod sandbox's STOPPED after its DELETED too; none in some runs (consistent with the exit handler sending STOPPED after it released "
+        "1 in 3 later runs), a pod sandbox's STOPPED after its DELETED too; none in some "
+        "runs (consistent with the exit handler sending STOPPED after it released "
         "StopContainer's wait; not read in the source)",
         also=(_SB,),
     ),
