@@ -726,9 +726,10 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         "subscribers:cri-cancelled-stream",
         _LK,
         "each cancelled stream keeps its goroutine (consistent with a loop over the shared "
-        "event channel that never looks at the stream's context): 50 streams cancelled, +50 goroutines 10 s "
-        "later, still +42 after one pod's 12 events; each event one of them takes is lost for "
-        "every live subscriber (the churn losses of subscribers:cri-churn); fds are freed",
+        "event channel that never looks at the stream's context): 50 streams cancelled, "
+        "+50 goroutines 10 s later, still +42 after one pod's 12 events; each event one of "
+        "them takes is lost for every live subscriber (the churn losses of "
+        "subscribers:cri-churn); fds are freed",
     ),
     Expectation(
         "containerd",
