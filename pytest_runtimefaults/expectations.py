@@ -150,6 +150,18 @@ FAULTS: dict[str, str] = {
     "runtime waits for the StartTransientUnit reply (held 1 s by the proxy)",
     "dbus:bus-restart-before-jobremoved": "`systemctl restart dbus` in the sandbox after "
     "the StartTransientUnit reply, while the runtime waits for JobRemoved (held 2 s)",
+    # CRI GetContainerEvents (transports/cri.py; tests/system/subscribers/test_subscribers_cri.py)
+    "subscribers:cri-churn": "CRI GetContainerEvents subscribers connecting and leaving "
+    "while pods and containers are made through CRI",
+    "subscribers:cri-fan-out": "N concurrent CRI GetContainerEvents subscribers: does each "
+    "get every pod and container event (cri-o 6466, containerd 7318)?",
+    "subscribers:cri-daemon-restart": "containerd SIGKILLed and restarted under N CRI "
+    "GetContainerEvents subscribers (kubernetes 129827)",
+    "subscribers:cri-cancelled-stream": "CRI GetContainerEvents streams cancelled by their "
+    "clients while no event comes: do the daemon's goroutines for them end?",
+    "subscribers:cri-event-order": "one CRI GetContainerEvents subscriber, containers made "
+    "one after another: does each container's CREATED, STARTED, STOPPED, DELETED arrive "
+    "in the order the calls returned?",
 }
 
 
@@ -919,6 +931,107 @@ EXPECTATIONS: tuple[Expectation, ...] = (
             ("crun", "1.28", "sid", _MID_CALL, _FC, _CRUN_RESET_CALL),
             ("crun", "1.28", "sid", _BEFORE_JOB, _FC, _CRUN_RESET_PROCESS),
         )
+    ),
+    # CRI GetContainerEvents (transports/cri.py), measured with
+    # tests/system/subscribers/test_subscribers_cri.py in Debian 13 and sid-hybrid;
+    # containerd 1.6 has no GetContainerEvents (UNIMPLEMENTED: the tests skip).
+    Expectation(
+        "containerd",
+        "1.7",
+        "subscribers:cri-fan-out",
+        _MB,
+        "one channel for every caller (containerd issue 7318, fixed by PR 9661 in 2.0): each "
+        "event goes to one subscriber only; 8 subscribers + witness, 74 events made, 73-77 "
+        "deliveries in all (priming included), each subscriber missing up to 66 of them",
+    ),
+    Expectation(
+        "containerd",
+        "1.7",
+        "subscribers:cri-churn",
+        _MB,
+        "as under subscribers:cri-fan-out, and worse: an event taken by a stream being "
+        "cancelled is lost for everyone; 98 events made, 36-58 deliveries in all among 21 "
+        "callers; the witness and the 5 steady subscribers each miss most of them (in one "
+        "run 77 of the 98 reached none of these 6)",
+    ),
+    Expectation(
+        "containerd",
+        "1.7",
+        "subscribers:cri-daemon-restart",
+        _MB,
+        "the kill ends every stream cleanly (`UNAVAILABLE: Stream removed (Socket closed)`, "
+        "then `UNAVAILABLE: failed to connect to all addresses; ... connect failed` while it "
+        "is down), every subscriber reconnects and no panic; but after the restart the events "
+        "are dealt out as under subscribers:cri-fan-out (each of 9 missed 33-50 of 50)",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "subscribers:cri-fan-out",
+        _SB,
+        "each of 8 subscribers and the witness got every event the daemon sent, once, in "
+        "order (624-640 deliveries of 74 events made); in 2 of 3 runs 1-2 containers' "
+        "STOPPED reached nobody at all (subscribers:cri-event-order)",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "subscribers:cri-churn",
+        _SB,
+        "20 subscribers, 222 connections, 202 cancels, 1770 deliveries: no gap, duplicate or "
+        "reordering against the witness; the witness and the 5 steady ones got all 98 events",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "subscribers:cri-daemon-restart",
+        _FC,
+        "every stream ends with `UNAVAILABLE: Stream removed (Socket closed)`, reconnects "
+        "are refused (`UNAVAILABLE: failed to connect to all addresses; ... connect failed`) "
+        "until it serves again, then each of 9 subscribers got all 50 events made after it "
+        "reconnected; no panic in either instance's log",
+    ),
+    Expectation(
+        "containerd",
+        "1.7",
+        "subscribers:cri-cancelled-stream",
+        _LK,
+        "each cancelled stream keeps its goroutine (consistent with a loop over the shared "
+        "event channel that never looks at the stream's context): 50 streams cancelled, "
+        "+50 goroutines 10 s later, still +42 after one pod's 12 events; each event one of "
+        "them takes is lost for every live subscriber (the churn losses of "
+        "subscribers:cri-churn); fds are freed",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "subscribers:cri-cancelled-stream",
+        _LK,
+        "a cancelled stream's goroutine waits for the next broadcast: 50 streams cancelled, "
+        "+50 goroutines 10 s later, +0 once one pod's 12 events were sent; fds are freed "
+        "at once. Bounded by the event rate, but a node with no container churn holds them",
+    ),
+    Expectation(
+        "containerd",
+        "1.7",
+        "subscribers:cri-event-order",
+        _MB,
+        "a container's STOPPED often comes after its DELETED although StopContainer returned "
+        "before RemoveContainer was called: 0-3 of 10 containers per run (2-3 in 2 of 3 runs, "
+        "1 in 3 later runs), a pod sandbox's STOPPED after its DELETED too; none in some "
+        "runs (consistent with the exit handler sending STOPPED after it released "
+        "StopContainer's wait; not read in the source)",
+        also=(_SB,),
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "subscribers:cri-event-order",
+        _MB,
+        "the same race, rarer: 1 of 10 containers' STOPPED after its DELETED in 1 of 3 runs; "
+        "and a container's STOPPED may never be sent: 1-2 of 18 containers in 2 of 3 fan-out "
+        "runs reached none of 9 subscribers",
+        also=(_SB,),
     ),
 )
 

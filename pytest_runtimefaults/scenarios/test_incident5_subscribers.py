@@ -5,7 +5,11 @@ subscriber left while events were in flight.  Here a swarm of gRPC
 ``Subscribe`` streams to a private containerd connects, reads a few events,
 cancels at seeded moments and reconnects while containers run and markers
 are published; a witness that never churns is the reference.  The second
-scenario SIGKILLs containerd mid-swarm and restarts it.
+scenario SIGKILLs containerd mid-swarm and restarts it.  The last three do
+the same on CRI ``GetContainerEvents``, the stream kubelet's Evented PLEG
+reads (containerd 1.7 and later; 1.6 has none and they skip): churn,
+fan-out to N concurrent subscribers, and a SIGKILL mid-stream, with pods and
+containers made through CRI (:mod:`pytest_runtimefaults.transports.cri`).
 
 Recovered means: the daemon never panics or exits, every subscriber that
 stayed connected received every event once and in order, the departed ones
@@ -243,3 +247,65 @@ def test_sigkill_mid_swarm(
         version=installed_version("containerd"),
         seconds=serves_again,
     )
+
+
+# --- CRI GetContainerEvents (the stream kubelet's Evented PLEG reads) ------------
+#
+# containerd 1.7 and later serve it (1.6 answers UNIMPLEMENTED: the fixture
+# skips).  Pods and containers are made through CRI; every subscriber is
+# judged against the witness and against the events the producer made.
+
+CRI_SUBSCRIBERS = 8
+
+
+def _record_cri(verdict: Any, fault: str, run: Any) -> None:
+    verdict.record(
+        run.outcome,
+        component="containerd",
+        fault=fault,
+        evidence=run.evidence,
+        version=installed_version("containerd"),
+        seconds=run.seconds,
+    )
+
+
+def test_cri_events_churning_swarm(
+    cri_events_containerd: Containerd, cri_lifecycles: Any, subscribers: Any, verdict: Any
+) -> None:
+    """CRI subscribers come and go while pods and containers are made: the witness
+    and the steady subscribers get every event once, in order."""
+    from pytest_runtimefaults.transports.cri import CriEvents, run_fan_out
+
+    transport = CriEvents(cri_events_containerd.address)
+    swarm = subscribers(transport, 16, churn=Churn(max_events=12, max_life=1.5, steady=4))
+    run = run_fan_out(
+        swarm, cri_lifecycles, pods=4, containers=3, steady_only=True, ambiguous=("head",)
+    )
+    _record_cri(verdict, "subscribers:cri-churn", run)
+
+
+def test_cri_events_fan_out(
+    cri_events_containerd: Containerd, cri_lifecycles: Any, subscribers: Any, verdict: Any
+) -> None:
+    """N concurrent CRI subscribers (cri-o 6466, containerd 7318): each gets every event."""
+    from pytest_runtimefaults.transports.cri import CriEvents, run_fan_out
+
+    transport = CriEvents(cri_events_containerd.address)
+    swarm = subscribers(transport, CRI_SUBSCRIBERS, churn=Churn(steady=CRI_SUBSCRIBERS))
+    run = run_fan_out(swarm, cri_lifecycles, pods=4, containers=2)
+    _record_cri(verdict, "subscribers:cri-fan-out", run)
+
+
+def test_cri_events_sigkill_mid_stream(
+    cri_events_containerd: Containerd, cri_lifecycles: Any, subscribers: Any, verdict: Any
+) -> None:
+    """containerd SIGKILLed and restarted under CRI subscribers (kubernetes 129827):
+    clean ends of stream, every subscriber back, every later event delivered."""
+    from pytest_runtimefaults.transports.cri import CriEvents, run_restart
+
+    transport = CriEvents(cri_events_containerd.address)
+    swarm = subscribers(
+        transport, CRI_SUBSCRIBERS, churn=Churn(steady=CRI_SUBSCRIBERS, max_backoff=0.5)
+    )
+    run = run_restart(swarm, cri_lifecycles, cri_events_containerd, pods=3, containers=2)
+    _record_cri(verdict, "subscribers:cri-daemon-restart", run)
