@@ -11,7 +11,7 @@ FIFOs (``/run/containerd/fifo``) and runc's state (``/run/containerd/runc``)
 under ``/run/containerd`` whatever the config says, and a SIGKILLed shim leaves
 its socket there forever.  So containerd, its shims and every ``ctr`` run in a
 mount namespace of the instance's own, kept across restarts (bound to
-``<dir>/mnt.ns``, as ``ip netns`` keeps network namespaces), where ``/run`` is a
+``<dir>/ns/mnt``, as ``ip netns`` keeps network namespaces), where ``/run`` is a
 private tmpfs and ``/run/containerd`` is ``<dir>/run``: what a killed shim
 leaves stays where a restart finds it, as on a real host, and goes with the
 directory.
@@ -24,7 +24,8 @@ Everything lives under one private directory::
     <dir>/debug.sock        the debug socket: pprof, for :meth:`Containerd.goroutines`
     <dir>/net.d             the CNI conf dir of the CRI plugin (when enabled)
     <dir>/run               /run/containerd in its mount namespace (shim sockets...)
-    <dir>/mnt.ns            that mount namespace (a bind mount of its nsfs file)
+    <dir>/ns/mnt            that mount namespace (its nsfs file bound there,
+                            on a private bind mount of <dir>/ns)
     <dir>/containerd.log    output of every instance
 
 The CRI plugin is disabled unless ``cri=True``: it is slow to start and most
@@ -48,6 +49,7 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import json
 import os
@@ -188,6 +190,27 @@ def cleanup_containerd_dir(directory: str, *, remove: bool = True) -> list[int]:
         with swallowed(OSError, "removing %s", directory):
             shutil.rmtree(directory)
     return killed
+
+
+_MS_BIND = 4096
+_MS_PRIVATE = 1 << 18
+
+
+def _mount(source: str | None, target: str, flags: int) -> None:
+    """The ``mount(2)`` call (a bind, a propagation change), or RuntimeError.
+
+    The classic call, not ``mount --bind``: util-linux 2.41 binds through the
+    new mount API (``open_tree`` + ``move_mount``), which says ELOOP where the
+    kernel refuses a namespace file, instead of mount(2)'s EINVAL.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    src = source.encode() if source is not None else None
+    if libc.mount(src, target.encode(), None, flags, None) != 0:
+        errno = ctypes.get_errno()
+        raise RuntimeError(
+            f"cannot keep containerd's mount namespace at {target}: "
+            f"mount({source}, {target}, flags {flags:#x}): {os.strerror(errno)}"
+        )
 
 
 def _namespace_cgroups(namespace: str) -> list[Path]:
@@ -346,7 +369,7 @@ class Containerd:
         self.address = os.fspath(socket_path or self.directory / "containerd.sock")
         self.config_path = self.directory / "config.toml"
         self.run_dir = self.directory / "run"
-        self.mount_ns = self.directory / "mnt.ns"
+        self.mount_ns = self.directory / "ns" / "mnt"
         self.netns = os.fspath(netns) if netns is not None else None
         # pprof over a Unix socket: how goroutine leaks are seen (goroutines()).
         self.debug_address = os.fspath(self.directory / "debug.sock")
@@ -458,8 +481,17 @@ class Containerd:
         from a forked child, which in util-linux 2.41 sometimes bound before the
         parent had unshared: the kernel refused, EINVAL, in Debian 13 runs.)
         """
-        if any(m.target == str(self.mount_ns) for m in mount_table()):
+        targets = {m.target for m in mount_table()}
+        if str(self.mount_ns) in targets:
             return
+        # The file goes on a private mount of its own (as ``ip netns`` does):
+        # on a shared one (/tmp in some containers) the bind would propagate
+        # into the namespace itself, which the kernel refuses (EINVAL).
+        nsdir = self.mount_ns.parent
+        nsdir.mkdir(mode=0o700, exist_ok=True)
+        if str(nsdir) not in targets:
+            _mount(str(nsdir), str(nsdir), _MS_BIND)
+            _mount(None, str(nsdir), _MS_PRIVATE)
         self.mount_ns.touch(mode=0o600)
         # slave: the host's mounts come in, none of containerd's go out.  The
         # holder waits on its stdin: if this process dies, so does the holder.
@@ -491,18 +523,7 @@ class Containerd:
             theirs = f"/proc/{holder.pid}/ns/mnt"
             if os.stat(theirs).st_ino == os.stat("/proc/self/ns/mnt").st_ino:
                 raise RuntimeError(f"unshare --mount left PID {holder.pid} in our namespace")
-            bound = subprocess.run(
-                ["mount", "--bind", theirs, str(self.mount_ns)],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            if bound.returncode != 0:
-                raise RuntimeError(
-                    f"cannot keep containerd's mount namespace at {self.mount_ns}: "
-                    f"{bound.stderr.strip() or f'exit {bound.returncode}'}"
-                )
+            _mount(theirs, str(self.mount_ns), _MS_BIND)
         finally:
             if holder.poll() is None:
                 with swallowed(OSError, "letting the mount namespace holder go"):

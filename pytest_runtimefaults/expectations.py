@@ -568,6 +568,21 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         "removes the stale socket, cleans the task up, the ID runs again; "
         "tests/system/sockets/test_containerd_shims.py, 2026-12-01",
     ),
+    *(
+        Expectation(
+            "containerd",
+            version,
+            "daemon:stale-shim-socket",
+            _SB,
+            f"as 1.6.20: serves again in {took}, removes the stale socket, cleans the task "
+            f"up, the ID runs again; tests/system/sockets/test_containerd_shims.py in {where}, "
+            "2026-12-01",
+        )
+        for version, took, where in (
+            ("1.7", "0.03-0.15 s", "Debian 13 (scripts/distro)"),
+            ("2.1", "0.04-0.15 s", "sid-hybrid (scripts/distro)"),
+        )
+    ),
     Expectation(
         "containerd",
         "2.1",

@@ -14,6 +14,7 @@ not on the host.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -45,23 +46,31 @@ def host_entries() -> set[str]:
 
 
 def shim_socket(containerd: Containerd, cid: str) -> Path:
-    """The socket path containerd gave the shim of task *cid* (its ``address`` file)."""
+    """The socket path containerd gave the shim of task *cid*: its bundle's
+    ``address`` file (1.6, 1.7) or ``bootstrap.json`` (2.x)."""
     bundle = containerd.state / "io.containerd.runtime.v2.task" / containerd.namespace / cid
-    address = (bundle / "address").read_text().strip()
+    if (bundle / "bootstrap.json").exists():
+        address = json.loads((bundle / "bootstrap.json").read_text())["address"]
+    else:
+        address = (bundle / "address").read_text().strip()
     assert address.startswith("unix://"), address
     return Path(address.removeprefix("unix://"))
 
 
-def refuses(path: Path) -> bool:
-    """A socket file nobody listens on: a connect is refused."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(str(path))
-        except ConnectionRefusedError:
-            return True
-        except OSError:
+def refuses(path: Path, within: float = 5.0) -> bool:
+    """A socket file nobody listens on (any more): a connect is refused."""
+    deadline = time.monotonic() + within
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(str(path))
+            except ConnectionRefusedError:
+                return True
+            except OSError:
+                return False
+        if time.monotonic() > deadline:
             return False
-    return False
+        time.sleep(0.05)
 
 
 def wait_gone(pid: int, within: float = 5.0) -> None:
