@@ -300,13 +300,27 @@ def wait_cri_network(
     """Poll :func:`cri_network_status` until *predicate* holds; return the last status.
 
     containerd reloads the CNI config on inotify events, asynchronously, so
-    a test waits for the reload instead of sleeping a guessed time.
+    a test waits for the reload instead of sleeping a guessed time.  Just
+    after containerd (re)starts, its CRI service may still say ``server is
+    not initialized yet`` (UNKNOWN) or be UNAVAILABLE: that counts as not yet,
+    and is raised only if it lasts past *timeout*.
     """
+    import grpc
+
     deadline = time.monotonic() + timeout
     while True:
-        status = cri_network_status(address)
-        if predicate(status) or time.monotonic() > deadline:
-            return status
+        try:
+            status = cri_network_status(address)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            starting = code == grpc.StatusCode.UNAVAILABLE or (
+                code == grpc.StatusCode.UNKNOWN and "not initialized" in str(exc.details())
+            )
+            if not starting or time.monotonic() > deadline:
+                raise
+        else:
+            if predicate(status) or time.monotonic() > deadline:
+                return status
         time.sleep(0.02)
 
 
