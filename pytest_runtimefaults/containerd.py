@@ -65,7 +65,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_runtimefaults.core.log import swallowed
+from pytest_runtimefaults.core.log import logger, swallowed
 from pytest_runtimefaults.daemon import Daemon
 from pytest_runtimefaults.host import cgroups
 from pytest_runtimefaults.host import proc as host_proc
@@ -377,14 +377,13 @@ class Containerd:
             raise ValueError(
                 f"socket path {self.address!r} is longer than 107 bytes: use a shorter directory"
             )
-        command = [binary, "--config", str(self.config_path)]
-        # nsenter opens every namespace file before it enters any: the network
-        # namespace's path is the host's, the mount namespace hides /run.
-        enter = ["nsenter", f"--mount={self.mount_ns}"]
-        enter += [f"--net={self.netns}"] if self.netns is not None else []
+        self._command = [binary, "--config", str(self.config_path)]
+        #: False where the kernel refused to keep the mount namespace (see
+        #: :meth:`prepare`): containerd then uses the host's /run/containerd.
+        self.private_run = True
         self.daemon = Daemon(
-            [*enter, *command],
-            exec_argv=command,
+            self._enter_argv() + self._command,
+            exec_argv=self._command,
             env=env,
             socket_path=self.address,
             # Both: a socket that accepts may be someone else's (a stale_socket
@@ -469,7 +468,31 @@ class Containerd:
         for d in (self.directory, self.root, self.state, self.cni_conf_dir, self.run_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o711)
         self.config_path.write_text(self.config_text())
-        self._ensure_mount_namespace()
+        if self.private_run:
+            try:
+                self._ensure_mount_namespace()
+            except RuntimeError as exc:
+                # Seen in sid's containers (kernel 6.18): the second and later
+                # binds of a namespace file fail with EINVAL, cause not found.
+                # Run as before this harness had the namespace, and say so.
+                logger.warning("%s: containerd runs in this mount namespace", exc)
+                self.private_run = False
+                self.daemon.argv = self._enter_argv() + self._command
+
+    def _enter_argv(self) -> list[str]:
+        """The ``nsenter`` before containerd: its mount namespace, the CNI
+        sandbox's network namespace (every file is opened before any is
+        entered: the network namespace's path is the host's, and the mount
+        namespace hides /run)."""
+        enter = [f"--mount={self.mount_ns}"] if self.private_run else []
+        enter += [f"--net={self.netns}"] if self.netns is not None else []
+        return ["nsenter", *enter] if enter else []
+
+    @property
+    def shim_socket_dir(self) -> Path:
+        """Where this containerd's shims have their sockets (``/run/containerd/s``
+        as containerd sees it)."""
+        return self.run_dir / "s" if self.private_run else Path("/run/containerd/s")
 
     def _ensure_mount_namespace(self) -> None:
         """Make :attr:`mount_ns` (once; it outlives containerd's restarts).
@@ -627,7 +650,8 @@ class Containerd:
     def ctr_argv(self, *args: str) -> list[str]:
         """``ctr -a <socket> -n <namespace> args...`` as an argv list, run in
         containerd's mount namespace (its FIFOs go to :attr:`run_dir`)."""
-        enter = ["nsenter", f"--mount={self.mount_ns}"] if self.mount_ns.exists() else []
+        mounted = self.private_run and self.mount_ns.exists()
+        enter = ["nsenter", f"--mount={self.mount_ns}"] if mounted else []
         return [*enter, self.ctr_binary, "-a", self.address, "-n", self.namespace, *args]
 
     def ctr(
