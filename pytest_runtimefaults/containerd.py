@@ -249,6 +249,18 @@ def remove_namespace_cgroups(namespace: str) -> None:
         cgroups.remove_tree(top, timeout=0.5)
 
 
+def remove_host_runc_state(namespace: str) -> None:
+    """Remove ``/run/containerd/runc/<namespace>``, which a shim of a containerd
+    outside its own mount namespace leaves (see ``Containerd.private_run``).
+    Only for a namespace name this project makes (``rfns...``): ours alone."""
+    if not namespace.startswith("rfns") or "/" in namespace:
+        return
+    state = Path("/run/containerd/runc") / namespace
+    if state.is_dir() and not state.is_symlink():
+        with swallowed(OSError, "removing runc state %s", state):
+            shutil.rmtree(state)
+
+
 def _is_our_containerd_dir(directory: str) -> bool:
     # The config we generate names the directory's own root: a directory
     # holding it is one a Containerd of ours made (the user's own included).
@@ -285,6 +297,7 @@ def _reap_containerd(record: dict[str, Any]) -> None:
         if not isinstance(namespace, str) or not namespace.startswith("rfns"):
             raise RefusedToReap(f"namespace {namespace!r} is not one this project makes")
         remove_namespace_cgroups(namespace)
+        remove_host_runc_state(namespace)
 
 
 def busybox_oci_tar(busybox: str = "/bin/busybox", tag: str = "latest") -> bytes:
@@ -477,7 +490,7 @@ class Containerd:
                 # Run as before this harness had the namespace, and say so.
                 logger.warning("%s: containerd runs in this mount namespace", exc)
                 self.private_run = False
-                self.daemon.argv = self._enter_argv() + self._command
+        self.daemon.argv = self._enter_argv() + self._command
 
     def _enter_argv(self) -> list[str]:
         """The ``nsenter`` before containerd: its mount namespace, the CNI
@@ -587,6 +600,8 @@ class Containerd:
             cleanup_containerd_dir(str(self.directory), remove=self._own_dir)
             if self._own_namespace:
                 remove_namespace_cgroups(self.namespace)
+                if not self.private_run:
+                    remove_host_runc_state(self.namespace)
             if self._journal_id is not None:
                 self.journal.release(self._journal_id)
                 self._journal_id = None

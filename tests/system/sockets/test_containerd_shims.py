@@ -240,3 +240,12 @@ def test_containerd_restarts_over_a_killed_shims_socket(
     assert verdict.ok, verdict.message
     containerd.remove_orphans()
     assert containerd.fatal_errors() == []
+
+
+@pytest.mark.parametrize("name", ["k8s.io", "../rfns1", "rfns1/../..", ""])
+def test_host_runc_state_cleanup_touches_only_our_namespaces(name: str, tmp_path: Path) -> None:
+    from pytest_runtimefaults import containerd as ctd_module
+
+    before = host_entries()
+    ctd_module.remove_host_runc_state(name)  # refused: not a name this project makes
+    assert host_entries() == before
