@@ -1004,7 +1004,10 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         "every stream ends with `UNAVAILABLE: Stream removed (Socket closed)`, reconnects "
         "are refused (`UNAVAILABLE: failed to connect to all addresses; ... connect failed`) "
         "until it serves again, then each of 9 subscribers got all 50 events made after it "
-        "reconnected; no panic in either instance's log",
+        "reconnected; no panic in either instance's log; but in 1 of 3 sid-hybrid runs of "
+        "2026-12-01, 3 of the 9 reconnected subscribers got none of the 50 events "
+        "(misbehaves, intermittent)",
+        also=(_MB,),
     ),
     Expectation(
         "containerd",
