@@ -47,6 +47,7 @@ __all__ = [
     "RULES_KEY",
     "SEED_KEY",
     "STRICT_KEY",
+    "VERDICT_CALL_KEY",
 ]
 
 # --- config.stash: the run ---------------------------------------------------------
@@ -80,3 +81,5 @@ BAD_MARKER_KEY: pytest.StashKey[str] = pytest.StashKey()
 PROXIES_KEY: pytest.StashKey[list[DBusFaultProxy]] = pytest.StashKey()
 #: The rules of the test's ``dbus_faults`` marker, parsed at collection.
 RULES_KEY: pytest.StashKey[list[Rule]] = pytest.StashKey()
+#: Whether the test's call phase passed (the ``verdict`` fixture's teardown asks).
+VERDICT_CALL_KEY: pytest.StashKey[bool] = pytest.StashKey()

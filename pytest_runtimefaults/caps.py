@@ -32,12 +32,14 @@ __all__ = [
     "Capability",
     "cgroup_layout",
     "cgroup_readonly",
+    "container_controllers",
     "header_line",
     "install_commands",
     "probe_all",
     "require",
     "require_cgroup_controllers",
     "require_command",
+    "require_container_controllers",
     "require_root",
     "resolve_layout",
     "sandbox_controllers",
@@ -367,6 +369,65 @@ def sandbox_controllers(layout: str = "auto") -> frozenset[str]:
                 return frozenset()
             return frozenset(text.split())
     return frozenset()
+
+
+#: What containerd 2 (``cpu.weight`` for every container) and podman
+#: (``pids.max``, its default pids limit) write whatever the container asks.
+CONTAINER_CONTROLLERS = frozenset({"cpu", "pids"})
+
+CONTAINER_CONTROLLERS_REMEDY = (
+    "cgroup v2 with the controllers available at the root of the hierarchy that "
+    "containerd and podman make containers in (/sys/fs/cgroup/cgroup.controllers: "
+    "a CI runner's default; inside a container they must be delegated to it), or a "
+    "cgroup v1 or hybrid host"
+)
+
+
+def container_controllers() -> frozenset[str]:
+    """The controllers a container made directly on this host (not in a sandbox) can use.
+
+    containerd and podman, with the cgroupfs driver, make their cgroups below
+    the root of each hierarchy: on a cgroup v1 or hybrid host, every v1
+    controller mounted; on a pure cgroup v2 host, what the cgroup2 root lists
+    in ``cgroup.controllers`` (none in a container that was delegated none:
+    this project's Debian sid run, where runc then fails with ``openat2
+    .../cpu.weight: no such file or directory``).
+
+    Example::
+
+        if {"cpu", "pids"} <= container_controllers(): ...
+    """
+    from pytest_runtimefaults.leaks import mount_table
+
+    if cgroup_layout() == "v2":
+        try:
+            return frozenset(Path("/sys/fs/cgroup/cgroup.controllers").read_text().split())
+        except OSError:
+            return frozenset()
+    known = _known_controllers()
+    return frozenset(
+        c for m in mount_table() if m.fstype == "cgroup" for c in m.super_options if c in known
+    )
+
+
+def require_container_controllers(
+    request: pytest.FixtureRequest, needed: Iterable[str] = CONTAINER_CONTROLLERS
+) -> None:
+    """Skip (or fail under ``--runtimefaults-strict``) unless containers here get *needed*.
+
+    For tests that run a container through containerd or podman directly on
+    the host (see :func:`container_controllers`).
+    """
+    have = container_controllers()
+    missing = sorted(set(needed) - have)
+    require(
+        request,
+        not missing,
+        f"containers made on this host get no {', '.join(missing)} cgroup controller "
+        f"(available: {' '.join(sorted(have)) or 'none'}; this host is cgroup "
+        f"{cgroup_layout()}), and containerd 2 and podman write their limits",
+        CONTAINER_CONTROLLERS_REMEDY,
+    )
 
 
 def sandbox_controllers_capability() -> Capability:

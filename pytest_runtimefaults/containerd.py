@@ -6,6 +6,16 @@ mid-operation, restart it over its stale socket and measure how long it takes
 to serve again, without touching the host's containerd (``/run/containerd``,
 ``/var/lib/containerd``) or its CNI configuration (``/etc/cni/net.d``).
 
+containerd and its shims put shim sockets (``/run/containerd/s``), ``ctr``'s
+FIFOs (``/run/containerd/fifo``) and runc's state (``/run/containerd/runc``)
+under ``/run/containerd`` whatever the config says, and a SIGKILLed shim leaves
+its socket there forever.  So containerd, its shims and every ``ctr`` run in a
+mount namespace of the instance's own, kept across restarts (bound to
+``<dir>/ns/mnt``, as ``ip netns`` keeps network namespaces), where ``/run`` is a
+private tmpfs and ``/run/containerd`` is ``<dir>/run``: what a killed shim
+leaves stays where a restart finds it, as on a real host, and goes with the
+directory.
+
 Everything lives under one private directory::
 
     <dir>/config.toml       generated (plus your extra TOML text)
@@ -13,6 +23,9 @@ Everything lives under one private directory::
     <dir>/containerd.sock   the gRPC socket (:attr:`Containerd.address`)
     <dir>/debug.sock        the debug socket: pprof, for :meth:`Containerd.goroutines`
     <dir>/net.d             the CNI conf dir of the CRI plugin (when enabled)
+    <dir>/run               /run/containerd in its mount namespace (shim sockets...)
+    <dir>/ns/mnt            that mount namespace (its nsfs file bound there,
+                            on a private bind mount of <dir>/ns)
     <dir>/containerd.log    output of every instance
 
 The CRI plugin is disabled unless ``cri=True``: it is slow to start and most
@@ -36,10 +49,12 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -50,7 +65,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_runtimefaults.core.log import swallowed
+from pytest_runtimefaults.core.log import logger, swallowed
 from pytest_runtimefaults.daemon import Daemon
 from pytest_runtimefaults.host import cgroups
 from pytest_runtimefaults.host import proc as host_proc
@@ -177,6 +192,27 @@ def cleanup_containerd_dir(directory: str, *, remove: bool = True) -> list[int]:
     return killed
 
 
+_MS_BIND = 4096
+_MS_PRIVATE = 1 << 18
+
+
+def _mount(source: str | None, target: str, flags: int) -> None:
+    """The ``mount(2)`` call (a bind, a propagation change), or RuntimeError.
+
+    The classic call, not ``mount --bind``: util-linux 2.41 binds through the
+    new mount API (``open_tree`` + ``move_mount``), which says ELOOP where the
+    kernel refuses a namespace file, instead of mount(2)'s EINVAL.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    src = source.encode() if source is not None else None
+    if libc.mount(src, target.encode(), None, flags, None) != 0:
+        errno = ctypes.get_errno()
+        raise RuntimeError(
+            f"cannot keep containerd's mount namespace at {target}: "
+            f"mount({source}, {target}, flags {flags:#x}): {os.strerror(errno)}"
+        )
+
+
 def _namespace_cgroups(namespace: str) -> list[Path]:
     if not namespace or "/" in namespace or namespace in (".", ".."):
         return []
@@ -211,6 +247,18 @@ def remove_namespace_cgroups(namespace: str) -> None:
     for top in _namespace_cgroups(namespace):
         # A killed task leaves its cgroup a moment later: remove_tree retries.
         cgroups.remove_tree(top, timeout=0.5)
+
+
+def remove_host_runc_state(namespace: str) -> None:
+    """Remove ``/run/containerd/runc/<namespace>``, which a shim of a containerd
+    outside its own mount namespace leaves (see ``Containerd.private_run``).
+    Only for a namespace name this project makes (``rfns...``): ours alone."""
+    if not namespace.startswith("rfns") or "/" in namespace:
+        return
+    state = Path("/run/containerd/runc") / namespace
+    if state.is_dir() and not state.is_symlink():
+        with swallowed(OSError, "removing runc state %s", state):
+            shutil.rmtree(state)
 
 
 def _is_our_containerd_dir(directory: str) -> bool:
@@ -249,6 +297,7 @@ def _reap_containerd(record: dict[str, Any]) -> None:
         if not isinstance(namespace, str) or not namespace.startswith("rfns"):
             raise RefusedToReap(f"namespace {namespace!r} is not one this project makes")
         remove_namespace_cgroups(namespace)
+        remove_host_runc_state(namespace)
 
 
 def busybox_oci_tar(busybox: str = "/bin/busybox", tag: str = "latest") -> bytes:
@@ -280,6 +329,10 @@ class Containerd:
     name, so runc's cgroups ``/<namespace>/<id>`` are ours to remove; with a
     name given, its cgroups are left alone).
     :meth:`import_busybox` and :meth:`run` give a test containers to run.
+    *netns*: a network namespace (a path) to run containerd in (the CNI
+    fixtures' sandbox).  containerd, its shims and :meth:`ctr` run in the
+    instance's own mount namespace (:attr:`mount_ns`), where
+    ``/run/containerd`` is :attr:`run_dir` (see the module doc).
     *ready_timeout*, *journal*, *registry*: as for
     :class:`~pytest_runtimefaults.daemon.Daemon` (:attr:`daemon`).
     """
@@ -299,6 +352,7 @@ class Containerd:
         binary: str = "containerd",
         ctr_binary: str = "ctr",
         namespace: str | None = None,
+        netns: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 20.0,
         journal: Journal | None = None,
@@ -327,14 +381,22 @@ class Containerd:
         self.state = self.directory / "state"
         self.address = os.fspath(socket_path or self.directory / "containerd.sock")
         self.config_path = self.directory / "config.toml"
+        self.run_dir = self.directory / "run"
+        self.mount_ns = self.directory / "ns" / "mnt"
+        self.netns = os.fspath(netns) if netns is not None else None
         # pprof over a Unix socket: how goroutine leaks are seen (goroutines()).
         self.debug_address = os.fspath(self.directory / "debug.sock")
         if len(self.address.encode()) > 107:
             raise ValueError(
                 f"socket path {self.address!r} is longer than 107 bytes: use a shorter directory"
             )
+        self._command = [binary, "--config", str(self.config_path)]
+        #: False where the kernel refused to keep the mount namespace (see
+        #: :meth:`prepare`): containerd then uses the host's /run/containerd.
+        self.private_run = True
         self.daemon = Daemon(
-            [binary, "--config", str(self.config_path)],
+            self._enter_argv() + self._command,
+            exec_argv=self._command,
             env=env,
             socket_path=self.address,
             # Both: a socket that accepts may be someone else's (a stale_socket
@@ -416,9 +478,95 @@ class Containerd:
                 namespace=self.namespace if self._own_namespace else "",
                 remove=self._own_dir,
             )
-        for d in (self.directory, self.root, self.state, self.cni_conf_dir):
+        for d in (self.directory, self.root, self.state, self.cni_conf_dir, self.run_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o711)
         self.config_path.write_text(self.config_text())
+        if self.private_run:
+            try:
+                self._ensure_mount_namespace()
+            except RuntimeError as exc:
+                # Seen in sid's containers (kernel 6.18): the second and later
+                # binds of a namespace file fail with EINVAL, cause not found.
+                # Run as before this harness had the namespace, and say so.
+                logger.warning("%s: containerd runs in this mount namespace", exc)
+                self.private_run = False
+        self.daemon.argv = self._enter_argv() + self._command
+
+    def _enter_argv(self) -> list[str]:
+        """The ``nsenter`` before containerd: its mount namespace, the CNI
+        sandbox's network namespace (every file is opened before any is
+        entered: the network namespace's path is the host's, and the mount
+        namespace hides /run)."""
+        enter = [f"--mount={self.mount_ns}"] if self.private_run else []
+        enter += [f"--net={self.netns}"] if self.netns is not None else []
+        return ["nsenter", *enter] if enter else []
+
+    @property
+    def shim_socket_dir(self) -> Path:
+        """Where this containerd's shims have their sockets (``/run/containerd/s``
+        as containerd sees it)."""
+        return self.run_dir / "s" if self.private_run else Path("/run/containerd/s")
+
+    def _ensure_mount_namespace(self) -> None:
+        """Make :attr:`mount_ns` (once; it outlives containerd's restarts).
+
+        A holder process unshares the namespace and sets its mounts up; this
+        process binds the holder's ``/proc/PID/ns/mnt`` onto :attr:`mount_ns`
+        once the holder says so, checks that it is another namespace than its
+        own, then lets the holder go.  (``unshare --mount=FILE`` does the same
+        from a forked child, which in util-linux 2.41 sometimes bound before the
+        parent had unshared: the kernel refused, EINVAL, in Debian 13 runs.)
+        """
+        targets = {m.target for m in mount_table()}
+        if str(self.mount_ns) in targets:
+            return
+        # The file goes on a private mount of its own (as ``ip netns`` does):
+        # on a shared one (/tmp in some containers) the bind would propagate
+        # into the namespace itself, which the kernel refuses (EINVAL).
+        nsdir = self.mount_ns.parent
+        nsdir.mkdir(mode=0o700, exist_ok=True)
+        if str(nsdir) not in targets:
+            _mount(str(nsdir), str(nsdir), _MS_BIND)
+            _mount(None, str(nsdir), _MS_PRIVATE)
+        self.mount_ns.touch(mode=0o600)
+        # slave: the host's mounts come in, none of containerd's go out.  The
+        # holder waits on its stdin: if this process dies, so does the holder.
+        script = (
+            "mount -t tmpfs -o mode=0755 rfrun /run"
+            " && mkdir -p /run/containerd /run/netns"
+            ' && mount --bind "$0" /run/containerd'
+            " && echo ready && read _"
+        )
+        holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script, str(self.run_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None
+            ready, _, _ = select.select([holder.stdout], [], [], 30)
+            said = holder.stdout.readline() if ready else ""
+            if said.strip() != "ready":
+                holder.kill()
+                _, err = holder.communicate(timeout=10)
+                raise RuntimeError(
+                    f"cannot make containerd's mount namespace for {self.directory}: "
+                    f"{err.strip() or 'unshare gave no answer in 30 s'} (needs root and "
+                    "util-linux's unshare)"
+                )
+            theirs = f"/proc/{holder.pid}/ns/mnt"
+            if os.stat(theirs).st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+                raise RuntimeError(f"unshare --mount left PID {holder.pid} in our namespace")
+            _mount(theirs, str(self.mount_ns), _MS_BIND)
+        finally:
+            if holder.poll() is None:
+                with swallowed(OSError, "letting the mount namespace holder go"):
+                    holder.communicate(input="\n", timeout=10)
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
 
     def start(self) -> float:
         """Write the config and start containerd; returns seconds until it serves."""
@@ -452,6 +600,8 @@ class Containerd:
             cleanup_containerd_dir(str(self.directory), remove=self._own_dir)
             if self._own_namespace:
                 remove_namespace_cgroups(self.namespace)
+                if not self.private_run:
+                    remove_host_runc_state(self.namespace)
             if self._journal_id is not None:
                 self.journal.release(self._journal_id)
                 self._journal_id = None
@@ -513,8 +663,11 @@ class Containerd:
     # -- clients ---------------------------------------------------------------------
 
     def ctr_argv(self, *args: str) -> list[str]:
-        """``ctr -a <socket> -n <namespace> args...`` as an argv list."""
-        return [self.ctr_binary, "-a", self.address, "-n", self.namespace, *args]
+        """``ctr -a <socket> -n <namespace> args...`` as an argv list, run in
+        containerd's mount namespace (its FIFOs go to :attr:`run_dir`)."""
+        mounted = self.private_run and self.mount_ns.exists()
+        enter = ["nsenter", f"--mount={self.mount_ns}"] if mounted else []
+        return [*enter, self.ctr_binary, "-a", self.address, "-n", self.namespace, *args]
 
     def ctr(
         self,

@@ -219,7 +219,9 @@ class Daemon:
     :meth:`stop` asks the daemon to exit before it uses SIGKILL.
 
     With a *journal*, every instance is recorded as it starts (kind
-    ``daemon``), so a killed test run's daemons are reaped by the next one.
+    ``daemon``), so a killed test run's daemons are reaped by the next one;
+    when *argv* is a wrapper that execs the daemon (``nsenter ... containerd``),
+    *exec_argv* is the command line it execs, by which the reaper knows it.
     With a *registry*, each :meth:`kill` is registered as a fault whose lift
     restarts the daemon if it is down, and the daemon offers a health probe
     ``daemon <name>``.
@@ -244,10 +246,14 @@ class Daemon:
         journal: Journal | None = None,
         registry: FaultRegistry | None = None,
         die_with_parent: bool = True,
+        exec_argv: Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         if not argv:
             raise ValueError("Daemon needs a command (argv is empty)")
         self.argv = [os.fspath(a) for a in argv]
+        # What argv execs into when it is a wrapper (``nsenter ... containerd``):
+        # the journal's reaper recognises the daemon by either command line.
+        self.exec_argv = [os.fspath(a) for a in exec_argv] if exec_argv is not None else None
         self.name = name or Path(self.argv[0]).name
         self.env = dict(env) if env is not None else None
         self.cwd = os.fspath(cwd) if cwd is not None else None
@@ -397,9 +403,10 @@ class Daemon:
             self.runs.append(run)
             # The command line it runs once setpriv has exec'd it: the reaper
             # kills the PID only while it still runs this.
+            then = {} if self.exec_argv is None else {"exec_cmdline": self.exec_argv}
             self._journal_ids[popen.pid] = self.journal.add(
                 "daemon", name=self.name, pid=popen.pid, starttime=run.starttime,
-                cmdline=self.argv,
+                cmdline=self.argv, **then,
             )  # fmt: skip
 
     def start(self, *, wait: bool = True, timeout: float | None = None) -> float | None:

@@ -266,6 +266,9 @@ def recorded_process_alive(record: dict[str, Any]) -> bool:
     current = proc.cmdline(pid)
     if current is None:
         return False  # exited meanwhile
+    then = record.get("exec_cmdline")
+    if isinstance(then, list) and all(isinstance(a, str) for a in then) and then == current:
+        return True  # it exec'd what it was recorded to exec
     if not _same_command(recorded, current):
         raise RefusedToReap(f"PID {pid} now runs {current!r}, not the recorded {recorded!r}")
     return True
@@ -472,11 +475,19 @@ class Journal:
             self._append(record)
             return rid
 
-    def add_process(self, pid: int, cmdline: list[str] | None = None) -> int:
-        """Record process *pid* (its start time and command line name it)."""
+    def add_process(
+        self, pid: int, cmdline: list[str] | None = None, *, then: list[str] | None = None
+    ) -> int:
+        """Record process *pid* (its start time and command line name it).
+
+        *then* is the command line it will ``exec`` (a shell that joins a
+        cgroup, then execs ``unshare``): the reaper recognises either.
+        """
         fields: dict[str, Any] = {"pid": pid, "starttime": process_starttime(pid)}
         if cmdline is not None:
             fields["cmdline"] = list(cmdline)
+        if then is not None:
+            fields["exec_cmdline"] = list(then)
         return self.add("process", **fields)
 
     def release(self, rid: int) -> None:

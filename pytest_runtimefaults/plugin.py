@@ -34,6 +34,7 @@ pytest_plugins = [
     "pytest_runtimefaults.fixtures.sockets",
     "pytest_runtimefaults.fixtures.cni",
     "pytest_runtimefaults.fixtures.subscribers",
+    "pytest_runtimefaults.fixtures.verdicts",
 ]
 
 __all__ = [

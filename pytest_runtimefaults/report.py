@@ -101,6 +101,17 @@ class _TestEntry:
     outcome: str = "passed"
     duration: float = 0.0
     figures: TestFigures | None = None
+    #: the test's finding (``verdict.record``), as its JSON property carried it
+    verdict: dict[str, Any] | None = None
+
+
+def _verdict(props: Any) -> dict[str, Any] | None:
+    # The property name is verdicts.PROPERTY; not imported, to keep this module light.
+    for name, value in props:
+        if name == "runtimefaults_verdict" and isinstance(value, str):
+            data = json.loads(value)
+            return data if isinstance(data, dict) else None
+    return None
 
 
 class ReportCollector:
@@ -127,6 +138,10 @@ class ReportCollector:
             entry.outcome = "xfailed" if report.skipped else "xpassed"
         if entry.figures is None and report.when == "call":
             entry.figures = TestFigures.from_properties(list(report.user_properties))
+        if entry.verdict is None:
+            # Any phase: the teardown report carries the properties too, and a
+            # verdict recorded before a failing teardown must not be lost.
+            entry.verdict = _verdict(report.user_properties)
 
     # --- aggregates ---------------------------------------------------------
 
@@ -147,6 +162,7 @@ class ReportCollector:
             if t.figures.budget is not None:
                 budgets.append({"nodeid": t.nodeid, **t.figures.budget})
             leaks += sum(len(v) for v in t.figures.leaks.values())
+        verdicts = Counter(t.verdict["outcome"] for t in self.tests.values() if t.verdict)
         ok_times = [s for s, _, ok in recoveries if ok]
         worst = max(recoveries, default=None)
         return {
@@ -160,6 +176,7 @@ class ReportCollector:
             "recovery_worst_test": worst[1] if worst else None,
             "leaks": leaks,
             "budgets": budgets,
+            "verdicts": dict(sorted(verdicts.items())),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -174,6 +191,7 @@ class ReportCollector:
                     "outcome": t.outcome,
                     "duration": round(t.duration, 6),
                     **(t.figures.as_dict() if t.figures else TestFigures().as_dict()),
+                    "verdict": t.verdict,
                 }
                 for t in self.tests.values()
             ],
@@ -190,9 +208,14 @@ class ReportCollector:
 
     def terminal_lines(self) -> list[str]:
         s = self.summary()
-        if not (s["faults_injected"] or s["recoveries"] or s["budgets"] or s["leaks"]):
+        if not (
+            s["faults_injected"] or s["recoveries"] or s["budgets"] or s["leaks"] or s["verdicts"]
+        ):
             return []
         lines = []
+        if s["verdicts"]:
+            counts = ", ".join(f"{n} {o}" for o, n in s["verdicts"].items())
+            lines.append(f"verdicts: {sum(s['verdicts'].values())} ({counts})")
         by_name = ", ".join(f"{n} x{c}" for n, c in s["faults_by_name"].items())
         if s["faults_injected"]:
             lines.append(f"faults injected: {s['faults_injected']} ({by_name})")

@@ -9,7 +9,9 @@ every session checks, cheaply, from ``/proc`` and ``/sys`` only:
 * at start and end (:func:`host_invariants`, session scope, autouse): the
   ``/sys/fs/cgroup`` mounts and their ro/rw state, the directories at the root
   of each cgroup hierarchy, the named network namespaces, the host's network
-  links, and this process's child processes.
+  links, podman's and containerd's host state (``/run/containerd/runc/<ns>`` of
+  our containerd namespaces: runc's state, which a containerd outside its own
+  mount namespace leaves there), and this process's child processes.
 
 Several pytest runs (xdist workers, other developers' runs) may share the host,
 so a namespace or link that *appeared* fails the session only when its name
@@ -66,8 +68,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _top_cgroups() -> set[str]:
-    """``hierarchy/name`` of the directories at the root of each cgroup hierarchy."""
+    """``hierarchy/name`` of the directories at the root of each cgroup hierarchy.
+
+    On a pure cgroup v2 host /sys/fs/cgroup is the one hierarchy: its own
+    children, by name alone.
+    """
     found: set[str] = set()
+    if os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
+        try:
+            return {d.name for d in os.scandir(CGROUP_ROOT) if d.is_dir(follow_symlinks=False)}
+        except OSError:
+            return found
     try:
         hierarchies = os.listdir(CGROUP_ROOT)
     except OSError:
@@ -92,6 +103,7 @@ class HostState:
     links: frozenset[str]
     top_cgroups: frozenset[str]
     podman_state: frozenset[str]
+    containerd_run: frozenset[str]
 
     @classmethod
     def take(cls) -> HostState:
@@ -101,7 +113,24 @@ class HostState:
             frozenset(leaks.links()),
             frozenset(_top_cgroups()),
             frozenset(p for p in PODMAN_HOST_STATE if os.path.lexists(p)),
+            frozenset(_containerd_run()),
         )
+
+
+#: Where containerd and its shims put state whatever their config says (shim
+#: sockets, ctr's FIFOs, runc's state): a private containerd must not.
+CONTAINERD_RUN = "/run/containerd"
+
+
+def _containerd_run() -> set[str]:
+    found = {CONTAINERD_RUN} if os.path.lexists(CONTAINERD_RUN) else set()
+    for sub in ("s", "fifo", "runc"):
+        path = os.path.join(CONTAINERD_RUN, sub)
+        try:
+            found.update(os.path.join(path, name) for name in os.listdir(path))
+        except OSError:
+            continue
+    return found
 
 
 #: What a podman run without private network state creates on the host (podman
@@ -172,6 +201,18 @@ def host_invariants() -> Iterator[None]:
             f"state): {sorted(after.podman_state - before.podman_state)}"
         )
     foreign: list[str] = []
+    # runc's state directories are named by the containerd namespace (ours carry
+    # our tag); shim sockets (hashes) and FIFO directories name no process, so a
+    # new one is another run's as likely as ours: reported, not failed on
+    # (test_containerd_shims.py checks where our own go).
+    new_state = sorted(after.containerd_run - before.containerd_run)
+    mine = [p for p in new_state if p.startswith(f"{CONTAINERD_RUN}/runc/") and _ours(p)]
+    if mine:
+        problems.append(
+            f"containerd state created on the host (a containerd outside its own mount "
+            f"namespace): {mine[:5]}"
+        )
+    foreign += [f"containerd state new: {p}" for p in new_state if p not in mine][:10]
     # A systemd that shared the host's cgroup mounts creates init.scope and
     # system.slice at the host's root: units there are never another run's.
     units = sorted(
@@ -251,6 +292,19 @@ def _busybox() -> bool:
     return find_busybox() is not None
 
 
+def _container_cgroups() -> bool:
+    from pytest_runtimefaults import caps
+
+    return caps.container_controllers() >= caps.CONTAINER_CONTROLLERS
+
+
+def _podman_cni() -> bool:
+    from pytest_runtimefaults.cni.podman import podman_major
+
+    major = podman_major()
+    return major is not None and major < 5
+
+
 #: Every name ``@pytest.mark.needs(...)`` accepts.  ``"a|b"`` means either will do.
 NEEDS: dict[str, Need] = {
     "root": Need(lambda: os.geteuid() == 0, "run the tests as root"),
@@ -263,9 +317,23 @@ NEEDS: dict[str, Need] = {
     "crun": _command("crun", "crun"),
     "containerd": _command("containerd", "containerd"),
     "dbus-daemon": _command("dbus-daemon", "dbus-daemon"),
+    # Not installed by scripts/setup: Debian's package makes itself the host's
+    # system bus at the next boot.  scripts/distro debian13-broker has it.
+    "dbus-broker": Need(
+        lambda: shutil.which("dbus-broker-launch") is not None,
+        "scripts/distro debian13-broker, or apt-get install dbus-broker on a machine whose "
+        "system bus may become dbus-broker",
+    ),
     "podman": _command("podman", "podman"),
     "tshark": _command("tshark", "tshark"),
     "unshare": _command("unshare", "util-linux"),
+    # containerd 2 and podman write cpu.weight / pids.max for every container
+    "container-cgroups": Need(
+        _container_cgroups,
+        "cgroup v2 with the cpu and pids controllers at the root containers are made "
+        "under (/sys/fs/cgroup/cgroup.controllers), or cgroup v1",
+    ),
+    "podman-cni": Need(_podman_cni, "podman 4 (podman 5 has only netavark: the netavark tests)"),
 }
 
 
@@ -292,6 +360,16 @@ def _missing(item: pytest.Item) -> list[str]:
     return missing
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--needs-only",
+        metavar="NAME",
+        default=None,
+        help="run only the tests marked @pytest.mark.needs(NAME) (scripts/distro sid-hybrid: "
+        "the tests that run containers, where the host can give them controllers)",
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A misspelt need is a usage error at collection, naming the test."""
     for item in items:
@@ -302,6 +380,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 )
             for name in mark.args:
                 _choices(item, name)
+    only = config.getoption("--needs-only")
+    if only is not None:
+        if only not in NEEDS:
+            raise pytest.UsageError(f"--needs-only={only!r}: known: {', '.join(sorted(NEEDS))}")
+        keep = [i for i in items if any(only in m.args for m in i.iter_markers("needs"))]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
 
 
 @pytest.hookimpl(tryfirst=True)

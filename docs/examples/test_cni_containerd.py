@@ -9,7 +9,7 @@ def test_containerd_cri_reload(cni_dir, cni_containerd, cni_half_written, runtim
     assert wait_cri_network(cni_containerd.address, lambda s: s.ready).ready
 
     broken = cni_half_written("05-broken.conflist", cni_dir.bridge(), restore=False)
-    status = wait_cri_network(cni_containerd.address, lambda s: not s.ready)
+    status = wait_cri_network(cni_containerd.address, lambda s: s.load_failed)
     assert str(broken.path) in status.last_load  # named, but the whole pod network is down
 
     runtimefaults_faults.lift_all()  # file removed: CRI reloads on its own

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from jeepney import DBusAddress, MessageType, new_method_call
+from jeepney import DBusAddress, HeaderFields, MessageType, new_method_call, new_signal
 from jeepney.io.blocking import open_dbus_connection
 
 from pytest_runtimefaults.dbus.rules import (
@@ -164,3 +164,25 @@ def test_serials(dbus_proxy, mode, next_serial):
     reply = conn.send_and_get_reply(new_method_call(BUS, "GetId"), timeout=5)
     assert reply.header.serial == next_serial
     conn.close()
+
+
+def test_serials_one_sequence_per_sender(dbus_proxy):
+    service = open_dbus_connection(bus=dbus_proxy.upstream)  # straight to the bus
+    dbus_proxy.add(
+        Serials(start=0xFFFFFFFE, on_overflow="cycle").on(
+            direction="to_client", sender=service.unique_name
+        )
+    )
+    a, b = connect(dbus_proxy), connect(dbus_proxy)
+    seen = []
+    for client in (a, b, a):  # the service's messages, alternately to two clients
+        signal = new_signal(DBusAddress("/x", interface="org.example.X"), "Tick")
+        signal.header.fields[HeaderFields.destination] = client.unique_name
+        service.send(signal)
+        msg = client.receive(timeout=5)
+        while msg.header.fields.get(HeaderFields.member) != "Tick":  # NameAcquired...
+            msg = client.receive(timeout=5)
+        seen.append(msg.header.serial)
+    assert seen == [0xFFFFFFFE, 0xFFFFFFFF, 0x80000000]  # one sequence for both
+    for conn in (a, b, service):
+        conn.close()

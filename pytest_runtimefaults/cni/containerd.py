@@ -41,8 +41,9 @@ def containerd_in_sandbox(
     """A private containerd with CRI on *cni*'s conf dir, running inside *sandbox*.
 
     The CRI plugin runs the CNI plugins from containerd's own network
-    namespace, so containerd is started through :func:`private_state_argv`
-    (a two-line wrapper script): pod bridges and veths stay in the sandbox,
+    namespace, so containerd runs in the sandbox's (``netns=``), and through
+    :func:`private_state_argv` (a two-line wrapper script, inside the
+    instance's own mount namespace): pod bridges and veths stay in the sandbox,
     libcni's result cache and the pods' namespace mounts in containerd's own
     mount namespace (reach them with ``CriPods(address, mount_pid=ctd.pid)``).
     Its ``sandbox_image`` is a busybox-static image (``sleep``) imported
@@ -58,6 +59,7 @@ def containerd_in_sandbox(
         cni_conf_dir=cni.conf_dir,
         cni_bin_dir=cni.plugin_dir,
         namespace="k8s.io",
+        netns=sandbox.host.path,
         log_level="info",
         # restrict_oom_score_adj: the sandbox's -998 needs CAP_SYS_RESOURCE,
         # which root lacks on this kind of host (runc init dies otherwise).
@@ -80,7 +82,9 @@ def _wrapper(cni: CniDir, sandbox: CniSandbox) -> Path:
     """``containerd "$@"`` behind :func:`private_state_argv`, as a script (the
     daemon harness runs one binary, and watches its PID: containerd's own)."""
     wrapper = cni.root / f"containerd-in-{sandbox.host.name}"
-    prefix = " ".join(shlex.quote(a) for a in private_state_argv(sandbox.host.path))
+    # The network namespace is entered before the wrapper (Containerd's netns=):
+    # its path is the host's, and containerd's mount namespace hides /run.
+    prefix = " ".join(shlex.quote(a) for a in private_state_argv(None))
     wrapper.write_text(f'#!/bin/sh\nexec {prefix} containerd "$@"\n')
     wrapper.chmod(0o755)
     return wrapper

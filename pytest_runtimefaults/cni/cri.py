@@ -47,6 +47,7 @@ __all__ = [
     "CriPod",
     "CriPods",
     "cri_message",
+    "cri_message_classes",
     "cri_network_status",
     "decode_protobuf",
     "wait_cri_network",
@@ -55,8 +56,9 @@ __all__ = [
 _PACKAGE = "runtime.v1"
 
 # message -> its fields: (name, number, type); a type is a scalar ("string",
-# "bool"), another message of this table, "repeated MESSAGE", or "map" (string
-# to string).  Only what the calls below read or write.
+# "bool", "int64", "int32", "uint32"; an enum is an int32 on the wire),
+# another message of this table, "repeated MESSAGE", "repeated SCALAR", or
+# "map" (string to string).  Only what the calls below read or write.
 _MESSAGES: dict[str, tuple[tuple[str, int, str], ...]] = {
     "StatusRequest": (("verbose", 1, "bool"),),
     "RuntimeCondition": (
@@ -104,20 +106,30 @@ _METHODS = {
 }
 
 _F = descriptor_pb2.FieldDescriptorProto
-_SCALARS = {"string": _F.TYPE_STRING, "bool": _F.TYPE_BOOL}
+_SCALARS = {
+    "string": _F.TYPE_STRING,
+    "bool": _F.TYPE_BOOL,
+    "int64": _F.TYPE_INT64,
+    "int32": _F.TYPE_INT32,
+    "uint32": _F.TYPE_UINT32,
+}
 
 
-def _file_descriptor(messages: dict[str, tuple[tuple[str, int, str], ...]]) -> Any:
+def _file_descriptor(
+    messages: dict[str, tuple[tuple[str, int, str], ...]],
+    filename: str = "pytest_runtimefaults/cri_subset.proto",
+) -> Any:
     """The ``FileDescriptorProto`` of *messages* (proto3, package runtime.v1)."""
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="pytest_runtimefaults/cri_subset.proto", package=_PACKAGE, syntax="proto3"
-    )
+    proto = descriptor_pb2.FileDescriptorProto(name=filename, package=_PACKAGE, syntax="proto3")
     for message, fields in messages.items():
         desc = proto.message_type.add(name=message)
         for name, number, kind in fields:
             field = desc.field.add(name=name, number=number, label=_F.LABEL_OPTIONAL)
-            if kind in _SCALARS:
-                field.type = _SCALARS[kind]
+            repeated, _, target = kind.rpartition(" ")
+            if target in _SCALARS:
+                field.type = _SCALARS[target]
+                if repeated:
+                    field.label = _F.LABEL_REPEATED
             elif kind == "map":
                 # A proto map is a repeated nested KEY/VALUE entry marked map_entry.
                 entry = desc.nested_type.add(name=f"{name.capitalize()}Entry")
@@ -130,7 +142,6 @@ def _file_descriptor(messages: dict[str, tuple[tuple[str, int, str], ...]]) -> A
                 field.type = _F.TYPE_MESSAGE
                 field.type_name = f".{_PACKAGE}.{message}.{entry.name}"
             else:
-                repeated, _, target = kind.rpartition(" ")
                 if target not in messages:
                     raise ValueError(f"{message}.{name}: unknown message type {target!r}")
                 field.type = _F.TYPE_MESSAGE
@@ -140,15 +151,26 @@ def _file_descriptor(messages: dict[str, tuple[tuple[str, int, str], ...]]) -> A
     return proto
 
 
-def _message_classes() -> dict[str, Any]:
-    # A pool of our own: the subset can never clash with a full CRI definition
-    # that some other package registers in protobuf's default pool.
+def cri_message_classes(
+    messages: dict[str, tuple[tuple[str, int, str], ...]], filename: str
+) -> dict[str, Any]:
+    """Message classes for a CRI subset declared as data (the format of ``_MESSAGES``).
+
+    Built by the protobuf runtime in a pool of their own, so another module
+    can declare the subset it needs (a wider one, under *filename*) without
+    clashing with this module's or with a full CRI definition that some other
+    package registers in protobuf's default pool.
+    """
     pool = descriptor_pool.DescriptorPool()
-    pool.Add(_file_descriptor(_MESSAGES))
+    pool.Add(_file_descriptor(messages, filename))
     get_class = getattr(message_factory, "GetMessageClass", None)  # protobuf >= 4.21
     if get_class is None:  # protobuf 3 (the containerd extra pins <4)
         get_class = getattr(message_factory.MessageFactory(pool), "GetPrototype")  # noqa: B009
-    return {name: get_class(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}")) for name in _MESSAGES}
+    return {name: get_class(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}")) for name in messages}
+
+
+def _message_classes() -> dict[str, Any]:
+    return cri_message_classes(_MESSAGES, "pytest_runtimefaults/cri_subset.proto")
 
 
 _CLASSES = _message_classes()
@@ -232,6 +254,17 @@ class CriNetworkStatus:
     def plugin_types(self) -> tuple[str, ...]:
         return tuple(t for _, types in self.networks for t in types)
 
+    @property
+    def load_failed(self) -> bool:
+        """The network is down *and* the last load says why.
+
+        Wait for this, not for ``not ready``: while containerd reloads, its
+        loaded networks are already cleared (not ready) before the new load
+        status is stored, so for a moment it reports not ready with the old
+        ``OK`` (seen with containerd 1.7.24).
+        """
+        return not self.ready and self.last_load not in ("", "OK")
+
 
 def cri_network_status(address: str, timeout: float = 5.0) -> CriNetworkStatus:
     """Ask containerd's CRI ``RuntimeService/Status`` (verbose) over *address*."""
@@ -267,13 +300,27 @@ def wait_cri_network(
     """Poll :func:`cri_network_status` until *predicate* holds; return the last status.
 
     containerd reloads the CNI config on inotify events, asynchronously, so
-    a test waits for the reload instead of sleeping a guessed time.
+    a test waits for the reload instead of sleeping a guessed time.  Just
+    after containerd (re)starts, its CRI service may still say ``server is
+    not initialized yet`` (UNKNOWN) or be UNAVAILABLE: that counts as not yet,
+    and is raised only if it lasts past *timeout*.
     """
+    import grpc
+
     deadline = time.monotonic() + timeout
     while True:
-        status = cri_network_status(address)
-        if predicate(status) or time.monotonic() > deadline:
-            return status
+        try:
+            status = cri_network_status(address)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            starting = code == grpc.StatusCode.UNAVAILABLE or (
+                code == grpc.StatusCode.UNKNOWN and "not initialized" in str(exc.details())
+            )
+            if not starting or time.monotonic() > deadline:
+                raise
+        else:
+            if predicate(status) or time.monotonic() > deadline:
+                return status
         time.sleep(0.02)
 
 

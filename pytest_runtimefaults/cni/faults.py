@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -45,7 +47,16 @@ from pytest_runtimefaults.cni.config import (
 from pytest_runtimefaults.core.fault import FaultBase, ThreadedFault
 from pytest_runtimefaults.core.log import swallowed
 
-__all__ = ["ConfigDir", "DeleteRecreate", "HalfWritten", "HeldHalfWritten", "RacingWriter"]
+__all__ = [
+    "ConfDirSwap",
+    "ConfigDir",
+    "DeleteRecreate",
+    "EventStorm",
+    "HalfWritten",
+    "HeldHalfWritten",
+    "RacingWriter",
+    "RenamedInto",
+]
 
 
 class ConfigDir(Protocol):
@@ -65,6 +76,11 @@ class ConfigDir(Protocol):
 
     def remove(self, filename: str) -> None:
         """Remove *filename* if it is there."""
+        ...
+
+    @property
+    def conf_dir(self) -> Path:
+        """The directory itself."""
         ...
 
 
@@ -309,3 +325,135 @@ class RacingWriter(_FileThread):
     def _restore(self) -> None:
         for name, data in self.files.items():
             write_atomic(self.cni.path(name), data)
+
+
+class RenamedInto(FaultBase):
+    """A whole config that appears in the conf dir by ``rename`` from outside it.
+
+    The file is written (and fsynced) in a staging directory beside the conf
+    dir, on the same filesystem, then renamed to its final name: the conf
+    dir's watch sees one ``IN_MOVED_TO`` and nothing else (no create, no write,
+    no ``IN_MOVED_FROM``), which is how ``mv``, ansible's ``copy`` and many
+    installers deliver a file (containerd issue 11715).  A reader that reloads
+    only on writes and removals never sees it.  ``lift()`` rewrites the file
+    the careful way inside the directory (temp file, rename), the change an
+    operator would make to wake such a reader.
+    """
+
+    def __init__(self, cni: ConfigDir, filename: str, content: Content) -> None:
+        super().__init__()
+        self.cni = cni
+        self.filename = filename
+        self.content = encode(content)
+        self.name = f"renamed into place {filename}"
+
+    @property
+    def path(self) -> Path:
+        return self.cni.path(self.filename)
+
+    def _start(self) -> None:
+        self.cni.fault_files.add(self.filename)
+        # Beside the conf dir, not in it: a rename within the watched directory
+        # would also queue IN_MOVED_FROM, which most readers do act on.
+        staging = Path(tempfile.mkdtemp(prefix=".rf-staging-", dir=self.path.parent.parent))
+        try:
+            write_atomic(staging / self.filename, self.content)
+            os.rename(staging / self.filename, self.path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._fired()
+
+    def _lift(self) -> None:
+        write_atomic(self.path, self.content)
+
+
+class ConfDirSwap(FaultBase):
+    """The conf dir itself deleted and recreated: same path, a new inode.
+
+    ``start()`` removes the directory with everything in it, waits *gap*
+    seconds, makes it again and writes *files* into it (atomically, each).
+    inotify watches an inode, not a path: a reader that added its watch once
+    is now watching a directory that no longer exists, and never hears of the
+    new one (containerd issue 6490, "never reloaded").  ``lift()`` rewrites
+    *files* (whole; it cannot give a reader its watch back).
+    """
+
+    def __init__(self, cni: ConfigDir, files: Mapping[str, Content], *, gap: float = 0.05) -> None:
+        super().__init__()
+        self.cni = cni
+        self.files = {name: encode(c) for name, c in files.items()}
+        self.gap = gap
+        #: the directory's inode before and after the swap
+        self.inodes: tuple[int, int] = (0, 0)
+        self.name = f"conf dir deleted and recreated ({', '.join(sorted(self.files)) or 'empty'})"
+
+    def _start(self) -> None:
+        conf_dir = self.cni.conf_dir
+        self.cni.fault_files.update(self.files)
+        before = conf_dir.stat()
+        shutil.rmtree(conf_dir)
+        time.sleep(self.gap)
+        conf_dir.mkdir(mode=before.st_mode & 0o7777)
+        self._write()
+        after = conf_dir.stat().st_ino
+        # tmpfs and ext4 may hand the freed inode number straight back: then
+        # the kernel's watch is still gone, but the test would not show it.
+        self.inodes = (before.st_ino, after)
+        self._fired()
+
+    def _write(self) -> None:
+        for name, data in self.files.items():
+            write_atomic(self.cni.path(name), data)
+
+    def _lift(self) -> None:
+        self._write()
+
+
+class EventStorm(FaultBase):
+    """A burst of inotify events in the conf dir: *files* scratch files
+    created, written and removed as fast as possible.
+
+    Each scratch file (``.rf-storm-N.tmp``, a name no CNI loader reads) queues
+    ``IN_CREATE``, ``IN_MODIFY``, ``IN_CLOSE_WRITE`` and ``IN_DELETE``: a
+    reader that reloads on every event (containerd's CRI does) does
+    thousands of reloads for nothing, and a reader slower than the burst sees
+    its queue overflow (``IN_Q_OVERFLOW``, past ``fs.inotify.max_queued_events``,
+    16384 by default).  With *touch* given, that config file is rewritten
+    (atomically) after the burst: the one change that matters, last in the
+    queue.  ``start()`` returns when the burst is done; :attr:`seconds` is
+    how long it took, ``applied`` the number of scratch files.
+    """
+
+    def __init__(
+        self,
+        cni: ConfigDir,
+        *,
+        files: int = 10000,
+        touch: tuple[str, Content] | None = None,
+    ) -> None:
+        super().__init__()
+        if files < 1:
+            raise ValueError(f"EventStorm needs files >= 1, not {files}")
+        self.cni = cni
+        self.files = files
+        self.touch = (touch[0], encode(touch[1])) if touch is not None else None
+        self.seconds = 0.0
+        self.name = f"event storm ({files} scratch files)"
+
+    def _start(self) -> None:
+        conf_dir = self.cni.conf_dir
+        if self.touch is not None:
+            self.cni.fault_files.add(self.touch[0])
+        began = time.monotonic()
+        for i in range(self.files):
+            path = os.path.join(conf_dir, f".rf-storm-{i}.tmp")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, b"x")
+            finally:
+                os.close(fd)
+            os.unlink(path)
+        if self.touch is not None:
+            write_atomic(self.cni.path(self.touch[0]), self.touch[1])
+        self.seconds = time.monotonic() - began
+        self._fired(self.files)

@@ -19,10 +19,10 @@ from pathlib import Path
 __all__ = ["private_state_argv"]
 
 
-def private_state_argv(netns_path: Path | str) -> list[str]:
-    """An argv prefix: network namespace *netns_path*, then a private mount
-    namespace with a tmpfs on ``/var/lib`` and on ``/run/netns``, then the
-    command that follows.
+def private_state_argv(netns_path: Path | str | None) -> list[str]:
+    """An argv prefix: network namespace *netns_path* (None: the current
+    one), then a private mount namespace with a tmpfs on ``/var/lib`` and on
+    ``/run/netns``, then the command that follows.
 
     The mount namespace dies with the runtime (``slave`` propagation: the
     host's mounts come in, none go out).  Reach a namespace mounted there from
@@ -33,9 +33,9 @@ def private_state_argv(netns_path: Path | str) -> list[str]:
         " && mount -t tmpfs -o mode=0755 rfnetns /run/netns"
         ' && exec "$@"'
     )
+    enter = ["nsenter", f"--net={netns_path}"] if netns_path is not None else []
     return [
-        "nsenter",
-        f"--net={netns_path}",
+        *enter,
         "unshare",
         "--mount",
         "--propagation",

@@ -17,7 +17,8 @@ rules (--rule, repeatable) are ACTION(ARGS) [FIELD=VALUE ...]:
   actions: Delay(seconds, ordered=True)  Reorder(after=1)  SignalBeforeReply(signal='copy')
            SplitMessage(parts=2, pause=0.02)  StrayReply(answer='none')  FlipByteOrder()
            Drop()  Duplicate()  ErrorReply(name, text)  Disconnect(mid_message=False)
-           Serials(start=0xfffffff0, on_overflow='stall'|'wrap'|'cycle')
+           Serials(start=0xfffffff0, on_overflow='stall'|'wrap'|'cycle', cycle_to=0x80000000)
+           JobResult(result='failed', unit=None)
   fields:  direction=to_bus|to_client type=method_call|method_return|error|signal
            path= interface= member= error_name= sender= destination=
            reply_to=MEMBER (replies to calls of MEMBER), reply_to.FIELD=VALUE

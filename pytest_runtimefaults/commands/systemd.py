@@ -7,6 +7,7 @@ Examples::
     runtimefaults systemd --cgroup-layout unified   # a pure cgroup2 inside, on any host
     runtimefaults systemd -- runc --systemd-cgroup list   # run one command inside
     runtimefaults systemd --lifecycles 50 --runtime crun  # churn and report leftovers
+    runtimefaults systemd --bus-daemon dbus-broker --lifecycles 20   # on dbus-broker
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def register(subparsers: Any) -> None:
         "systemd",
         help="boot a real systemd in its own namespaces (and run a command or a runtime in it)",
         description="Boot systemd as PID 1 of new PID, mount and cgroup namespaces with its own "
-        "dbus-daemon; print its bus address; run COMMAND inside it, or churn a runtime, or wait "
-        "for Ctrl-C. The host's cgroup mounts are checked unchanged at the end.",
+        "bus (dbus-daemon or dbus-broker); print its bus address; run COMMAND inside it, or "
+        "churn a runtime, or wait for Ctrl-C. The host's cgroup mounts are checked unchanged "
+        "at the end.",
     )
     parser.add_argument(
         "--cgroup-layout",
@@ -36,6 +38,13 @@ def register(subparsers: Any) -> None:
         choices=("auto", "hybrid", "legacy", "unified"),
         help="cgroup layout inside the sandbox (default: the host's); unified is a pure "
         "cgroup2 with the controllers the host leaves to it",
+    )
+    parser.add_argument(
+        "--bus-daemon",
+        default="dbus-daemon",
+        choices=("dbus-daemon", "dbus-broker"),
+        help="the bus the sandbox runs (default: dbus-daemon; dbus-broker needs the package "
+        "dbus-broker)",
     )
     parser.add_argument("--boot-only", action="store_true", help="boot, print, stop")
     parser.add_argument(
@@ -57,14 +66,22 @@ def register(subparsers: Any) -> None:
 
 def _systemd(args: argparse.Namespace) -> int:
     from pytest_runtimefaults.journal import Journal
-    from pytest_runtimefaults.systemd import SystemdSandbox, describe, host_cgroup_state
+    from pytest_runtimefaults.systemd import (
+        SandboxError,
+        SystemdSandbox,
+        describe,
+        host_cgroup_state,
+    )
 
     before = host_cgroup_state()
     command = [c for c in args.command if c != "--"] if args.command else []
     status = 0
     try:
-        sandbox = SystemdSandbox(layout=args.layout, journal=Journal.default())
-    except ValueError as exc:
+        sandbox = SystemdSandbox(
+            layout=args.layout, journal=Journal.default(), bus_daemon=args.bus_daemon
+        )
+        sandbox.start()
+    except (ValueError, SandboxError) as exc:
         print(f"runtimefaults systemd: {exc}", file=sys.stderr)
         return 2
     with sandbox as sd:

@@ -5,10 +5,11 @@ This module owns the action side of a rule:
 * :class:`Action`, the base with the fluent constructors (``.on()``,
   ``.on_reply()``, ``.always()``), and the ten one-shot actions (Delay,
   Reorder, SignalBeforeReply, SplitMessage, StrayReply, FlipByteOrder, Drop,
-  Duplicate, ErrorReply, Disconnect); each decides the fate of one message;
+  Duplicate, ErrorReply, Disconnect) and :class:`JobResult`, which edits a
+  signal's body (JobRemoved's result); each decides the fate of one message;
 * the two small interfaces between actions and the engine: :class:`Context`
   (what an action may ask of the engine for one message) and
-  :class:`Rewriter` (the per-connection state of an action that rewrites
+  :class:`Rewriter` (the state, shared by all connections, of an action that rewrites
   every message it matches and lets it go on: ``Action.rewrites``; the one
   there is, :class:`~pytest_runtimefaults.dbus.serials.Serials`, lives in its
   own module);
@@ -36,8 +37,10 @@ import itertools
 import math
 import os
 import random
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pytest_runtimefaults.core.log import swallowed
@@ -46,16 +49,20 @@ from pytest_runtimefaults.dbus.trace import TO_BUS, TO_CLIENT
 from pytest_runtimefaults.dbus.wire import (
     Message,
     MessageType,
+    WireError,
     build_error,
     build_method_return,
     build_signal,
     flip_byte_order,
+    parse_signature,
+    skip_value,
 )
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "JOB_RESULTS",
     "MAX_SECONDS",
     "Action",
     "Context",
@@ -65,6 +72,7 @@ __all__ = [
     "Duplicate",
     "ErrorReply",
     "FlipByteOrder",
+    "JobResult",
     "Output",
     "Reorder",
     "Rewriter",
@@ -75,6 +83,8 @@ __all__ = [
     "check_integer",
     "check_seconds",
     "close_fds",
+    "job_removed",
+    "with_job_result",
 ]
 
 #: the longest time a rule may name (a day): the proxy's loop waits with epoll,
@@ -206,20 +216,27 @@ Rewritten = tuple[Message | None, str]
 
 
 class Rewriter(Protocol):
-    """The per-connection state of an action that rewrites messages (``Action.rewrites``).
+    """The state of an action that rewrites messages (``Action.rewrites``), one per rule.
 
-    The engine shows such a rewriter every message its rule matches
-    (:meth:`rewrite`) before the one-shot rules look at it, and every message
-    on the connection (:meth:`restore`) so that it can put back what its
-    peer expects, e.g. a reply_serial that answers a rewritten serial.
+    One rewriter serves every connection of the engine, because what it models
+    spans them (a sender numbers its messages to all clients from one counter);
+    *conn* says which connection a message travels on.  The engine shows it
+    every message its rule matches (:meth:`rewrite`) before the one-shot rules
+    look at it, every message (:meth:`restore`) so that it can put back what the
+    peer expects, e.g. a reply_serial that answers a rewritten serial, and each
+    closed connection (:meth:`forget`).
     """
 
-    def rewrite(self, direction: str, msg: Message) -> Rewritten:
+    def rewrite(self, conn: int, direction: str, msg: Message) -> Rewritten:
         """*msg* (which the rule matched) rewritten, or ``None`` to withhold it; a note."""
         ...
 
-    def restore(self, direction: str, msg: Message) -> tuple[Message, str] | None:
+    def restore(self, conn: int, direction: str, msg: Message) -> tuple[Message, str] | None:
         """*msg* mapped back, with a note, if it concerns this rewriter; else ``None``."""
+        ...
+
+    def forget(self, conn: int) -> None:
+        """Connection *conn* closed: drop what only it needed."""
         ...
 
 
@@ -230,8 +247,8 @@ class Action:
     """What to do with a matching message.  Subclasses implement :meth:`apply`.
 
     An action that sets ``rewrites = True`` instead implements :meth:`rewriter`:
-    the engine then asks a :class:`Rewriter` of its own per connection about
-    every message, and the message goes on to the other rules.
+    the engine then asks the rule's one :class:`Rewriter` (shared by all its
+    connections) about every message, and the message goes on to the other rules.
     """
 
     name: ClassVar[str] = "action"
@@ -243,7 +260,7 @@ class Action:
         raise NotImplementedError
 
     def rewriter(self) -> Rewriter:
-        """A new per-connection rewriter (only for ``rewrites = True`` actions)."""
+        """A new rewriter for one engine (only for ``rewrites = True`` actions)."""
         raise NotImplementedError(f"{type(self).__name__} does not rewrite messages")
 
     def describe(self) -> str:
@@ -564,6 +581,112 @@ class Disconnect(Action):
                 close=True,
             )
         ]
+
+
+#: every result systemd's JobRemoved may carry (systemd's job_result_table, src/core/job.c)
+JOB_RESULTS = (
+    "done",
+    "canceled",
+    "timeout",
+    "failed",
+    "dependency",
+    "skipped",
+    "invalid",
+    "assert",
+    "unsupported",
+    "collected",
+    "once",
+    "frozen",
+    "concurrency",
+)
+
+_JOB_REMOVED_TYPES = parse_signature("uoss")
+
+
+def _string_at(raw: bytes, pos: int, endian: str) -> tuple[int, str]:
+    """Where the D-Bus string after *pos* starts (its length word) and its text.
+
+    Only called on a body :func:`skip_value` already walked, so it is well-formed.
+    """
+    start = pos + (-pos % 4)
+    (length,) = struct.unpack_from(endian + "I", raw, start)
+    return start, raw[start + 4 : start + 4 + length].decode("utf-8", "replace")
+
+
+def job_removed(msg: Message) -> tuple[str, str] | None:
+    """``(unit, result)`` of a ``JobRemoved(uoss)`` signal, else None (not one, or malformed)."""
+    if (
+        msg.type != MessageType.SIGNAL
+        or msg.member != "JobRemoved"
+        or msg.interface != "org.freedesktop.systemd1.Manager"
+        or msg.signature != "uoss"
+    ):
+        return None
+    raw, e, end = msg.raw, ">" if msg.big_endian else "<", msg.size
+    try:
+        after_path = skip_value(raw, msg.body_offset, _JOB_REMOVED_TYPES[:2], e, end)
+        after_unit = skip_value(raw, after_path, _JOB_REMOVED_TYPES[2:3], e, end)
+        if skip_value(raw, after_unit, _JOB_REMOVED_TYPES[3:], e, end) != end:
+            return None
+    except WireError:
+        return None
+    return _string_at(raw, after_path, e)[1], _string_at(raw, after_unit, e)[1]
+
+
+def with_job_result(msg: Message, result: str) -> Message:
+    """A copy of JobRemoved signal *msg* whose result (its last argument) is *result*.
+
+    The result is the body's last value, so only it and the body length change:
+    the header (serial, sender, byte order, unknown fields) stays byte-exact,
+    which a re-marshalling through jeepney would not promise.  Raises
+    :class:`WireError` if *msg* is not a well-formed ``JobRemoved(uoss)``.
+    """
+    if job_removed(msg) is None:
+        raise WireError(f"{msg!r} is not a well-formed JobRemoved(uoss) signal")
+    raw, e = msg.raw, ">" if msg.big_endian else "<"
+    after_unit = skip_value(raw, msg.body_offset, _JOB_REMOVED_TYPES[:3], e, msg.size)
+    start, _old = _string_at(raw, after_unit, e)
+    text = result.encode()
+    out = bytearray(raw[:start])
+    out += struct.pack(e + "I", len(text)) + text + b"\0"
+    struct.pack_into(e + "I", out, 4, len(out) - msg.body_offset)
+    return Message(bytes(out))
+
+
+class JobResult(Action):
+    """Rewrite a ``JobRemoved`` signal's result to *result*: the job "ended badly".
+
+    systemd really ran the job (the unit exists, its process is in it), but the
+    client is told ``failed``, ``timeout``, ``canceled``, ``dependency``... A
+    runtime must report the failure and leave nothing behind (runc PR 2331 and
+    crun PR 331: ``StartTransientUnit job is not done: failed`` was ignored).
+    *unit*, a glob (``runc-*.scope``), limits the rewrite to the jobs of
+    matching units; other JobRemoved signals (and any other message the rule
+    matches) go on untouched, though the rule's ``times`` counts them: match
+    ``member=JobRemoved`` and name the unit.  Only the result's bytes and the
+    body length change.
+    """
+
+    name = "job_result"
+    incident = "neighbour: a job that ends badly (runc PR 2331, crun PR 331)"
+
+    def __init__(self, result: str = "failed", unit: str | None = None) -> None:
+        if result not in JOB_RESULTS:
+            raise RuleError(
+                f"JobResult result {result!r} is not a systemd job result: use one of "
+                f"{', '.join(JOB_RESULTS)}"
+            )
+        if unit is not None and (not isinstance(unit, str) or not unit):
+            raise RuleError(f"JobResult unit must be a unit name or glob, got {unit!r}")
+        self.result = result
+        self.unit = unit
+
+    def apply(self, ctx: Context, msg: Message, fds: list[int]) -> list[Output]:
+        job = job_removed(msg)
+        if job is None or (self.unit is not None and not fnmatchcase(job[0], self.unit)):
+            return [ctx.out(msg, fds)]
+        fault = f"{self.describe()} (was {job[1]!r}, unit {job[0]})"
+        return [ctx.out(with_job_result(msg, self.result), fds, fault=fault)]
 
 
 # -- rules ------------------------------------------------------------------------------

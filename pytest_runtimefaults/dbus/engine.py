@@ -1,8 +1,9 @@
 """The pure fault engine: which writes the proxy makes for each message it frames.
 
 This module owns the decisions and the per-connection state they need (held
-messages, calls awaiting replies, each rewriting rule's
-:class:`~pytest_runtimefaults.dbus.actions.Rewriter`), and the proxy's
+messages, calls awaiting replies) and each rewriting rule's one
+:class:`~pytest_runtimefaults.dbus.actions.Rewriter` (shared by every
+connection: a sender numbers its messages to all of them from one counter), and the proxy's
 prefilter over them.  It has no socket and no clock of its own; the proxy
 drives it with
 
@@ -15,8 +16,8 @@ drives it with
   questions) and ``notes`` (faults that wrote nothing, for the trace).
 
 It knows actions only through their interface: a one-shot action's
-``apply()``, or, for an action with ``rewrites = True`` (serial rewriting), a
-per-connection rewriter's ``rewrite()`` and ``restore()``.  All randomness
+``apply()``, or, for an action with ``rewrites = True`` (serial rewriting), its
+rewriter's ``rewrite()``, ``restore()`` and ``forget()``.  All randomness
 comes from one ``random.Random(seed)``, so a run replays.  It imports the
 actions, the grammar (rules given as text) and the codec.
 
@@ -80,7 +81,6 @@ class _Conn:
     # (direction of the call, serial) -> the rules whose reply_to matched the call
     calls: dict[tuple[str, int], list[Rule]] = field(default_factory=dict)
     answered: deque[int] = field(default_factory=lambda: deque(maxlen=64))
-    rewriters: dict[Rule, Rewriter] = field(default_factory=dict)  # made at a rule's first match
 
 
 class _MessageContext:
@@ -153,6 +153,8 @@ class FaultEngine:
         self.holding = False  # some message is held: the proxy must run its scheduler
         self._rewriting: list[Rule] = []  # rules whose action rewrites every match
         self._oneshot: list[Rule] = []  # rules whose action decides one message
+        # One per rewriting rule, shared by every connection, made at its first match.
+        self._rewriters: dict[Rule, Rewriter] = {}
         # Prefilter index (see bypass): rules keyed by the member they need.
         self._by_member: dict[bytes, list[Rule]] = {}
         self._unkeyed: list[Rule] = []
@@ -260,8 +262,7 @@ class FaultEngine:
         """Remove *rule*; once no rule is left, held messages are released (returned)."""
         with self._lock:
             self.rules = [r for r in self.rules if r is not rule]
-            for conn in self._conns.values():
-                conn.rewriters.pop(rule, None)
+            self._rewriters.pop(rule, None)
             self._index()
             if not self.rules:
                 return self.clear()
@@ -272,6 +273,7 @@ class FaultEngine:
         """Remove every rule and release every held message now (returned as outputs)."""
         with self._lock:
             self.rules = []
+            self._rewriters = {}
             self._index()
             released: list[Output] = []
             for conn_id in list(self._conns):
@@ -286,7 +288,8 @@ class FaultEngine:
         self.idle = (
             not self.rules
             and not self.holding
-            and not any(conn.rewriters or conn.calls for conn in self._conns.values())
+            and not self._rewriters
+            and not any(conn.calls for conn in self._conns.values())
         )
         self._update_prefilter()
 
@@ -303,6 +306,8 @@ class FaultEngine:
         with self._lock:
             conn = self._conns.pop(conn_id, None)
             self.last_signal.pop(conn_id, None)
+            for rewriter in self._rewriters.values():
+                rewriter.forget(conn_id)
             if conn is not None:
                 self._pending_calls -= len(conn.calls)
                 for lane in conn.lanes.values():
@@ -360,8 +365,8 @@ class FaultEngine:
         # Rewriters map back what they changed (a reply to a rewritten serial) before
         # anything else looks at the message.
         note: str | None = None  # how rewriting changed the message, for the trace
-        for mine in ctx.conn.rewriters.values():
-            restored = mine.restore(direction, msg)
+        for mine in self._rewriters.values():
+            restored = mine.restore(ctx.conn_id, direction, msg)
             if restored is not None:
                 msg, note = restored
                 break
@@ -369,10 +374,10 @@ class FaultEngine:
         for rule in self._rewriting:
             if not rule.match.matches(direction, msg):
                 continue
-            rewriter = ctx.conn.rewriters.get(rule)
+            rewriter = self._rewriters.get(rule)
             if rewriter is None:
-                rewriter = ctx.conn.rewriters[rule] = rule.action.rewriter()
-            rewritten, text = rewriter.rewrite(direction, msg)
+                rewriter = self._rewriters[rule] = rule.action.rewriter()
+            rewritten, text = rewriter.rewrite(ctx.conn_id, direction, msg)
             rule.hits += 1
             if rewritten is None:  # withheld (a stalled sender)
                 close_fds(fds)
@@ -470,7 +475,6 @@ class FaultEngine:
             lane.side = []
             while lane.queue:
                 outputs += lane.queue.popleft().outputs
-        conn.rewriters.clear()
         self._pending_calls -= len(conn.calls)
         conn.calls.clear()
         self._update_prefilter()

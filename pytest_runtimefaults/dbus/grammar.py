@@ -28,6 +28,7 @@ from pytest_runtimefaults.dbus.actions import (
     Duplicate,
     ErrorReply,
     FlipByteOrder,
+    JobResult,
     Reorder,
     Rule,
     SignalBeforeReply,
@@ -53,6 +54,7 @@ ACTIONS: dict[str, type[Action]] = {
         Duplicate,
         ErrorReply,
         Disconnect,
+        JobResult,
         Serials,
     )
 }
@@ -69,6 +71,7 @@ def parse_rule(text: str) -> Rule:
         Delay(0.5) reply_to=StartTransientUnit
         SignalBeforeReply('JobRemoved') reply_to.member=StartTransientUnit times=1
         Serials(0xfffffff0, on_overflow='stall') direction=to_client sender=org.freedesktop.systemd1
+        JobResult('failed', unit='runc-*.scope') member=JobRemoved times=1
     """
     if not isinstance(text, str):
         raise RuleError(f"a rule's text form must be a string, got {text!r}")

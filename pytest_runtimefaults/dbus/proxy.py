@@ -384,6 +384,7 @@ class DBusFaultProxy:
         self._paused: set[tuple[int, str]] = set()  # lanes waiting for a pause to end
         self._stopping = False
         self._rids: list[int] = []
+        self._refuse_until = 0.0  # drop_connections: connections accepted before then are closed
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -538,6 +539,35 @@ class DBusFaultProxy:
     @property
     def rules(self) -> list[Rule]:
         return list(self.engine.rules)
+
+    # -- the bus going away ----------------------------------------------------------
+    def drop_connections(self, refuse_for: float = 0.0) -> int:
+        """Close every connection, as a bus that restarts does; returns how many.
+
+        Each client sees its socket closed (EOF) at once; messages held by rules
+        for it are lost with it.  For *refuse_for* seconds afterwards every new
+        connection is closed as soon as it is accepted (before the handshake: the
+        client reads EOF), so a client that reconnects at once fails and one that
+        retries a while gets through.  Both appear in the trace as faults.
+
+        Example::
+
+            proxy.drop_connections(refuse_for=0.5)   # mid-call: the runtime must reconnect
+        """
+        if refuse_for < 0:
+            raise ValueError(f"refuse_for must be >= 0 seconds, not {refuse_for!r}")
+        dropped: list[int] = []
+
+        def drop() -> None:
+            self._refuse_until = time.monotonic() + refuse_for if refuse_for else 0.0
+            for conn in list(self.connections.values()):
+                self._record(conn.id, TO_CLIENT, None, fault="drop_connections: closed")
+                self._close(conn)
+                dropped.append(conn.id)
+
+        if not self._on_loop(drop):
+            raise ProxyError(f"proxy {self.address}: its loop did not run drop_connections")
+        return len(dropped)
 
     def _on_loop(self, fn: Callable[[], None], timeout: float = 10.0) -> bool:
         """Run *fn* on the loop thread and wait for it (or run it here if stopped).
@@ -734,6 +764,12 @@ class DBusFaultProxy:
             except OSError:
                 return
             ident = next(self._ids)
+            if self._refuse_until:
+                if time.monotonic() < self._refuse_until:
+                    self._record(ident, TO_CLIENT, None, fault="drop_connections: refused")
+                    client.close()
+                    continue
+                self._refuse_until = 0.0
             upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             upstream.settimeout(5)
             try:

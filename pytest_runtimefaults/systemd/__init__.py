@@ -15,8 +15,8 @@ touch the host's systemd anyway, so :class:`SystemdSandbox` boots the real
   superblock, which every mount namespace shares.  The launcher refuses to
   exec systemd if ``/sys/fs/cgroup`` is still the host's filesystem;
 * a unit directory of empty stub targets, a ``dbus.socket`` and a
-  ``dbus.service`` (its own dbus-daemon) is all systemd loads: it is on
-  ``running`` in a fraction of a second.
+  ``dbus.service`` (its own dbus-daemon, or dbus-broker: ``bus_daemon=``) is
+  all systemd loads: it is on ``running`` in a fraction of a second.
 
 The bus is reachable from the host as ``unix:path=/proc/PID/root/run/dbus/
 system_bus_socket`` (:attr:`SystemdSandbox.bus_address`).  Programs that pass
@@ -66,6 +66,8 @@ so ``from pytest_runtimefaults.systemd import ...`` keeps working):
 * :mod:`.sandbox`: :class:`SystemdSandbox`, the lifecycle that ties them;
 * :mod:`.inspector`: :class:`SystemdInspector` and :class:`UnitInfo` (pystemd);
 * :mod:`.host_systemd`: :class:`HostSystemd`, the host's own systemd by consent;
+* :mod:`.cookie`: :class:`~.cookie.RealCookieOverflow`, systemd's real sd-bus
+  cookie found by value in a sandbox's memory and set near 2^32;
 * :mod:`.errors`: :class:`SandboxError`.
 
 Process facts, cgroup trees and the mount table come from
@@ -89,8 +91,19 @@ from pytest_runtimefaults.systemd.inspector import _s as _s
 from pytest_runtimefaults.systemd.inspector import _typed as _typed
 from pytest_runtimefaults.systemd.launcher import GUARD_AWK as GUARD_AWK
 from pytest_runtimefaults.systemd.launcher import REFUSED as REFUSED
-from pytest_runtimefaults.systemd.sandbox import SystemdSandbox
+from pytest_runtimefaults.systemd.neighbours import (
+    LeftoverScope,
+    ReexecMidCall,
+    daemon_reexec,
+    scope_name,
+)
+from pytest_runtimefaults.systemd.sandbox import (
+    SystemdSandbox,
+    default_bus_daemon,
+    set_default_bus_daemon,
+)
 from pytest_runtimefaults.systemd.sandbox import describe as describe
+from pytest_runtimefaults.systemd.units import BUS_DAEMONS
 from pytest_runtimefaults.systemd.units import DBUS_CONFIG as DBUS_CONFIG
 from pytest_runtimefaults.systemd.units import INNER_BUS_PATH as INNER_BUS_PATH
 from pytest_runtimefaults.systemd.units import STUB_TARGETS as STUB_TARGETS
@@ -101,16 +114,23 @@ from pytest_runtimefaults.systemd.units import TARGET as TARGET
 # systemd.py module had (constants, describe, and the private names tests
 # import): importable from here as before.
 __all__ = [
+    "BUS_DAEMONS",
     "CgroupMount",
     "HostSystemd",
+    "LeftoverScope",
+    "ReexecMidCall",
     "SandboxError",
     "SystemdInspector",
     "SystemdSandbox",
     "UnitInfo",
     "cgroup_mounts",
+    "daemon_reexec",
+    "default_bus_daemon",
     "host_cgroup_state",
     "resolve_layout",
     "sandbox_controllers",
+    "scope_name",
+    "set_default_bus_daemon",
     "thaw",
 ]
 

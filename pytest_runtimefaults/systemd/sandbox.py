@@ -18,6 +18,12 @@ Example::
 
     with SystemdSandbox(layout="unified") as sd:
         sd.run(["systemctl", "is-system-running"], check=True)
+
+The bus is dbus-daemon or dbus-broker (``bus_daemon=``; the default is
+:func:`default_bus_daemon`, which the plugin sets from
+``--runtimefaults-bus-daemon`` for a pytest session, so tests that build
+their own sandbox follow the option too).  :meth:`SystemdSandbox.restart_bus`
+restarts it under whatever talks to it (``systemctl restart dbus``).
 """
 
 from __future__ import annotations
@@ -58,10 +64,48 @@ from pytest_runtimefaults.systemd.launcher import (
     launcher_script,
     unshare_argv,
 )
-from pytest_runtimefaults.systemd.units import INNER_BUS_PATH, SYSTEMD, install_units
+from pytest_runtimefaults.systemd.units import (
+    BUS_DAEMON_PACKAGES,
+    INNER_BUS_PATH,
+    SYSTEMD,
+    bus_daemon_executable,
+    check_bus_daemon,
+    install_units,
+)
 
-__all__ = ["SystemdSandbox", "describe"]
+__all__ = ["SystemdSandbox", "default_bus_daemon", "describe", "set_default_bus_daemon"]
 
+# The bus a sandbox runs when its caller names none.  One process-wide value:
+# the plugin sets it from --runtimefaults-bus-daemon at configure time (and
+# puts the old one back at unconfigure), so the option reaches every sandbox
+# of the session, those tests build themselves included.
+_default_bus_daemon = "dbus-daemon"
+
+
+def default_bus_daemon() -> str:
+    """The bus a :class:`SystemdSandbox` runs when given none (``"dbus-daemon"`` at first)."""
+    return _default_bus_daemon
+
+
+def set_default_bus_daemon(bus_daemon: str) -> str:
+    """Make *bus_daemon* the default (one of ``BUS_DAEMONS``); returns the previous default.
+
+    Example::
+
+        previous = set_default_bus_daemon("dbus-broker")
+        try:
+            ...
+        finally:
+            set_default_bus_daemon(previous)
+    """
+    global _default_bus_daemon
+    previous, _default_bus_daemon = _default_bus_daemon, check_bus_daemon(bus_daemon)
+    return previous
+
+
+# The units of the sandbox's own bus (dbus-broker's journal sink included):
+# their processes are not what a runtime left behind.
+_BUS_UNITS = ("dbus.service", "runtimefaults-journal.service")
 _CGROUP_RMDIR_TIMEOUT = 5.0  # seconds stop() waits for the kernel to free a killed task's cgroup
 
 
@@ -88,6 +132,9 @@ class SystemdSandbox:
             it must be visible inside the sandbox, so not under ``/run``.
         extra_units: file name -> content of more units to install.
         log_level: systemd's ``--log-level``.
+        bus_daemon: the bus it runs, ``"dbus-daemon"`` or ``"dbus-broker"``
+            (default: :func:`default_bus_daemon`).  An unknown name is a
+            ValueError here; a bus that is not installed, a SandboxError at start.
     """
 
     def __init__(
@@ -100,8 +147,10 @@ class SystemdSandbox:
         extra_units: Mapping[str, str] | None = None,
         log_level: str = "notice",
         systemd: str = SYSTEMD,
+        bus_daemon: str | None = None,
     ) -> None:
         self.layout = caps.resolve_layout(layout)
+        self.bus_daemon = check_bus_daemon(bus_daemon or default_bus_daemon())
         self.boot_timeout = boot_timeout
         # Journaled by default: a library user's killed script must be reapable too.
         self.journal = journal if journal is not None else Journal.default()
@@ -176,6 +225,13 @@ class SystemdSandbox:
             raise SandboxError("the systemd sandbox needs root (namespaces, cgroups)")
         if not os.access(self.systemd, os.X_OK):
             raise SandboxError(f"{self.systemd} not found (apt-get install systemd)")
+        if bus_daemon_executable(self.bus_daemon) is None:
+            package = BUS_DAEMON_PACKAGES[self.bus_daemon]
+            raise SandboxError(
+                f"the sandbox's bus {self.bus_daemon} is not installed "
+                f"(apt-get install {package}, or choose the other bus: bus_daemon=, "
+                "--runtimefaults-bus-daemon)"
+            )
         t0 = time.monotonic()
         try:
             self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self.workdir_parent))
@@ -196,7 +252,7 @@ class SystemdSandbox:
 
     def _write_files(self) -> None:
         assert self.workdir is not None
-        install_units(self.workdir, self.extra_units)
+        install_units(self.workdir, self.extra_units, self.bus_daemon)
         (self.workdir / "console.log").touch()
         (self.workdir / "guard.awk").write_text(GUARD_AWK)
 
@@ -286,7 +342,11 @@ class SystemdSandbox:
             )
         finally:
             os.close(go_read)
-        self._track_process(self._launcher.pid)
+        # On cgroup v2 the launcher leaves the sandbox's cgroup before its go
+        # (_move_launcher_out), so the reaper cannot know it by its cgroup:
+        # it knows it by the unshare command line the shell execs.
+        then = [*self._unshare_argv(), "/bin/sh", str(inner)]
+        self._rids.append(self.journal.add_process(self._launcher.pid, then=then))
         if self.layout != "unified":
             self._release_launcher()
 
@@ -303,16 +363,34 @@ class SystemdSandbox:
                 os.close(go)
 
     def log(self) -> str:
-        """What the launcher and systemd (its console) wrote so far."""
+        """What the launcher and systemd (its console) wrote so far.
+
+        With dbus-broker, what its launcher printed (``bus.log``: the fatal
+        errors it prints before it can log) follows, headed ``[bus.log]``.
+        """
+        if self.workdir is None:
+            return ""
+        parts = []
+        for name in ("systemd.log", "console.log", "bus.log"):
+            try:
+                text = (self.workdir / name).read_text(errors="replace")
+            except FileNotFoundError:
+                continue
+            parts.append(f"[{name}]\n{text}" if name == "bus.log" and text else text)
+        return "".join(parts)
+
+    def bus_log(self) -> str:
+        """dbus-broker's own log records (the ``MESSAGE=`` fields of ``journal.log``).
+
+        Empty for dbus-daemon, whose messages go nowhere (the sandbox has no journald).
+        """
         if self.workdir is None:
             return ""
         try:
-            return "".join(
-                (self.workdir / name).read_text(errors="replace")
-                for name in ("systemd.log", "console.log")
-            )
+            raw = (self.workdir / "journal.log").read_text(errors="replace")
         except FileNotFoundError:
             return ""
+        return "".join(line[8:] + "\n" for line in raw.splitlines() if line.startswith("MESSAGE="))
 
     # -- step 4: boot
 
@@ -437,7 +515,7 @@ class SystemdSandbox:
         ]
 
     def processes(self) -> set[str]:
-        """``PID:comm`` of every process in the sandbox but systemd and dbus-daemon.
+        """``PID:comm`` of every process in the sandbox but systemd and its bus.
 
         Found through the sandbox's cgroups on the host (``name=systemd`` or cgroup2):
         what a runtime or its containers left running.
@@ -449,7 +527,7 @@ class SystemdSandbox:
             return out
         for procs in root.rglob("cgroup.procs"):
             rel = procs.parent.relative_to(root).as_posix()
-            if rel.startswith("init.scope") or rel.endswith("dbus.service"):
+            if rel.startswith("init.scope") or rel.endswith(_BUS_UNITS):
                 continue
             pids: list[str] = []
             # A cgroup systemd removed meanwhile (its unit stopped) has no processes left.
@@ -484,6 +562,55 @@ class SystemdSandbox:
 
     def inspector(self) -> SystemdInspector:
         return SystemdInspector(self.bus_address)
+
+    # -- the bus under the runtime
+
+    def bus_pids(self) -> list[int]:
+        """The host PIDs of the bus's processes (the cgroup of ``dbus.service``).
+
+        dbus-daemon is one process; dbus-broker two (the launcher and the broker).
+        """
+        root = self._tracking_dir
+        if root is None:
+            return []
+        for procs in root.rglob("dbus.service/cgroup.procs"):
+            with swallowed(OSError, "reading %s", procs):
+                return sorted(map(int, procs.read_text().split()))
+        return []
+
+    def restart_bus(self, *, timeout: float = 10.0) -> float:
+        """``systemctl restart dbus.service`` inside; returns the seconds until systemd is back.
+
+        What runc PRs 2923 and 3475 and crun's ``sd-bus call: Transport
+        endpoint is not connected`` are about: every connection to the bus is
+        closed (a client sees EOF), the socket stays (systemd holds it, so a
+        connect during the restart waits in the backlog instead of failing),
+        and a new bus serves it.  Returns once ``org.freedesktop.systemd1``
+        answers on the new bus (PID 1 reconnects on its own); a SandboxError
+        if it does not within *timeout*, or if systemctl fails.
+
+        Example::
+
+            before = sd.bus_pids()
+            sd.restart_bus()
+            assert sd.bus_pids() != before
+        """
+        t0 = time.monotonic()
+        result = self.run(["systemctl", "restart", "dbus.service"], timeout=timeout)
+        if result.returncode != 0:
+            raise SandboxError(
+                f"systemctl restart dbus.service failed ({result.returncode}): "
+                f"{result.stderr.decode(errors='replace').strip()}\n" + self.log()[-2000:]
+            )
+        deadline = t0 + timeout
+        while self._system_state() not in ("running", "degraded"):
+            if time.monotonic() > deadline:
+                raise SandboxError(
+                    f"systemd did not answer on the restarted {self.bus_daemon} within "
+                    f"{timeout} s:\n" + self.log()[-2000:]
+                )
+            time.sleep(0.01)
+        return time.monotonic() - t0
 
     # -- stop
 
@@ -551,7 +678,7 @@ def describe(sandbox: SystemdSandbox) -> str:  # pragma: no cover - CLI helper
         f"""\
         systemd PID {sandbox.pid} (layout {sandbox.layout}), booted in {sandbox.boot_seconds:.3f} s
         cgroup controllers: {" ".join(sorted(sandbox.controllers)) or "none"}
-        bus (host side): {sandbox.bus_address}
+        bus (host side): {sandbox.bus_address} ({sandbox.bus_daemon})
         run inside:      nsenter -t {sandbox.pid} -m -p -C -- CMD  (after joining its cgroups)
         """
     )

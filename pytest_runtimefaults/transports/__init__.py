@@ -10,6 +10,8 @@ module                   stream
 ``command``              any command printing one event a line
                          (``ctr events``, ``podman events``)
 ``containerd``           containerd's gRPC ``Events.Subscribe``
+``cri``                  CRI ``RuntimeService/GetContainerEvents`` (containerd
+                         1.7+), and a CRI producer of pod and container events
 ``dbus``                 D-Bus signals matched with ``AddMatch``
 ``unixline``             a line protocol over a Unix socket
 ``broadcaster``          a test-only broadcaster server, correct or with

@@ -97,6 +97,13 @@ def _panic(message: str) -> None:
 
 _CLOSED = object()
 
+#: How long the server takes to learn that a subscriber hung up (gRPC passes a
+#: client's cancel to the stream's context a moment later; events keep being
+#: sent to it meanwhile, and those Sends fail).  Without it the window for CRI-O's
+#: double Done was a few microseconds, and in a slower container the swarm could
+#: run twenty rounds without hitting it.
+LEAVE_NOTICE = 0.05
+
 
 class _Sink:
     """One subscriber's queue, as the broadcaster's sink list holds it."""
@@ -248,6 +255,7 @@ class _Server:
                     self.subs.pop(sid, None)
                     self.pending.append(sink)
             else:
+                time.sleep(LEAVE_NOTICE)  # events still go to it meanwhile
                 with self.lock:
                     self.subs.pop(sid, None)
             ch.put(_CLOSED)

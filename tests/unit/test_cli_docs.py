@@ -47,3 +47,11 @@ def test_scenarios_list_collects_the_shipped_scenarios() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "test_incident1_dbus_replies.py::test_lifecycles_survive" in r.stdout
     assert "test_stalled_systemd_fails_create_within_a_bound" in r.stdout
+
+
+def test_the_proxy_help_names_every_rule_action() -> None:
+    from pytest_runtimefaults.commands.dbus import RULE_HELP
+    from pytest_runtimefaults.dbus.grammar import ACTIONS
+
+    missing = [name for name in ACTIONS if f"{name}(" not in RULE_HELP]
+    assert missing == [], f"runtimefaults proxy --help does not list {missing}"

@@ -265,17 +265,20 @@ class _TagRewriter:
     def __init__(self) -> None:
         self.seen = 0
 
-    def rewrite(self, direction: str, msg: Message) -> tuple[Message | None, str]:
+    def rewrite(self, conn: int, direction: str, msg: Message) -> tuple[Message | None, str]:
         self.seen += 1
         if self.seen > 2:
             return None, "tag: withheld"
         return msg.with_serials(serial=msg.serial + 1000), f"tag {self.seen}"
 
-    def restore(self, direction: str, msg: Message) -> tuple[Message, str] | None:
+    def restore(self, conn: int, direction: str, msg: Message) -> tuple[Message, str] | None:
         rs = msg.reply_serial
         if rs is not None and rs > 1000:
             return msg.with_serials(reply_serial=rs - 1000), "tag: restored"
         return None
+
+    def forget(self, conn: int) -> None:
+        self.forgotten = conn
 
 
 def test_the_engine_drives_any_rewriter_through_its_interface() -> None:

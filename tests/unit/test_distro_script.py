@@ -160,6 +160,10 @@ def test_podman_argv_follows_the_recipe(tmp_path: Path) -> None:
     ):
         assert flag in argv
     assert argv[argv.index("--runtime") + 1] == "runc"
+    # /run, /tmp and /var/tmp private to this run: two runs of one release share
+    # the rootfs, and one's reaper took the other's journaled sockets for a dead run's.
+    mounted = [argv[i + 1].split(":")[0] for i, a in enumerate(argv) if a == "--tmpfs"]
+    assert mounted == ["/run", "/tmp", "/var/tmp"]
     # --rootfs last before the command: every flag after it would be the command.
     at = argv.index("--rootfs")
     assert argv[at + 1] == str(tmp_path / "trixie-20261201" / "rootfs")
@@ -274,3 +278,42 @@ def test_an_entry_made_from_another_pyproject_is_stale(tmp_path: Path) -> None:
     assert distro.fresh_entry(tmp_path, "sid", today, 7, here) is None
     (entry / "build.json").unlink()
     assert distro.fresh_entry(tmp_path, "sid", today, 7, here) is None
+
+
+def test_an_entry_built_from_another_package_list_is_stale(tmp_path: Path) -> None:
+    today = dt.date(2026, 12, 1)
+    entry = _entry(tmp_path, "sid-20261201")
+    here = distro.pyproject_hash()
+    built = {
+        "pyproject_sha256": here,
+        "packages": ["runc", "crun"],
+        "packages_missing_in_release": ["containernetworking-plugins"],
+    }
+    (entry / "build.json").write_text(distro.json.dumps(built))
+    same = ["crun", "runc", "containernetworking-plugins"]
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here, same) == entry
+    # a package added to scripts/debian-packages (dbus-broker): its rootfs lacks it
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here, [*same, "dbus-broker"]) is None
+    # one taken out is stale too: the rootfs would test with more than the list says
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here, ["runc"]) is None
+    assert distro.fresh_entry(tmp_path, "sid", today, 7, here) == entry  # no list: not checked
+
+
+def test_dbus_broker_goes_into_the_rootfs_only() -> None:
+    # Debian's dbus-broker aliases itself to dbus.service: on the host that would
+    # switch the system bus at the next boot, so only the rootfs gets it.
+    assert "dbus-broker" in distro.ROOTFS_EXTRA
+    assert "dbus-broker" not in distro.read_packages()
+
+
+def test_every_ci_matrix_entry_is_a_release_scripts_distro_knows() -> None:
+    m = re.search(r"^RUNTIMEFAULTS_MATRIX=\$\{RUNTIMEFAULTS_MATRIX-([^}]*)\}$",
+                  (REPO / ".ci" / "run").read_text(), re.MULTILINE)  # fmt: skip
+    assert m is not None
+    for name in filter(None, m.group(1).split(",")):
+        assert name in distro.RELEASES, name
+    # the dbus-broker entry runs the systemd family on the other bus
+    assert distro.DEFAULT_ARGS["debian13-broker"] == [
+        "--runtimefaults-bus-daemon=dbus-broker",
+        "tests/system/systemd",
+    ]

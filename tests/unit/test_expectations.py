@@ -134,8 +134,22 @@ def test_the_matrix_rows_of_debian_13() -> None:
     assert ex.expected("containerd", "2.1.9", "socket:directory") is Outcome.FAILS_CLEANLY
     assert ex.expected("containerd", "1.7.24", "cni:wrong-version-config") is Outcome.MISBEHAVES
     assert ex.expected("containerd", "2.1.9", "cni:wrong-version-config") is Outcome.FAILS_CLEANLY
-    # sid's runtimes never met a systemd in that run (the sandbox guard refused): unknown
-    assert ex.expected("runc", "1.3.6", "dbus:reorder") is None
+    # an unmeasured version has no row: judged on its merits
+    assert ex.expected("runc", "1.2.0", "dbus:reorder") is None
+
+
+def test_the_matrix_rows_of_sid() -> None:
+    """What the sid run measured (unified layout, systemd 262): runc 1.3.6 and crun 1.28."""
+    for rt, v in (("runc", "1.3.6"), ("crun", "1.28")):
+        assert ex.expected(rt, v, "dbus:reorder") is Outcome.SURVIVES
+        assert ex.expected(rt, v, "systemd:serials-wrap") is Outcome.SURVIVES
+        assert ex.expected(rt, v, "systemd:serial-overflow-stall") is Outcome.BLOCKS
+    assert ex.expected("runc", "1.3.6", "systemd:jobremoved-never-sent") is Outcome.FAILS_CLEANLY
+    assert ex.expected("crun", "1.28", "systemd:jobremoved-never-sent") is Outcome.BLOCKS
+    assert ex.expected("containerd", "2.1.9", "cni:broken-config-at-pod-start") is (
+        Outcome.FAILS_CLEANLY
+    )
+    assert ex.expected("containerd", "1.6.20", "cni:broken-config-at-pod-start") is Outcome.LEAKS
 
 
 # --- judge: the table decides, an unknown version is judged on its merits ---------

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from findings import judged
 
-from pytest_runtimefaults import naming
+from pytest_runtimefaults import caps, naming
+from pytest_runtimefaults import expectations as ex
 from pytest_runtimefaults.cni import (
     CniDir,
     CriNetworkStatus,
@@ -100,7 +102,7 @@ def test_containerd_a_broken_first_file_takes_the_pod_network_down(
     cni_dir.write(good, priority=10)
     assert wait_cri_network(cni_containerd.address, ready_with(good["name"])).ready
     fault = cni_half_written("05-broken.conflist", cni_dir.bridge(), mode=mode, restore=False)
-    status = wait_cri_network(cni_containerd.address, lambda s: not s.ready)
+    status = wait_cri_network(cni_containerd.address, lambda s: s.load_failed)
     # containerd names the file and the reason, but the whole pod network is
     # down although 10-*.conflist is whole: per-file recovery it is not.
     assert (status.ready, status.networks) == (False, ())
@@ -125,18 +127,36 @@ def test_containerd_ignores_a_broken_file_sorted_after_its_network(
 
 
 def test_containerd_takes_a_wrong_version_file_as_its_pod_network(
-    cni_dir: CniDir, cni_containerd: Containerd, cni_half_written: Any
+    cni_dir: CniDir, cni_containerd: Containerd, cni_half_written: Any, record_property: Any
 ) -> None:
-    # The loader does not check cniVersion: the broken network becomes the
-    # default and NetworkReady stays true; only a pod's ADD would fail.
+    # containerd 1.6/1.7's loader does not check cniVersion: the broken network
+    # becomes the default and NetworkReady stays true (only a pod's ADD would
+    # fail).  containerd 2 asks the plugins for STATUS, which the version
+    # refuses: network not ready, with the plugins' words.  Which one this
+    # containerd does is the table's (expectations, "cni:wrong-version-config").
     good = cni_dir.bridge()
     cni_dir.write(good, priority=10)
     assert wait_cri_network(cni_containerd.address, ready_with(good["name"])).ready
     bad = cni_dir.bridge()
     cni_half_written("05-bad.conflist", bad, mode="wrong-version")
-    status = wait_cri_network(cni_containerd.address, ready_with(bad["name"]))
-    assert status.ready
-    assert [n for n, _ in status.networks] == [bad["name"]]
+
+    def taken(s: Any) -> bool:
+        return bool(ready_with(bad["name"])(s))
+
+    def refused(s: Any) -> bool:
+        return not s.ready and "does not allow STATUS" in s.message
+
+    status = wait_cri_network(cni_containerd.address, lambda s: taken(s) or refused(s))
+    if taken(status):
+        observed = ex.Outcome.MISBEHAVES
+    elif refused(status):
+        observed = ex.Outcome.FAILS_CLEANLY
+    else:
+        pytest.fail(f"neither taken nor refused: {status}")
+    verdict = judged(
+        record_property, "containerd", "cni:wrong-version-config", observed, f"status {status}"
+    )
+    assert verdict.ok, verdict.message
 
 
 def test_containerd_held_half_written_file_until_released(
@@ -201,6 +221,7 @@ def test_containerd_delete_and_recreate_brings_macvlan_up_as_bridge(
 # --- real pods (RunPodSandbox: CNI ADD; StopPodSandbox: CNI DEL) -------------------
 
 
+@pytest.mark.needs("container-cgroups")
 def test_containerd_pod_gets_the_network_then_frees_it(
     cni_dir: CniDir, cni_cri_pods: CriPods, cni_containerd: Containerd
 ) -> None:
@@ -216,6 +237,8 @@ def test_containerd_pod_gets_the_network_then_frees_it(
 
 
 def test_containerd_pod_fails_without_naming_the_broken_file(
+    request: pytest.FixtureRequest,
+    record_property: Any,
     cni_dir: CniDir,
     cni_cri_pods: CriPods,
     cni_containerd: Containerd,
@@ -228,24 +251,38 @@ def test_containerd_pod_fails_without_naming_the_broken_file(
     cni_dir.write(good, priority=10)
     assert wait_cri_network(cni_containerd.address, ready_with(good["name"])).ready
     fault = cni_half_written("05-broken.conflist", cni_dir.bridge(), restore=False)
-    wait_cri_network(cni_containerd.address, lambda s: not s.ready)
+    wait_cri_network(cni_containerd.address, lambda s: s.load_failed)
     with pytest.raises(grpc.RpcError) as info:
         cni_cri_pods.run()
     details = info.value.details()  # type: ignore[attr-defined]
     assert "failed to setup network for sandbox" in details
     assert "cni plugin not initialized" in details
     assert fault.path.name not in details  # the pod's error does not say which file
-    # The failed sandbox stays listed (NotReady) with its namespace until removed.
-    assert len(cni_cri_pods.list_ids()) == 1
-    assert len(runtimefaults_faults.leak_checks["netns:cri"].leaked()) == 1
+    # Is the failed sandbox kept (NotReady, with its namespace, until removed)?
+    # containerd 1.6/1.7 keep it, 2.1 does not: the table says which is known.
+    listed = cni_cri_pods.list_ids()
+    netns_left = runtimefaults_faults.leak_checks["netns:cri"].leaked()
+    observed = ex.Outcome.LEAKS if listed or netns_left else ex.Outcome.FAILS_CLEANLY
+    verdict = judged(
+        record_property,
+        "containerd",
+        "cni:broken-config-at-pod-start",
+        observed,
+        f"sandboxes listed {listed}, namespaces left {sorted(netns_left)}",
+    )
+    assert verdict.ok, verdict.message
+    assert len(listed) == len(netns_left)  # a kept sandbox keeps exactly its namespace
     cni_cri_pods.remove_all()
     assert runtimefaults_faults.leak_checks["netns:cri"].leaked() == set()
     runtimefaults_faults.lift_all()
     assert wait_cri_network(cni_containerd.address, ready_with(good["name"])).ready
+    # A pod that comes up runs a container: containerd 2 writes cpu.weight for it.
+    caps.require_container_controllers(request)
     pod = cni_cri_pods.run()
     assert link_kind(pod.netns_path, "eth0") == "veth"
 
 
+@pytest.mark.needs("container-cgroups")
 def test_containerd_pods_come_up_as_bridge_while_the_macvlan_file_is_recreated(
     cni_dir: CniDir,
     cni_sandbox: CniSandbox,
@@ -268,6 +305,7 @@ def test_containerd_pods_come_up_as_bridge_while_the_macvlan_file_is_recreated(
     assert kinds["veth"] >= 1, kinds
 
 
+@pytest.mark.needs("container-cgroups")
 def test_containerd_del_after_the_default_network_changed_leaks_the_reservation(
     cni_dir: CniDir,
     cni_sandbox: CniSandbox,
@@ -288,6 +326,7 @@ def test_containerd_del_after_the_default_network_changed_leaks_the_reservation(
     assert leaked == {f"ipam:{mac['name']}/{pod.ip}={pod.id}"}
 
 
+@pytest.mark.needs("container-cgroups")
 def test_containerd_ten_concurrent_pods_get_distinct_addresses(
     cni_dir: CniDir, cni_cri_pods: CriPods, cni_containerd: Containerd
 ) -> None:

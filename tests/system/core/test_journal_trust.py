@@ -341,6 +341,39 @@ def test_a_process_that_is_ours_is_killed(tmp_path: Path) -> None:
             victim.wait()
 
 
+@pytest.mark.parametrize("execs", ["recorded", "another"])
+def test_a_shell_that_execs_its_recorded_command_is_killed(tmp_path: Path, execs: str) -> None:
+    """The sandbox's launcher on cgroup v2: ``sh -c '...; exec unshare ...'``, recorded
+    before its exec, outside any cgroup of ours by the time it is reaped.  Known by
+    the command it was recorded to exec (``then``); any other exec is refused."""
+    then = ["sleep", "301"]
+    run = then if execs == "recorded" else ["sleep", "302"]
+    go_read, go = os.pipe()
+    victim = subprocess.Popen(
+        ["/bin/sh", "-c", f"read line; exec {' '.join(run)}"], stdin=go_read, start_new_session=True
+    )
+    os.close(go_read)
+    try:
+        _dead_journal(tmp_path / "state").add_process(victim.pid, then=then)
+        os.write(go, b"go\n")
+        deadline = time.monotonic() + 5
+        while proc.cmdline(victim.pid) != run and time.monotonic() < deadline:
+            time.sleep(0.01)
+        done = _cleanup(tmp_path / "state")
+        if execs == "recorded":
+            assert done.returncode == 0, done.stdout
+            assert victim.wait(timeout=10) == -signal.SIGKILL
+        else:
+            assert "now runs ['sleep', '302']" in done.stdout, done.stdout
+            time.sleep(0.2)
+            assert victim.poll() is None, "a process that exec'd something else was killed"
+    finally:
+        os.close(go)
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+
+
 def test_pid_1_is_never_killed(tmp_path: Path) -> None:
     journal = _dead_journal(tmp_path / "state")
     journal.add("process", pid=1, starttime=proc.starttime(1), cmdline=proc.cmdline(1))
@@ -597,6 +630,12 @@ def test_a_containerd_entry_for_a_users_directory_is_reaped_but_kept(tmp_path: P
         [sys.executable, "-c", "import time; time.sleep(300)", str(users / "containerd.sock")]
     )
     try:
+        # Popen returns once execve began; /proc/PID/cmdline is empty for a moment
+        # after (seen in the Debian 13 run): the reaper finds shims by their argv.
+        deadline = time.monotonic() + 5
+        while str(users) not in " ".join(proc.cmdline(shim.pid) or []):
+            assert time.monotonic() < deadline, "the stand-in shim never showed its argv"
+            time.sleep(0.01)
         result = reap_dead_owners(tmp_path / "state")
         assert result.errors == [], result.errors
         assert shim.wait(timeout=10) == -signal.SIGKILL

@@ -51,6 +51,7 @@ def _refused(*args: str) -> str:
         ("Delay(1e999)", ["Delay seconds", "got inf"]),
         ("Reorder(max_hold=-1)", ["Reorder max_hold", "got -1"]),
         ("SplitMessage(pause=1e999) member=X", ["SplitMessage pause", "got inf"]),
+        ("JobResult('broken') member=JobRemoved", ["JobResult result 'broken'", "use one of"]),
     ],
 )
 def test_a_bad_rule_exits_2_with_one_line(bus: PrivateBus, rule: str, words: list[str]) -> None:

@@ -295,8 +295,10 @@ def test_disconnect(proxy: DBusFaultProxy, mid: bool) -> None:
 def test_serials_seen_by_the_client_cross_the_boundary(
     proxy: DBusFaultProxy, mode: str, after: int
 ) -> None:
-    proxy.add(Serials(start=0xFFFFFFFD, on_overflow=mode).on(direction=TO_CLIENT))
-    c = open_dbus_connection(bus=proxy.address)  # Hello reply and NameAcquired: 0xfffffffd..e
+    proxy.add(Serials(start=0xFFFFFFFF, on_overflow=mode).on(direction=TO_CLIENT))
+    # Each sender is numbered apart: the service's first reply is 0xffffffff (the bus
+    # driver's Hello reply and NameAcquired are a sequence of their own, per connection).
+    c = open_dbus_connection(bus=proxy.address)
     try:
         seen = []
         for _ in range(4):
@@ -354,9 +356,11 @@ def test_signed_32_bit_serial_client_fails_correct_client_passes(proxy: DBusFaul
 
 
 def test_stall_client_with_timeout_fails_within_it(proxy: DBusFaultProxy) -> None:
-    proxy.add(Serials(start=0xFFFFFFFE, on_overflow="stall").on(direction=TO_CLIENT))
-    c = open_dbus_connection(bus=proxy.address)  # uses 0xfffffffe and 0xffffffff
+    proxy.add(Serials(start=0xFFFFFFFF, on_overflow="stall").on(direction=TO_CLIENT))
+    c = open_dbus_connection(bus=proxy.address)  # the bus driver's Hello reply: 0xffffffff
     try:
+        # The service's first reply is its 0xffffffff; it can send nothing after it.
+        assert c.send_and_get_reply(PING, timeout=5).body == ("pong",)
         t = time.monotonic()
         with pytest.raises(TimeoutError):
             c.send_and_get_reply(PING, timeout=1.0)

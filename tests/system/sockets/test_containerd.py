@@ -80,6 +80,7 @@ def test_ctr_failure_names_stderr(containerd: Containerd) -> None:
     assert isinstance(result, subprocess.CompletedProcess)
 
 
+@pytest.mark.needs("container-cgroups")
 def test_stop_leaves_nothing_on_the_host_after_a_crash_with_a_running_container() -> None:
     ctd = Containerd()
     try:

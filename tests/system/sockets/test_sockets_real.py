@@ -8,6 +8,7 @@ change here means the daemon changed: update both.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import threading
@@ -16,7 +17,9 @@ from collections.abc import Callable
 from random import Random
 
 import pytest
+from findings import judged
 
+from pytest_runtimefaults import expectations as ex
 from pytest_runtimefaults.containerd import Containerd, CtrError
 from pytest_runtimefaults.daemon import Daemon, connect_error
 from pytest_runtimefaults.faults import FaultRegistry
@@ -116,6 +119,7 @@ def test_containerd_per_variant(
 # --- SIGKILL mid-operation ----------------------------------------------------
 
 
+@pytest.mark.needs("container-cgroups")
 def test_containerd_sigkill_with_a_running_container(containerd: Containerd) -> None:
     image = containerd.import_busybox()
     containerd.run(image, "keeps", "sleep", "3600", detach=True)
@@ -130,14 +134,19 @@ def test_containerd_sigkill_with_a_running_container(containerd: Containerd) -> 
     assert containerd.fatal_errors() == []
 
 
+@pytest.mark.needs("container-cgroups")
 def test_containerd_sigkill_during_ctr_run(
-    containerd: Containerd, runtimefaults_rng: Random, runtimefaults_faults: FaultRegistry
+    containerd: Containerd,
+    runtimefaults_rng: Random,
+    runtimefaults_faults: FaultRegistry,
+    record_property: Callable[[str, object], None],
 ) -> None:
     """Kill containerd at seeded moments of ``ctr run --rm``: it serves again
     every time; what the interrupted run left is classified, and once removed
     (containers, orphan snapshots, orphan shims) the same ID runs again."""
     image = containerd.import_busybox()
     seen: set[str] = set()
+    restarts: list[float] = []
     for i in range(3):
         cid = f"mid{i}"
         run = subprocess.Popen(
@@ -156,19 +165,23 @@ def test_containerd_sigkill_during_ctr_run(
                 run.wait()
         assert run.returncode != 0
         # How ctr words a server gone mid-call: 1.6 "transport is closing" or
-        # "connection refused"; 1.7 "error reading from server: EOF"; 2.1
-        # "error reading server preface: connection reset by peer".
+        # "connection refused"; 1.7 "error reading from server: EOF" or "error
+        # reading from server: read unix @->SOCKET: read: connection reset by
+        # peer"; 2.1 "error reading server preface: connection reset by peer"
+        # or, killed later in the call, "error reading from server: connection
+        # reset by peer".
         lost = (
             "transport is closing",
             "connection refused",
             "error reading from server: EOF",
             "error reading server preface",
+            "connection reset by peer",
         )
         assert any(text in out for text in lost), out
         containerd.daemon.start()
         serve_again = containerd.daemon.time_to_serve_again()
-        assert serve_again is not None
-        assert serve_again < 5
+        assert serve_again is not None, "containerd never served again after the restart"
+        restarts.append(serve_again)
         seen |= {o.split(":")[0].split(" (")[0].replace(cid, "ID") for o in containerd.orphans()}
         if cid in containerd.ctr("containers", "ls", "-q").stdout.split():
             seen.add("container record")
@@ -184,12 +197,26 @@ def test_containerd_sigkill_during_ctr_run(
             # but its metadata transaction was lost, so the next Prepare gets
             # the same id and "file exists".  Nothing through ctr removes it.
             pytest.xfail(f"containerd left an overlayfs snapshot directory: {exc.stderr}")
+    # How soon it serves again: under a second, or (containerd 1.7.24, one kill in
+    # one run) a 10 s wait on the interrupted run's shim.  The table knows which.
+    observed = ex.Outcome.SURVIVES if max(restarts) < 5 else ex.Outcome.MISBEHAVES
+    verdict = judged(
+        record_property,
+        "containerd",
+        "daemon:sigkill-mid-run-restart",
+        observed,
+        f"served again after {', '.join(f'{t:.2f}' for t in restarts)} s",
+    )
+    assert verdict.ok, verdict.message
     print("left behind by interrupted runs:", sorted(seen) or "nothing")
     assert runtimefaults_faults.leak_checks["containerd:orphans"].leaked() == set()
     assert containerd.fatal_errors() == []
 
 
-def test_containerd_orphan_shim_blocks_the_id_until_killed(containerd: Containerd) -> None:
+@pytest.mark.needs("container-cgroups")
+def test_containerd_orphan_shim_blocks_the_id_until_killed(
+    containerd: Containerd, record_property: Callable[[str, object], None]
+) -> None:
     """The 1.6.20 behaviour found with this harness: SIGKILLed after it started a
     task's shim but before it recorded the task, containerd restarts without
     knowing that shim, which keeps the ID taken until it is killed."""
@@ -217,12 +244,27 @@ def test_containerd_orphan_shim_blocks_the_id_until_killed(containerd: Container
     containerd.remove_all_containers()
     containerd.remove_orphan_snapshots()
     assert f"shim of unknown task {cid} (pid {containerd.shims()[cid]})" in containerd.orphans()
-    # "task ID: already exists" while the shim lives; once it exits by
-    # itself, its bundle directory: "failed to start shim: mkdir ...: file exists".
-    with pytest.raises(CtrError, match=r"already exists|file exists"):
-        containerd.run(image, cid, "true")
-    with pytest.raises(CtrError, match=r"already exists|file exists"):
-        containerd.run(image, cid, "true")  # still: nothing cleans it up
+    # Is the ID still taken?  containerd 1.6.20: "task ID: already exists" while
+    # the shim lives; once it exits by itself, its bundle directory: "failed to
+    # start shim: mkdir ...: file exists", twice (nothing cleans it up).
+    # containerd 2.1: the ID is free again.  The table says which is known.
+    errors = []
+    for _ in range(2):
+        try:
+            containerd.run(image, cid, "true")
+        except CtrError as exc:
+            errors.append(str(exc))
+    assert all(re.search(r"already exists|file exists", e) for e in errors), errors
+    observed = ex.Outcome.LEAKS if errors else ex.Outcome.SURVIVES
+    verdict = judged(
+        record_property,
+        "containerd",
+        "daemon:sigkill-shim",
+        observed,
+        f"{len(errors)} of 2 runs with ID {cid} refused",
+    )
+    assert verdict.ok, verdict.message
+    assert len(errors) in (0, 2), errors  # never once refused, once not
     containerd.kill_orphan_shims()
     time.sleep(0.1)
     containerd.remove_orphans()  # the bundle, if containerd did not reap it

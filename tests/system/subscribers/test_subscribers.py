@@ -148,6 +148,14 @@ def test_threaded_subscription_reports_a_broken_stream() -> None:
 # --- the broadcaster pair: CRI-O's bug caught, the fix passes ---------------------
 
 
+#: Publishing rounds of 20 events each.  The double Done needs a subscriber to
+#: leave while events for it are still queued, a race the churn wins only now
+#: and then: in a slow container (Python 3.13, 3.14) 20 rounds were not always
+#: enough.  The swarm stops publishing as soon as the broadcaster died, and the
+#: fixed broadcaster gets the same load.
+ROUNDS = 150
+
+
 def swarm_against(server: Broadcaster, seed: int) -> Swarm:
     swarm = Swarm(
         server.transport(),
@@ -158,7 +166,9 @@ def swarm_against(server: Broadcaster, seed: int) -> Swarm:
     with swarm:
         try:
             swarm.prime(lambda: server.publish(1))
-            for _ in range(20):
+            for _ in range(ROUNDS):
+                if not server.alive():
+                    break
                 server.publish(20, burst=10, pause=0.005)
         except ConnectionError:
             pass  # the broadcaster died under us: judged below

@@ -105,9 +105,10 @@ def assert_only_go_events_losses(report: SwarmReport) -> None:
     )
 
 
+@pytest.mark.needs("container-cgroups")
 @pytest.mark.timeout(120)
 def test_containerd_survives_a_churning_swarm(
-    grpc_client: None, containerd: Containerd, rootfs: Path, subscribers
+    grpc_client: None, containerd: Containerd, rootfs: Path, subscribers, record_property
 ) -> None:  # type: ignore[no-untyped-def]
     """50 subscribers with churn while 500+ lifecycle events are broadcast."""
     transport = ContainerdEvents(containerd.address)
@@ -128,9 +129,15 @@ def test_containerd_survives_a_churning_swarm(
     print("\ncontainerd swarm:", figures, f"production {produced_s:.1f} s")
     print(report.summary())
     assert_only_go_events_losses(report)
-    # The witness itself saw every lifecycle, complete and in order.
+    # What it did, for docs/matrix.md: the go-events signature is a misbehaviour.
+    signature = any(p.kind in ("gap", "duplicate", "tail", "unknown") for p in report.problems)
+    record_property("runtimefaults_verdict.outcome", "misbehaved" if signature else "survived")
+    # The witness is a sink of the same broadcaster: it saw every lifecycle on
+    # containerd 1.6.20, and missed 2-5 of 504 to the same defect on 2.1.9
+    # (under 2 % of them).
     lifecycle_keys = [k for k in report.reference if not k.split("@")[0].endswith("/marker")]
-    assert len(lifecycle_keys) == 6 * len(names)
+    missed = 6 * len(names) - len(lifecycle_keys)
+    assert 0 <= missed <= len(lifecycle_keys) // 50, (missed, len(lifecycle_keys))
     # Every steady subscriber kept its one connection to the end, with nothing but
     # the go-events signature (or registration latency) against it.
     steady = [rec for rec in report.subscribers if rec.steady]
@@ -143,6 +150,7 @@ def test_containerd_survives_a_churning_swarm(
     transport.close()
 
 
+@pytest.mark.needs("container-cgroups")
 @pytest.mark.timeout(120)
 def test_containerd_sigkill_mid_swarm_gives_clean_errors_then_reconnects(
     grpc_client: None, containerd: Containerd, rootfs: Path, subscribers
@@ -184,6 +192,7 @@ def test_containerd_sigkill_mid_swarm_gives_clean_errors_then_reconnects(
     transport.close()
 
 
+@pytest.mark.needs("container-cgroups")
 @pytest.mark.timeout(90)
 def test_ctr_events_under_the_swarm(containerd: Containerd, rootfs: Path, subscribers) -> None:  # type: ignore[no-untyped-def]
     """The command-line transport: each subscriber is a ``ctr events`` process."""

@@ -10,7 +10,7 @@ import pytest
 
 from pytest_runtimefaults import caps
 from pytest_runtimefaults.cni import busybox_rootfs, kill_cgroup_tree
-from pytest_runtimefaults.cni.podman import podman_network_argv
+from pytest_runtimefaults.cni.podman import podman_major, podman_network_argv
 from pytest_runtimefaults.containerd import cleanup_containerd_dir
 from pytest_runtimefaults.journal import Journal
 from pytest_runtimefaults.naming import unique_name
@@ -34,9 +34,24 @@ def podman_argv(
         (directory / sub).mkdir()
     busybox_rootfs(directory / "rootfs")
 
+    # podman 5 has only netavark, whose run directory (/run/containers/networks)
+    # cannot be moved: each podman runs in a private mount namespace with its own
+    # /run, that directory bound from ours.
+    major = podman_major()
+    private_run: list[str] = []
+    if major is not None and major >= 5:
+        (directory / "run-networks").mkdir()
+        private_run = [
+            "unshare", "--mount", "--propagation", "slave", "sh", "-c",
+            "mount -t tmpfs -o mode=0755 rfrun /run && mkdir -p /run/lock /run/containers/networks"
+            ' && mount --bind "$0" /run/containers/networks && exec "$@"',
+            str(directory / "run-networks"),
+        ]  # fmt: skip
+
     def argv(*args: str) -> list[str]:
         d = directory
         return [
+            *private_run,
             "podman",
             *("--root", str(d / "root"), "--runroot", str(d / "runroot")),
             *("--tmpdir", str(d / "tmp"), "--cgroup-manager", "cgroupfs"),
@@ -57,6 +72,7 @@ def podman_argv(
     runtimefaults_journal.release(cg_rid)
 
 
+@pytest.mark.needs("container-cgroups")
 @pytest.mark.timeout(120)
 def test_podman_events_under_the_swarm(podman_argv, subscribers) -> None:  # type: ignore[no-untyped-def]
     import subprocess

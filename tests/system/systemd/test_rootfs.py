@@ -68,6 +68,7 @@ def test_image_tar_is_a_valid_oci_layout_with_stable_digests(tmp_path: Path) -> 
         assert manifest["layers"][0]["digest"].split(":")[1] in blobs
 
 
+@pytest.mark.needs("container-cgroups")
 @pytest.mark.needs("containerd")
 def test_ctr_imports_the_image_and_runs_it(tmp_path: Path) -> None:
     from pytest_runtimefaults.containerd import Containerd

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import time
@@ -322,3 +323,127 @@ def test_jobremoved_never_sent_fails_within_runcs_timeout(
         f"left units {sorted(left)}, processes {sorted(processes)}"
     )
     _judged(name, "systemd:jobremoved-never-sent", observed, detail, record_property)
+
+
+_REWRITE = re.compile(r"Serials: serial (\d+) -> (\d+)$")
+
+
+def _systemd_serials(proxy: DBusFaultProxy) -> tuple[dict[int, list[tuple[int, int]]], set[int]]:
+    """From the trace: per connection, (real, fake) of each message of systemd it got;
+    and the real serials of systemd's messages withheld (stalled) on any connection."""
+    delivered: dict[int, list[tuple[int, int]]] = {}
+    withheld: set[int] = set()
+    for e in proxy.trace.faults():
+        if e.direction != TO_CLIENT or e.fault is None:
+            continue
+        m = _REWRITE.search(e.fault)
+        if m:
+            delivered.setdefault(e.conn, []).append((int(m[1]), int(m[2])))
+        elif "stalled" in e.fault and e.serial is not None:
+            withheld.add(e.serial)
+    return delivered, withheld
+
+
+def _overlapping(delivered: dict[int, list[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """Pairs of connections whose real serials interleave (both open at once)."""
+    span = {c: (min(p)[0], max(p)[0]) for c, p in delivered.items()}
+    return [
+        (c, d)
+        for c in span
+        for d in span
+        if c < d and span[c][0] < span[d][1] and span[d][0] < span[c][1]
+    ]
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_systemd_serials_are_one_sequence_across_the_runtimes_connections(
+    name: str, sandbox: SystemdSandbox, proxy: DBusFaultProxy, bundle: Path
+) -> None:
+    """sd-bus numbers all of systemd's messages from one cookie: every connection of the
+    runtime (runc: two per command, calls and signals; crun: one per command) gets a
+    subset of one sequence of fake serials, which passes 0xffffffff mid-lifecycle.
+
+    Under the old per-connection model each connection started at *start* on its own:
+    runc's two connections both got 0xfffffffe, for different messages of systemd.
+    """
+    systemd_name = sandbox.inspector().unique_name()
+    rt = _runtime(name, sandbox, proxy, timeout=STALL_BOUND)
+    start = 0xFFFFFFFE  # a lifecycle brings systemd's serials a handful of messages on
+    proxy.add(
+        Serials(start=start, on_overflow="cycle").on(direction=TO_CLIENT, sender=systemd_name)
+    )
+    result = rt.lifecycle(bundle)
+    assert result.ok, result.stderr
+    delivered, withheld = _systemd_serials(proxy)
+    pairs = sorted({p for got in delivered.values() for p in got})
+    reals, fakes = [r for r, _ in pairs], [f for _, f in pairs]
+    overlapping = _overlapping(delivered)
+    _record(
+        {
+            "case": "serials-one-sequence",
+            "runtime": name,
+            "connections": len(delivered),
+            "overlapping": len(overlapping),
+            "messages": len(pairs),
+            "real": [reals[0], reals[-1]],
+        }
+    )
+    assert not withheld
+    assert len(delivered) >= 2, delivered
+    # One message of systemd, one fake serial, whichever connection it went to (a
+    # broadcast to two connections is one message); no fake serial for two messages.
+    assert len(set(reals)) == len(reals), pairs
+    assert len(set(fakes)) == len(fakes), pairs
+    # An affine image of systemd's own counter (the gaps are messages to others), which
+    # continues at 0x80000000 past 0xffffffff.
+    before = {f - r for r, f in pairs if f >= start}
+    after = {f - r for r, f in pairs if f < start}
+    assert len(before) == 1, pairs
+    assert after == {before.pop() - (0x100000000 - 0x80000000)}, pairs
+    if name == "runc":  # its calls and its signals connections interleave
+        assert overlapping, delivered
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_systemd_stall_starts_at_one_message_for_all_the_runtimes_connections(
+    name: str, sandbox: SystemdSandbox, proxy: DBusFaultProxy, bundle: Path
+) -> None:
+    """Past 0xffffffff, systemd sends nothing more, to any connection: no message of
+    systemd later than the first withheld one reaches any of the runtime's connections.
+
+    Under the old per-connection model runc's signals connection still got systemd's
+    later messages after its calls connection had stalled.
+    """
+    inspector = sandbox.inspector()
+    baseline = inspector.scopes_and_slices()
+    systemd_name = inspector.unique_name()
+    rt = _runtime(name, sandbox, proxy, timeout=10)
+    proxy.add(
+        Serials(start=0xFFFFFFFF, on_overflow="stall").on(direction=TO_CLIENT, sender=systemd_name)
+    )
+    created = rt.create("rf-stall1", bundle)
+    proxy.clear()
+    rt.delete("rf-stall1", force=True)
+    left = inspector.wait_gone({u.name for u in inspector.leftovers(baseline)}, timeout=3)
+    delivered, withheld = _systemd_serials(proxy)
+    pairs = sorted({p for got in delivered.values() for p in got})
+    _record(
+        {
+            "case": "serials-stall-one-message",
+            "runtime": name,
+            "create_rc": created.returncode,
+            "timed_out": created.timed_out,
+            "connections": len(delivered),
+            "delivered": pairs,
+            "withheld": sorted(withheld),
+            "units_left": sorted(left),
+        }
+    )
+    assert rt.lifecycle(bundle).ok
+    assert withheld, "the stall never came: the test would prove nothing"
+    # systemd's first message the proxy saw got 0xffffffff: the boundary is the next one
+    # of systemd's own sequence, on whichever connection it went
+    assert pairs == [(pairs[0][0], 0xFFFFFFFF)], pairs
+    assert min(withheld) > pairs[0][0], (pairs, sorted(withheld))
+    if name == "runc":  # its other connection got nothing of systemd's at all
+        assert len(delivered) == 1, delivered

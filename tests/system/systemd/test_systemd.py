@@ -16,6 +16,7 @@ import pytest
 
 from pytest_runtimefaults import caps
 from pytest_runtimefaults.journal import Journal, default_state_dir, reap_dead_owners
+from pytest_runtimefaults.naming import unique_name
 from pytest_runtimefaults.systemd import (
     SandboxError,
     SystemdInspector,
@@ -174,9 +175,16 @@ def test_systemd_remounts_only_its_own_cgroup_tmpfs_read_only(
                 assert ln.split()[3] == "/", ln
         # And the host's view is still read-write while it runs.
         assert host_cgroup_state() == host_before[0]
-        with open("/sys/fs/cgroup/.rf-write-probe", "w"):
-            pass
-        os.unlink("/sys/fs/cgroup/.rf-write-probe")
+        assert not os.statvfs("/sys/fs/cgroup").f_flag & os.ST_RDONLY
+        if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            # A pure cgroup2 host: no plain file can be made there, a cgroup can.
+            probe = os.path.join("/sys/fs/cgroup", unique_name("rfwp"))
+            os.mkdir(probe)
+            os.rmdir(probe)
+        else:
+            with open("/sys/fs/cgroup/.rf-write-probe", "w"):
+                pass
+            os.unlink("/sys/fs/cgroup/.rf-write-probe")
     _assert_host_unchanged(host_before, sd)
 
 

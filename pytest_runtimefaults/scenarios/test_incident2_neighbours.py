@@ -1,0 +1,143 @@
+"""Neighbours of incident 2 (issue 15): systemd's answers that a runtime must handle.
+
+* a job that ends badly: JobRemoved of the runtime's scope says ``failed``
+  (runc PR 2331, crun PR 331);
+* "Unit ... already exists": a live scope of the runtime's name is there
+  before the create (runc PR 1124, podman issue 15583, crun PR 348);
+* systemd re-executes with the runtime's call unanswered (systemd issue 27204).
+
+Recovered means: the create fails with a clear error (or succeeds, where
+the fault allows it) within a bound, nothing is left once the fault is
+lifted, nothing the runtime did not make is stopped, and the next lifecycle
+succeeds.  What runc and crun versions do is in the expectations table.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from pytest_runtimefaults.dbus.actions import JobResult
+from pytest_runtimefaults.expectations import Outcome
+from pytest_runtimefaults.scenarios import lifecycle_outcome, observe, runtime_identity
+from pytest_runtimefaults.systemd.neighbours import LeftoverScope, ReexecMidCall, scope_name
+
+BOUND = 35.0  # seconds a create may take before we call the runtime blocked (runc waits 30 s)
+CID = "rf-neighbour"
+
+
+def _sandboxed(systemd: Any) -> None:
+    """These faults change systemd's own state: only a sandboxed systemd's, never the host's."""
+    if not hasattr(systemd, "workdir"):
+        pytest.skip("needs the sandboxed systemd (not --runtimefaults-host-systemd)")
+
+
+def _scope(runtime: Any) -> str:
+    try:
+        return scope_name(runtime.name, CID)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.family("serials", incident=2)
+@pytest.mark.timeout(120)
+def test_job_that_ended_badly_is_reported(
+    verdict: Any, runtime: Any, systemd: Any, systemd_dbus_proxy: Any, oci_bundle: Any
+) -> None:
+    """JobRemoved of the runtime's scope says ``failed``: create must fail, leaving nothing."""
+    component, version = runtime_identity(runtime)
+    units_before = systemd.inspector().scopes_and_slices()
+    unit = _scope(runtime)
+    rule = systemd_dbus_proxy.add(JobResult("failed", unit=unit).on(member="JobRemoved").times(1))
+    created = runtime.create(CID, oci_bundle, timeout=BOUND)
+    systemd_dbus_proxy.clear()
+    runtime.delete(CID, force=True)
+    after = runtime.lifecycle(oci_bundle, "rf-after-job")
+    left, gone = observe(systemd, runtime, units_before)
+    outcome, evidence = lifecycle_outcome([created], after, left, bound=BOUND, gone=gone)
+    if outcome is Outcome.SURVIVES and rule.applied:
+        outcome, evidence = Outcome.MISBEHAVES, f"took a failed job for a created scope; {evidence}"
+    verdict.record(
+        outcome,
+        component=component,
+        version=version,
+        fault="dbus:job-removed-result",
+        evidence=evidence,
+        seconds=created.duration,
+        leftovers=left,
+    )
+
+
+@pytest.mark.family("serials", incident=2)
+@pytest.mark.timeout(120)
+def test_leftover_scope_of_the_runtimes_name(
+    verdict: Any, runtime: Any, systemd: Any, systemd_dbus_proxy: Any, oci_bundle: Any
+) -> None:
+    """A live scope of the runtime's name: fail clearly, never stop what is not its own."""
+    _sandboxed(systemd)
+    component, version = runtime_identity(runtime)
+    inspector = systemd.inspector()
+    units_before = inspector.scopes_and_slices()
+    unit = _scope(runtime)
+    with LeftoverScope(systemd, unit):
+        created = runtime.create(CID, oci_bundle, timeout=BOUND)
+        runtime.delete(CID, force=True)
+        survived = unit in inspector.unit_names(["scope"])
+    after = runtime.lifecycle(oci_bundle, CID)
+    left, gone = observe(systemd, runtime, units_before)
+    outcome, evidence = lifecycle_outcome([created], after, left, bound=BOUND, gone=gone)
+    if not survived and outcome in (Outcome.SURVIVES, Outcome.FAILS_CLEANLY):
+        outcome = Outcome.MISBEHAVES
+        evidence = f"stopped the leftover {unit} (and its process), not its own; {evidence}"
+    verdict.record(
+        outcome,
+        component=component,
+        version=version,
+        fault="systemd:unit-exists",
+        evidence=evidence,
+        seconds=created.duration,
+        leftovers=left,
+    )
+
+
+@pytest.mark.family("serials", incident=2)
+@pytest.mark.timeout(120)
+def test_systemd_reexecutes_mid_call(
+    verdict: Any, runtime: Any, systemd: Any, systemd_dbus_proxy: Any, oci_bundle: Any
+) -> None:
+    """systemd re-executes with the runtime's StartTransientUnit unanswered."""
+    _sandboxed(systemd)
+    component, version = runtime_identity(runtime)
+    units_before = systemd.inspector().scopes_and_slices()
+    box: dict[str, Any] = {}
+    with ReexecMidCall(systemd) as fault:
+        thread = threading.Thread(
+            target=lambda: box.update(created=runtime.create(CID, oci_bundle, timeout=BOUND))
+        )
+        thread.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            e.member == "StartTransientUnit" and e.type == "method_call"
+            for e in systemd_dbus_proxy.trace.entries()
+        ):
+            time.sleep(0.01)
+        time.sleep(0.2)  # through the bus, into systemd's socket behind Reexecute
+        fault.lift()
+        thread.join(BOUND + 5)
+    created = box["created"]
+    runtime.delete(CID, force=True)
+    after = runtime.lifecycle(oci_bundle, "rf-after-reexec")
+    left, gone = observe(systemd, runtime, units_before)
+    outcome, evidence = lifecycle_outcome([created], after, left, bound=BOUND, gone=gone)
+    verdict.record(
+        outcome,
+        component=component,
+        version=version,
+        fault="systemd:reexec-mid-call",
+        evidence=evidence,
+        seconds=created.duration,
+        leftovers=left,
+    )
