@@ -34,6 +34,10 @@ def _doctor(args: argparse.Namespace) -> int:
         if not cap.ok:
             print(f"{'':8} {'':{width}}  needed by: {cap.needed_by}")
             print(f"{'':8} {'':{width}}  fix: {cap.remedy}")
+    from pytest_runtimefaults.dbus.proxy import fast_path
+
+    # Not a capability: the pure-Python relay works everywhere, only slower.
+    print(f"{'info':8} {'dbus relay':{width}}  {fast_path()}")
     from pytest_runtimefaults.journal import StateDirError, default_state_dir, reap_dead_owners
 
     try:

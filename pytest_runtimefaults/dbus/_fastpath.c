@@ -17,7 +17,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #define BUFSIZE 65536
 #define MAXFDS 253
@@ -26,6 +29,7 @@ static char buf[BUFSIZE]; /* one reader: the proxy's loop thread */
 static char cbuf[CMSG_SPACE(MAXFDS * sizeof(int))];
 
 static PyObject *relay(PyObject *self, PyObject *args) {
+    (void)self;
     int src, dst, want_fds;
     if (!PyArg_ParseTuple(args, "iip", &src, &dst, &want_fds)) return NULL;
     ssize_t r, sent = -1;
@@ -78,16 +82,242 @@ static PyObject *relay(PyObject *self, PyObject *args) {
                          truncated ? Py_True : Py_False);
 }
 
+
+/* loop(epfd, wake_fd, table, gen, seen, limit, stamp) -> (reason, records, pending)
+ *
+ * The whole relay of the connections no rule concerns, in C with the GIL
+ * released, until Python is needed.  It waits on the proxy's own epoll set
+ * (level-triggered) and relays every readable fd that *table* names:
+ * table[fd] = dst << 1 | want_fds, or -1 for an fd Python must handle (the
+ * listener, the wake-up pipe, a connection in its handshake, with a queue or
+ * fds pending).  What it relayed whole is recorded (time, fd, bytes) for the
+ * trace's deferred framing, which Python does from the records in bulk.
+ *
+ * It returns, leaving every event it did not handle in the epoll set:
+ *   reason 0  an event only Python handles (the wake-up pipe, an fd not in the
+ *             table, a writable socket), or gen[0] != seen (a rule came);
+ *   reason 1  *limit* chunks recorded, or the arena is full: frame them;
+ *   reason 2  *pending* holds one chunk that Python must finish:
+ *             (fd, data, sent, fds, truncated, t) with sent as relay()'s
+ *             (-1 not written: fds came, or a rule came after the read).
+ * gen is a buffer of one signed 64-bit int the proxy bumps when a rule is
+ * added; a chunk read after the bump is not written, so a rule added at run
+ * time takes effect for the next message as on the Python path.  stamp is
+ * the trace's flag (array('q') of one): when it is 0 at a read, that chunk's
+ * time is None and the trace does not take it, as on the Python path.
+ */
+#define ARENA (1 << 20)
+#define MAXEV 64
+#define MAXREC 4096
+
+static char *arena;
+
+static double now_stamp(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+struct rec {
+    double t;
+    int fd;
+    size_t off, len;
+};
+
+static PyObject *loop(PyObject *self, PyObject *args) {
+    (void)self;
+    int epfd, wake_fd;
+    Py_buffer table, genbuf, stampbuf;
+    long long seen;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "iiy*w*Lny*", &epfd, &wake_fd, &table, &genbuf, &seen, &limit,
+                          &stampbuf))
+        return NULL;
+    PyObject *result = NULL;
+    struct rec *recs = NULL;
+    if (table.itemsize != sizeof(int) || table.len % (Py_ssize_t)sizeof(int) ||
+        genbuf.len < (Py_ssize_t)sizeof(long long) || stampbuf.len < (Py_ssize_t)sizeof(long long)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "loop: table must be array('i'), gen and stamp array('q')");
+        goto done;
+    }
+    if (limit < 1) limit = 1;
+    if (limit > MAXREC) limit = MAXREC; /* then it comes back to Python, which calls again */
+    if (!arena && !(arena = PyMem_RawMalloc(ARENA))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (!(recs = PyMem_RawMalloc((size_t)limit * sizeof *recs))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const int *tab = table.buf;
+    int ntab = (int)(table.len / (Py_ssize_t)sizeof(int));
+    const long long *gen = genbuf.buf;
+    const long long *stamp = stampbuf.buf;
+    Py_ssize_t nrec = 0;
+    size_t used = 0;
+    int reason = 0, err = 0;
+    /* the pending chunk */
+    int p_fd = -1, p_nfds = 0, p_trunc = 0;
+    ssize_t p_len = 0, p_sent = -1;
+    double p_t = 0;
+    int p_fds[MAXFDS];
+
+    Py_BEGIN_ALLOW_THREADS
+    struct epoll_event ev[MAXEV];
+    for (;;) {
+        if (__atomic_load_n(gen, __ATOMIC_ACQUIRE) != seen) break; /* reason 0 */
+        if (nrec >= limit || ARENA - used < 4096) {
+            reason = 1;
+            break;
+        }
+        int n = epoll_wait(epfd, ev, MAXEV, -1);
+        if (n < 0) {
+            if (errno == EINTR) break; /* Python looks at signals, then comes back */
+            err = errno;
+            break;
+        }
+        int python = 0;
+        for (int i = 0; i < n; i++) {
+            int fd = ev[i].data.fd;
+            if (fd == wake_fd || fd < 0 || fd >= ntab || tab[fd] < 0 || (ev[i].events & EPOLLOUT))
+                python = 1;
+        }
+        if (python) {
+            /* Python first when the wake-up pipe is among them: it may carry a
+             * rule change or a trace read that must see everything before. */
+            int woken = 0;
+            for (int i = 0; i < n; i++) woken |= ev[i].data.fd == wake_fd;
+            if (woken) break;
+        }
+        for (int i = 0; i < n && reason != 2; i++) {
+            int fd = ev[i].data.fd;
+            if (fd == wake_fd || fd < 0 || fd >= ntab || tab[fd] < 0 || (ev[i].events & EPOLLOUT))
+                continue;
+            int dst = tab[fd] >> 1, want_fds = tab[fd] & 1;
+            /* Whether the trace takes it is decided before the peer can act on it. */
+            double t = __atomic_load_n(stamp, __ATOMIC_ACQUIRE) ? now_stamp() : -1;
+            size_t room = ARENA - used;
+            if (room > BUFSIZE) room = BUFSIZE;
+            struct iovec iov = {arena + used, room};
+            struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
+            if (want_fds) {
+                m.msg_control = cbuf;
+                m.msg_controllen = sizeof cbuf;
+            }
+            ssize_t r = recvmsg(fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+            if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;
+            int nfds = 0, trunc = 0;
+            if (r > 0) {
+                trunc = (m.msg_flags & MSG_CTRUNC) != 0;
+                if (want_fds)
+                    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
+                        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                            for (int j = 0; j < k && nfds < MAXFDS; j++)
+                                memcpy(&p_fds[nfds++], CMSG_DATA(c) + j * sizeof(int),
+                                       sizeof(int));
+                        }
+            }
+            ssize_t sent = -1;
+            if (r > 0 && !nfds && !trunc && __atomic_load_n(gen, __ATOMIC_ACQUIRE) == seen) {
+                sent = send(dst, arena + used, (size_t)r, MSG_DONTWAIT | MSG_NOSIGNAL);
+                if (sent < 0)
+                    sent = (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -2;
+                if (sent == r) {
+                    recs[nrec].t = t;
+                    recs[nrec].fd = fd;
+                    recs[nrec].off = used;
+                    recs[nrec].len = (size_t)r;
+                    nrec++;
+                    used += (size_t)r;
+                    if (nrec >= limit || ARENA - used < 4096) break;
+                    continue;
+                }
+            }
+            /* end of stream, an error, fds, a rule, or dst would not take it all */
+            reason = 2;
+            p_fd = fd;
+            p_len = r < 0 ? 0 : r;
+            p_sent = sent;
+            p_nfds = nfds;
+            p_trunc = trunc;
+            p_t = t;
+        }
+        if (reason == 2 || python) break;
+    }
+    Py_END_ALLOW_THREADS
+
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    PyObject *records = PyList_New(nrec);
+    if (!records) goto done;
+    for (Py_ssize_t j = 0; j < nrec; j++) {
+        PyObject *item = recs[j].t >= 0 ? Py_BuildValue("(diy#)", recs[j].t, recs[j].fd,
+                                                        arena + recs[j].off, (Py_ssize_t)recs[j].len)
+                                        : Py_BuildValue("(Oiy#)", Py_None, recs[j].fd,
+                                                        arena + recs[j].off, (Py_ssize_t)recs[j].len);
+        if (!item) {
+            Py_DECREF(records);
+            goto done;
+        }
+        PyList_SET_ITEM(records, j, item);
+    }
+    PyObject *pending;
+    if (reason == 2) {
+        PyObject *fds = PyList_New(p_nfds);
+        if (!fds) {
+            Py_DECREF(records);
+            goto done;
+        }
+        for (int j = 0; j < p_nfds; j++) {
+            PyObject *fd = PyLong_FromLong(p_fds[j]);
+            if (!fd) {
+                Py_DECREF(fds);
+                Py_DECREF(records);
+                goto done;
+            }
+            PyList_SET_ITEM(fds, j, fd);
+        }
+        pending = p_t >= 0 ? Py_BuildValue("(iy#nNOd)", p_fd, arena + used, (Py_ssize_t)p_len,
+                                        (Py_ssize_t)p_sent, fds, p_trunc ? Py_True : Py_False, p_t)
+                        : Py_BuildValue("(iy#nNOO)", p_fd, arena + used, (Py_ssize_t)p_len,
+                                        (Py_ssize_t)p_sent, fds, p_trunc ? Py_True : Py_False,
+                                        Py_None);
+    } else {
+        pending = Py_None;
+        Py_INCREF(pending);
+    }
+    if (!pending) {
+        Py_DECREF(records);
+        goto done;
+    }
+    result = Py_BuildValue("(iNN)", reason, records, pending);
+done:
+    PyMem_RawFree(recs);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&genbuf);
+    PyBuffer_Release(&stampbuf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"relay", relay, METH_VARARGS,
      "relay(src, dst, want_fds) -> None | (data, sent, fds, truncated): read once, write it on."},
+    {"loop", loop, METH_VARARGS,
+     "loop(epfd, wake_fd, table, gen, seen, limit, stamp) -> (reason, records, pending): "
+     "relay every connection no rule concerns until Python is needed."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastpath",
     "The D-Bus proxy's fused read-and-relay (see pytest_runtimefaults/dbus/proxy.py).", -1,
-    methods,
+    methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void) { return PyModule_Create(&module); }

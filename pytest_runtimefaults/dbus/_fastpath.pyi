@@ -1,3 +1,19 @@
-"""Types of the compiled fused read-and-relay (_fastpath.c)."""
+"""Types of the compiled part of the D-Bus proxy's relay (_fastpath.c)."""
+
+from array import array
 
 def relay(src: int, dst: int, want_fds: bool, /) -> tuple[bytes, int, list[int], bool] | None: ...
+def loop(
+    epfd: int,
+    wake_fd: int,
+    table: array[int],
+    gen: array[int],
+    seen: int,
+    limit: int,
+    stamp: array[int],
+    /,
+) -> tuple[
+    int,
+    list[tuple[float | None, int, bytes]],
+    tuple[int, bytes, int, list[int], bool, float | None] | None,
+]: ...

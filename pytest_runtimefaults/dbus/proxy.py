@@ -62,26 +62,49 @@ from pytest_runtimefaults.dbus.trace import TO_BUS, TO_CLIENT, Trace
 from pytest_runtimefaults.dbus.wire import Framer, Message, WireError
 from pytest_runtimefaults.journal import Journal
 
-# The compiled fused read-and-relay (_fastpath.c), when the build made it: one C
-# call reads a chunk and writes it on, GIL released, for connections no rule
-# concerns.  Without it (or with RUNTIMEFAULTS_PURE_PYTHON=1) the loop does the
-# same in Python; both paths are tested.
+# The compiled part (_fastpath.c), when the build made it: ``loop`` relays every
+# connection no rule concerns in C with the GIL released until Python is needed,
+# and ``relay`` reads a chunk and writes it on in one call when the loop is back in
+# Python.  Without it (or with RUNTIMEFAULTS_PURE_PYTHON=1) the loop does the same
+# in Python; both paths are tested.
 _RelayFn = Callable[[int, int, bool], "tuple[bytes, int, list[int], bool] | None"]
+_Pending = tuple[int, bytes, int, list[int], bool, "float | None"]
+_LoopFn = Callable[
+    [int, int, "array.array[int]", "array.array[int]", int, int, "array.array[int]"],
+    "tuple[int, list[tuple[float | None, int, bytes]], _Pending | None]",
+]
+_LOOP_PYTHON, _LOOP_LIMIT, _LOOP_PENDING = 0, 1, 2  # why the compiled loop came back
 
 
-def _compiled_relay() -> _RelayFn | None:
+def _compiled() -> tuple[_RelayFn | None, _LoopFn | None]:
     if os.environ.get("RUNTIMEFAULTS_PURE_PYTHON") == "1":
-        return None
+        return None, None
     try:
-        from pytest_runtimefaults.dbus._fastpath import relay
+        from pytest_runtimefaults.dbus import _fastpath
     except ImportError:  # not built on this host: the pure-Python path
-        return None
-    return relay
+        return None, None
+    return _fastpath.relay, getattr(_fastpath, "loop", None)
 
 
-_relay = _compiled_relay()
-if os.environ.get("RUNTIMEFAULTS_PURE_PYTHON") == "1":
-    _relay = None
+_relay, _loop_c = _compiled()
+
+
+def fast_path() -> str:
+    """Which relay path this process uses: for ``runtimefaults doctor`` and bug reports."""
+    if _loop_c is not None:
+        return "compiled (pytest_runtimefaults.dbus._fastpath: the relay loop in C, GIL released)"
+    if _relay is not None:
+        return (
+            "compiled, an old build without the relay loop: run `pip install -e .` again "
+            "to rebuild pytest_runtimefaults/dbus/_fastpath.c"
+        )
+    if os.environ.get("RUNTIMEFAULTS_PURE_PYTHON") == "1":
+        return "pure Python (RUNTIMEFAULTS_PURE_PYTHON=1)"
+    return (
+        "pure Python: pytest_runtimefaults.dbus._fastpath was not built here (it needs gcc "
+        "and python3-dev at `pip install -e .`); the proxy works, about 1.5x slower"
+    )
+
 
 __all__ = ["HOST_BUS_PATHS", "DBusFaultProxy", "ProxyError", "parse_address"]
 
@@ -367,6 +390,9 @@ class DBusFaultProxy:
         # trace was off, reader, bytes).  Reading the trace frames them first.
         self._unframed: list[tuple[float | None, _Reader, bytes]] = []
         self.trace.settle = self._settle_on_loop
+        # Bumped by every add(): the compiled loop reads it between a read and its
+        # write, so a rule added while it relays takes effect for the next message.
+        self._gen = array.array("q", [0])
         self.pcap = pcap
         # Journaled even outside pytest, so a killed owner's directory is reaped later.
         self.journal = journal if journal is not None else Journal.default()
@@ -524,6 +550,7 @@ class DBusFaultProxy:
         ``hits`` and ``applied`` counts tell what it did.
         """
         added = self.engine.add(rule)
+        self._gen[0] += 1  # after the engine has it: see _loop_compiled
         for callback in self.on_add:
             callback(added)
         return added
@@ -615,8 +642,17 @@ class DBusFaultProxy:
         by_fd = self._by_fd
         engine = self.engine
         relay = _relay
+        loop_c = _loop_c
         try:
             while not self._stopping:
+                if (
+                    loop_c is not None
+                    and engine.idle
+                    and not self._paused
+                    and not self._inbox
+                    and self._loop_compiled(loop_c)
+                ):
+                    continue  # it relayed, or Python finished a chunk for it: go on in C
                 timeout = self._timeout() if engine.holding or self._paused else -1
                 # (No timeout to frame what waits while idle: arming a timer for every
                 # wait costs more than the framing saves, on a VM at least.)
@@ -700,6 +736,53 @@ class DBusFaultProxy:
                 while self._inbox:  # calls that came with stop(): nobody waits in vain
                     self._inbox.popleft()()
 
+    def _loop_compiled(self, loop_c: _LoopFn) -> bool:
+        """Relay in C every connection no rule concerns, until Python is needed.
+
+        True when the loop should call it again at once (it recorded as many
+        chunks as it may, or Python finished a chunk for it); False when an event
+        only Python handles waits in the epoll set (the wake-up pipe, the
+        listener, a connection off the fast path, a writable socket) or a rule came.
+        """
+        assert self._epoll is not None
+        seen = self._gen[0]  # before idle is read: an add() between them is seen in C
+        if not self.engine.idle:
+            return False
+        by_fd = self._by_fd
+        if not by_fd:
+            return False
+        table = array.array("i", [-1]) * (max(by_fd) + 1)
+        ours = False
+        for fd, r in by_fd.items():
+            if not r.conn.closed and may_read_fast(r.fast, bool(r.lane.queue), bool(r.pending_fds)):
+                table[fd] = r.dst << 1 | r.fds
+                ours = True
+        if not ours:
+            return False
+        unframed = self._unframed
+        try:
+            reason, records, pending = loop_c(
+                self._epoll.fileno(),
+                self._wake_r,
+                table,
+                self._gen,
+                seen,
+                max(1, _SETTLE_AT - len(unframed)),
+                self.trace.flag,
+            )
+        except InterruptedError:
+            return False
+        for t, fd, data in records:
+            r = by_fd[fd]
+            r.dirty = True
+            unframed.append((t, r, data))
+        if pending is not None:
+            fd, data, sent, fds, truncated, t = pending
+            self._relayed(by_fd[fd], data, sent, fds, truncated, t)
+        if len(unframed) >= _SETTLE_AT:
+            self._settle()
+        return reason != _LOOP_PYTHON
+
     def _relay_compiled(
         self,
         r: _Reader,
@@ -715,6 +798,18 @@ class DBusFaultProxy:
         if got is None:
             return  # nothing to read after all
         data, sent, fds, truncated = got
+        self._relayed(r, data, sent, fds, truncated, t)
+
+    def _relayed(
+        self,
+        r: _Reader,
+        data: bytes,
+        sent: int,
+        fds: list[int],
+        truncated: bool,
+        t: float | None,
+    ) -> None:
+        """Finish a chunk the compiled part read: *sent* bytes written (-1: none, -2: failed)."""
         if not data:
             _close_all(fds)
             self._eof(r.conn, r.direction)

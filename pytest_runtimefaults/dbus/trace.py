@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import array
 import struct
 import threading
 import time
@@ -142,9 +143,20 @@ class Trace:
         )
         self._lock = threading.Lock()
         self.started = time.monotonic()
-        self.enabled = True
+        #: ``enabled`` as one int the proxy's compiled loop reads before each read
+        #: (another thread may switch the trace off while it relays)
+        self.flag = array.array("q", [1])
         #: called before every read: the proxy frames there what it relayed unframed
         self.settle: Callable[[], None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether messages are recorded (switch it off to stop recording)."""
+        return bool(self.flag[0])
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.flag[0] = 1 if value else 0
 
     def record(
         self, conn: int, direction: str, message: Message | None, fault: str | None = None

@@ -1,4 +1,7 @@
-"""The compiled fused read-and-relay (pytest_runtimefaults/dbus/_fastpath.c) on real sockets.
+"""The compiled part of the relay (pytest_runtimefaults/dbus/_fastpath.c) on real sockets.
+
+``relay``: one fused read-and-relay; ``loop``: the whole relay of connections no
+rule concerns, on an epoll set as the proxy's, until Python is needed.
 
 Skipped where the build could not compile it; the proxy then runs its
 pure-Python path, which every other D-Bus test covers (and which
@@ -9,18 +12,22 @@ from __future__ import annotations
 
 import array
 import os
+import select
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from pytest_runtimefaults.dbus import proxy
 
-relay = proxy._compiled_relay()
+relay, loop = proxy._compiled()
 Pairs = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
 needs_built = pytest.mark.skipif(relay is None, reason="the compiled fast path is not built")
+needs_loop = pytest.mark.skipif(loop is None, reason="the compiled relay loop is not built")
 
 
 @pytest.fixture
@@ -93,7 +100,212 @@ def test_a_closed_destination_says_minus_two(pairs: Pairs) -> None:
 
 
 def test_pure_python_is_forced_by_the_environment() -> None:
-    code = "from pytest_runtimefaults.dbus import proxy; print(proxy._relay is None)"
+    code = (
+        "from pytest_runtimefaults.dbus import proxy; "
+        "print(proxy._relay is None, proxy._loop_c is None, proxy.fast_path())"
+    )
     env = {**os.environ, "RUNTIMEFAULTS_PURE_PYTHON": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == "True", out.stderr
+    assert out.stdout.strip() == "True True pure Python (RUNTIMEFAULTS_PURE_PYTHON=1)", out.stderr
+
+
+@needs_loop
+def test_fast_path_names_the_compiled_loop() -> None:
+    assert proxy.fast_path().startswith("compiled (")
+
+
+class Loop:
+    """An epoll set as the proxy's: two relayed directions, a wake-up pipe, a table."""
+
+    def __init__(self, want_fds: bool = False) -> None:
+        # client -> a (relayed to b) -> bus ; bus -> b (relayed to a) -> client
+        self.client, self.a = socket.socketpair()
+        self.b, self.bus = socket.socketpair()
+        for s in (self.a, self.b):
+            s.setblocking(False)
+        self.wake_r, self.wake_w = os.pipe()
+        self.ep = select.epoll()
+        for fd in (self.a.fileno(), self.b.fileno(), self.wake_r):
+            self.ep.register(fd, select.EPOLLIN)
+        self.table = array.array("i", [-1]) * (max(self.a.fileno(), self.b.fileno()) + 1)
+        self.table[self.a.fileno()] = self.b.fileno() << 1 | want_fds
+        self.table[self.b.fileno()] = self.a.fileno() << 1 | want_fds
+        self.gen = array.array("q", [0])
+        self.stamp = array.array("q", [1])
+
+    def run(self, limit: int = 1) -> tuple[int, list[tuple[float | None, int, bytes]], object]:
+        assert loop is not None
+        return loop(
+            self.ep.fileno(), self.wake_r, self.table, self.gen, self.gen[0], limit, self.stamp
+        )
+
+    def close(self) -> None:
+        self.ep.close()
+        for s in (self.client, self.a, self.b, self.bus):
+            s.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+@pytest.fixture
+def lp() -> Iterator[Loop]:
+    it = Loop()
+    yield it
+    it.close()
+
+
+@needs_loop
+def test_loop_relays_both_ways_and_records_each_chunk(lp: Loop) -> None:
+    lp.client.sendall(b"call")
+    before = time.monotonic()
+    reason, records, pending = lp.run(limit=1)
+    assert (reason, pending) == (1, None)  # the limit: Python frames them
+    [(t, fd, data)] = records
+    assert (fd, data) == (lp.a.fileno(), b"call")
+    assert t is not None and before <= t <= time.monotonic()  # the clock of time.monotonic
+    assert lp.bus.recv(100) == b"call"
+    lp.bus.sendall(b"reply")
+    reason, records, pending = lp.run(limit=1)
+    assert (reason, [r[1:] for r in records], pending) == (1, [(lp.b.fileno(), b"reply")], None)
+    assert lp.client.recv(100) == b"reply"
+
+
+@needs_loop
+def test_loop_big_chunks_go_through_byte_for_byte(lp: Loop) -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB: more than the arena holds at once
+    lp.b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # so that it fills
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < len(data):
+            got.extend(lp.bus.recv(1 << 20))
+        # The loop holds its last records until it is woken (as the proxy's trace
+        # reads do) or reaches its limit.
+        os.write(lp.wake_w, b"x")
+
+    sender = threading.Thread(target=lp.client.sendall, args=(data,))
+    reader = threading.Thread(target=drain)
+    sender.start()
+    reader.start()
+    read = bytearray()
+    partial = 0
+    while len(read) < len(data):
+        reason, records, pending = lp.run(limit=64)
+        read += b"".join(r[2] for r in records)
+        if pending is None:
+            assert reason == 1 or (reason == 0 and len(read) == len(data))
+            continue
+        # dst took part of it: the rest is Python's to queue (here: to write now).
+        assert reason == 2
+        _, chunk, sent, fds, truncated, _ = pending  # type: ignore[misc]
+        assert 0 <= sent < len(chunk) and (fds, truncated) == ([], False)
+        read += chunk
+        lp.b.setblocking(True)
+        lp.b.sendall(chunk[sent:])
+        lp.b.setblocking(False)
+        partial += 1
+    sender.join()
+    reader.join(10)
+    assert bytes(got) == data == bytes(read)
+    assert partial  # the socket's buffer was full at least once: that path ran too
+
+
+@needs_loop
+def test_loop_leaves_the_wake_up_and_fds_not_its_own_to_python(lp: Loop) -> None:
+    os.write(lp.wake_w, b"x")
+    lp.client.sendall(b"call")
+    assert lp.run(limit=10) == (0, [], None)
+    assert os.read(lp.wake_r, 10) == b"x"  # left in the pipe for Python
+    # A direction Python handles (the handshake, a queue): left unread.
+    lp.table[lp.a.fileno()] = -1
+    assert lp.run(limit=10) == (0, [], None)
+    assert lp.a.recv(100) == b"call"
+
+
+@needs_loop
+def test_loop_leaves_writable_events_to_python(lp: Loop) -> None:
+    lp.ep.modify(lp.b.fileno(), select.EPOLLIN | select.EPOLLOUT)  # a queue waits for b
+    assert lp.run(limit=10) == (0, [], None)
+
+
+@needs_loop
+def test_loop_comes_back_at_once_when_a_rule_came(lp: Loop) -> None:
+    lp.client.sendall(b"call")
+    assert loop is not None
+    got = loop(lp.ep.fileno(), lp.wake_r, lp.table, lp.gen, lp.gen[0] - 1, 10, lp.stamp)
+    assert got == (0, [], None)
+    assert lp.a.recv(100) == b"call"  # not read: the rule's path reads it
+
+
+@needs_loop
+def test_a_rule_added_while_it_waits_keeps_the_next_chunk_from_the_wire(lp: Loop) -> None:
+    # The proxy bumps gen after the engine has the rule; a chunk read after that is
+    # not written but handed back whole, for the exact path.
+    for _ in range(5):
+        lp.gen[0] += 1
+
+        def add_rule_then_call() -> None:
+            time.sleep(0.2)  # the loop is in epoll_wait by then (else: another try)
+            lp.gen[0] += 1
+            lp.client.sendall(b"call")
+
+        caller = threading.Thread(target=add_rule_then_call)
+        caller.start()
+        reason, records, pending = lp.run(limit=10)
+        caller.join()
+        if reason == 0:  # the bump came before the loop waited: it read nothing
+            assert lp.a.recv(100) == b"call"
+            continue
+        assert (reason, records) == (2, [])
+        assert pending is not None
+        fd, data, sent, fds, truncated, _ = pending  # type: ignore[misc]
+        assert (fd, data, sent, fds, truncated) == (lp.a.fileno(), b"call", -1, [], False)
+        lp.bus.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            lp.bus.recv(100)
+        return
+    pytest.fail("the loop never waited within 0.2 s in 5 tries")
+
+
+@needs_loop
+def test_loop_hands_back_fds_end_of_stream_and_a_full_destination() -> None:
+    lp = Loop(want_fds=True)
+    r, w = os.pipe()
+    try:
+        lp.client.sendmsg(
+            [b"with fd"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())]
+        )
+        reason, records, pending = lp.run(limit=10)
+        assert (reason, records) == (2, [])
+        fd, data, sent, fds, truncated, t = pending  # type: ignore[misc]
+        assert (fd, data, sent, len(fds), truncated) == (lp.a.fileno(), b"with fd", -1, 1, False)
+        assert t is not None
+        os.close(fds[0])
+        # dst full: what it took is said, the rest is Python's to queue.
+        lp.a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        while True:
+            try:
+                lp.a.send(b"x" * 65536)
+            except BlockingIOError:
+                break
+        lp.bus.sendall(b"reply")
+        reason, records, pending = lp.run(limit=10)
+        assert (reason, records) == (2, [])
+        fd, data, sent, fds, truncated, t = pending  # type: ignore[misc]
+        assert (fd, data, sent, fds) == (lp.b.fileno(), b"reply", 0, [])
+        lp.bus.shutdown(socket.SHUT_WR)
+        reason, records, pending = lp.run(limit=10)
+        assert (reason, records) == (2, [])
+        assert pending[1:5] == (b"", -1, [], False)  # type: ignore[index]
+    finally:
+        lp.close()
+        os.close(r)
+        os.close(w)
+
+
+@needs_loop
+def test_loop_reads_the_trace_flag_at_each_read(lp: Loop) -> None:
+    lp.stamp[0] = 0
+    lp.client.sendall(b"untraced")
+    reason, records, pending = lp.run(limit=1)
+    assert (reason, records, pending) == (1, [(None, lp.a.fileno(), b"untraced")], None)
