@@ -162,7 +162,8 @@ def test_loop_relays_both_ways_and_records_each_chunk(lp: Loop) -> None:
     assert (reason, pending) == (1, None)  # the limit: Python frames them
     [(t, fd, data)] = records
     assert (fd, data) == (lp.a.fileno(), b"call")
-    assert t is not None and before <= t <= time.monotonic()  # the clock of time.monotonic
+    assert t is not None
+    assert before <= t <= time.monotonic()
     assert lp.bus.recv(100) == b"call"
     lp.bus.sendall(b"reply")
     reason, records, pending = lp.run(limit=1)
@@ -198,7 +199,8 @@ def test_loop_big_chunks_go_through_byte_for_byte(lp: Loop) -> None:
         # dst took part of it: the rest is Python's to queue (here: to write now).
         assert reason == 2
         _, chunk, sent, fds, truncated, _ = pending  # type: ignore[misc]
-        assert 0 <= sent < len(chunk) and (fds, truncated) == ([], False)
+        assert 0 <= sent < len(chunk)
+        assert (fds, truncated) == ([], False)
         read += chunk
         lp.b.setblocking(True)
         lp.b.sendall(chunk[sent:])
