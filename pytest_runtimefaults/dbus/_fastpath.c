@@ -17,6 +17,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -305,12 +306,92 @@ done:
     return result;
 }
 
+/* frame(data, cls) -> (messages, pos, need): the framer's split, in C.
+ *
+ * What wire.Framer._frame does in Python, for the trace's deferred framing:
+ * whole messages from the start of *data*, each a *cls* (wire.Message) with
+ * the attributes wire._framed sets, the fixed header checked as
+ * wire._fixed_header checks it.  pos: where it stopped; need: the bytes the
+ * next decision needs (the message's total, or 16), or -1 when the header at
+ * pos is one the checks refuse: Python frames from there, and raises the
+ * precise error.
+ */
+static PyObject *s_raw, *s_e, *s_type, *s_serial, *s_fields, *s_hend, *s_le, *s_be, *zero;
+
+static inline uint32_t u32(const unsigned char *p, int le) {
+    return le ? (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24
+              : (uint32_t)p[3] | (uint32_t)p[2] << 8 | (uint32_t)p[1] << 16 | (uint32_t)p[0] << 24;
+}
+
+static int set_all(PyObject *msg, PyObject *raw, int le, int type, uint32_t serial) {
+    PyObject *t = PyLong_FromLong(type), *s = PyLong_FromUnsignedLong(serial);
+    int rc = -1;
+    if (t && s && !PyObject_SetAttr(msg, s_raw, raw) &&
+        !PyObject_SetAttr(msg, s_e, le ? s_le : s_be) && !PyObject_SetAttr(msg, s_type, t) &&
+        !PyObject_SetAttr(msg, s_serial, s) && !PyObject_SetAttr(msg, s_fields, Py_None) &&
+        !PyObject_SetAttr(msg, s_hend, zero))
+        rc = 0;
+    Py_XDECREF(t);
+    Py_XDECREF(s);
+    return rc;
+}
+
+static PyObject *frame(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *data;
+    PyTypeObject *cls;
+    if (!PyArg_ParseTuple(args, "SO!", &data, &PyType_Type, &cls)) return NULL;
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, need = 16;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    while (n - pos >= 16) {
+        const unsigned char *h = b + pos;
+        int le = h[0] == 0x6C;
+        if ((!le && h[0] != 0x42) || h[3] != 1 || !h[1]) {
+            need = -1;
+            break;
+        }
+        uint32_t body = u32(h + 4, le), serial = u32(h + 8, le), fields = u32(h + 12, le);
+        uint64_t total = ((16 + (uint64_t)fields + 7) & ~(uint64_t)7) + body;
+        if (fields > (1u << 26) || total > (1u << 27) || !serial) {
+            need = -1;
+            break;
+        }
+        if ((uint64_t)(n - pos) < total) {
+            need = (Py_ssize_t)total;
+            break;
+        }
+        PyObject *raw;
+        if (pos == 0 && (Py_ssize_t)total == n) {
+            raw = data;
+            Py_INCREF(raw);
+        } else if (!(raw = PyBytes_FromStringAndSize((const char *)h, (Py_ssize_t)total))) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyObject *msg = cls->tp_alloc(cls, 0);
+        if (!msg || set_all(msg, raw, le, h[1], serial) || PyList_Append(out, msg)) {
+            Py_XDECREF(msg);
+            Py_DECREF(raw);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(msg);
+        Py_DECREF(raw);
+        pos += (Py_ssize_t)total;
+    }
+    return Py_BuildValue("(Nnn)", out, pos, need);
+}
+
 static PyMethodDef methods[] = {
     {"relay", relay, METH_VARARGS,
      "relay(src, dst, want_fds) -> None | (data, sent, fds, truncated): read once, write it on."},
     {"loop", loop, METH_VARARGS,
      "loop(epfd, wake_fd, table, gen, seen, limit, stamp) -> (reason, records, pending): "
      "relay every connection no rule concerns until Python is needed."},
+    {"frame", frame, METH_VARARGS,
+     "frame(data, cls) -> (messages, pos, need): whole messages from the start of data."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -320,4 +401,14 @@ static struct PyModuleDef module = {
     methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__fastpath(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastpath(void) {
+    if (!(s_raw = PyUnicode_InternFromString("raw")) || !(s_e = PyUnicode_InternFromString("_e")) ||
+        !(s_type = PyUnicode_InternFromString("type")) ||
+        !(s_serial = PyUnicode_InternFromString("serial")) ||
+        !(s_fields = PyUnicode_InternFromString("_fields")) ||
+        !(s_hend = PyUnicode_InternFromString("_hend")) ||
+        !(s_le = PyUnicode_InternFromString("<")) || !(s_be = PyUnicode_InternFromString(">")) ||
+        !(zero = PyLong_FromLong(0)))
+        return NULL;
+    return PyModule_Create(&module);
+}

@@ -2,6 +2,8 @@
 
 from array import array
 
+from pytest_runtimefaults.dbus.wire import Message
+
 def relay(src: int, dst: int, want_fds: bool, /) -> tuple[bytes, int, list[int], bool] | None: ...
 def loop(
     epfd: int,
@@ -17,3 +19,4 @@ def loop(
     list[tuple[float | None, int, bytes]],
     tuple[int, bytes, int, list[int], bool, float | None] | None,
 ]: ...
+def frame(data: bytes, cls: type[Message], /) -> tuple[list[Message], int, int]: ...

@@ -32,9 +32,10 @@ Example::
 from __future__ import annotations
 
 import array
+import os
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, NamedTuple
@@ -854,6 +855,20 @@ def _framed(raw: bytes, endian: str, serial: int) -> Message:
     return msg
 
 
+def _compiled_frame() -> Callable[[bytes, type[Message]], tuple[list[Message], int, int]] | None:
+    """The compiled split of :meth:`Framer._frame` (``_fastpath.frame``), if built and allowed."""
+    if os.environ.get("RUNTIMEFAULTS_PURE_PYTHON") == "1":
+        return None
+    try:
+        from pytest_runtimefaults.dbus._fastpath import frame
+    except ImportError:  # not built here (or an old build): the Python split
+        return None
+    return frame
+
+
+_frame_c = _compiled_frame()
+
+
 class Framer:
     """Turn a byte stream into whole messages, whatever the chunking.
 
@@ -885,6 +900,17 @@ class Framer:
         return self._frame(data)
 
     def _frame(self, data: bytes) -> list[Message]:
+        if _frame_c is not None:
+            out, pos, need = _frame_c(data, Message)
+            if need < 0:  # a header the checks refuse: Python's frame names what is wrong
+                return out + self._frame_py(data[pos:])
+            self._need = need
+            if pos < len(data):
+                self._buf += data[pos:] if pos else data
+            return out
+        return self._frame_py(data)
+
+    def _frame_py(self, data: bytes) -> list[Message]:
         out: list[Message] = []
         pos = 0
         n = len(data)

@@ -14,6 +14,7 @@ import array
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -21,12 +22,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from jeepney import DBusAddress, new_method_call
+from jeepney.low_level import Endianness
 
-from pytest_runtimefaults.dbus import proxy
+from pytest_runtimefaults.dbus import proxy, wire
 
 relay, loop = proxy._compiled()
 Pairs = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
 needs_built = pytest.mark.skipif(relay is None, reason="the compiled fast path is not built")
+needs_frame = pytest.mark.skipif(wire._frame_c is None, reason="the compiled split is not built")
 needs_loop = pytest.mark.skipif(loop is None, reason="the compiled relay loop is not built")
 
 
@@ -311,3 +315,65 @@ def test_loop_reads_the_trace_flag_at_each_read(lp: Loop) -> None:
     lp.client.sendall(b"untraced")
     reason, records, pending = lp.run(limit=1)
     assert (reason, records, pending) == (1, [(None, lp.a.fileno(), b"untraced")], None)
+
+
+def _split(data: bytes, chunk: int) -> tuple[list[tuple[bytes, str, int, int]], int, str]:
+    """Feed *data* to a Framer *chunk* bytes at a time: messages, what waits, the error."""
+    framer = wire.Framer()
+    got: list[tuple[bytes, str, int, int]] = []
+    error = ""
+    try:
+        for i in range(0, len(data), chunk):
+            for m in framer.feed(data[i : i + chunk]):
+                got.append((m.raw, m._e, m.type, m.serial))
+                assert m.member == "GetId" or m.type != 1  # fields parse from what it set
+    except wire.WireError as exc:
+        error = str(exc)
+    return got, framer.pending, error
+
+
+def _header(endian: int, kind: int, version: int, body: int, serial: int, fields: int) -> bytes:
+    order = "<" if endian == 0x6C else ">"
+    return bytes((endian, kind, 0, version)) + struct.pack(order + "III", body, serial, fields)
+
+
+@needs_frame
+@pytest.mark.parametrize("chunk", [1, 7, 16, 128, 1000, 1 << 20])
+@pytest.mark.parametrize(
+    ("tail", "bad"),
+    [
+        (b"", False),
+        (_header(0x6C, 1, 1, 0, 9, 0)[:10], False),  # a piece of a fixed header
+        (_header(0x6C, 1, 1, 100, 9, 0), False),  # a header whose body is still to come
+        (_header(0x00, 1, 1, 0, 9, 0), True),  # bad endianness
+        (_header(0x6C, 1, 2, 0, 9, 0), True),  # version 2
+        (_header(0x6C, 0, 1, 0, 9, 0), True),  # type INVALID
+        (_header(0x6C, 1, 1, 0, 0, 0), True),  # serial 0
+        (_header(0x6C, 1, 1, 0, 9, 2**26 + 1), True),  # header fields over 64 MiB
+        (_header(0x42, 1, 1, 2**27, 9, 0), True),  # a message over 128 MiB
+    ],
+)
+def test_compiled_split_is_the_python_split(
+    monkeypatch: pytest.MonkeyPatch, chunk: int, tail: bytes, bad: bool
+) -> None:
+    address = DBusAddress("/org/freedesktop/DBus", "org.freedesktop.DBus", "org.freedesktop.DBus")
+    call = new_method_call(address, "GetId")
+    big = new_method_call(address, "GetId", "s", ("x" * 5000,))
+    big_endian = new_method_call(address, "GetId")
+    big_endian.header.endianness = Endianness.big
+    data = b"".join(
+        [
+            call.serialise(serial=1),
+            big.serialise(serial=2),
+            big_endian.serialise(serial=3),
+            *(call.serialise(serial=4 + i) for i in range(20)),
+            tail,
+        ]
+    )
+    compiled = _split(data, chunk)
+    monkeypatch.setattr(wire, "_frame_c", None)
+    assert compiled == _split(data, chunk)
+    assert bool(compiled[2]) == bad
+    if not bad:
+        assert len(compiled[0]) == 23
+        assert compiled[1] == len(tail)
