@@ -1,4 +1,13 @@
-/* The proxy's fused read-and-relay for connections no rule concerns (issue 17).
+/* The compiled part of the D-Bus proxy's relay (issue 17): three functions.
+ *
+ *   loop   the whole relay of the connections no rule concerns, GIL released,
+ *          until Python is needed (below);
+ *   frame  the framer's split of a byte stream into messages (below);
+ *   relay  one fused read-and-relay (this comment).
+ *
+ * Built by setup.py as an optional extension; RUNTIMEFAULTS_PURE_PYTHON=1
+ * makes the proxy ignore it.  Several proxies' loop threads may be in these
+ * at once, GIL released: no buffer is static (loop's arena is the caller's).
  *
  * relay(src, dst, want_fds) reads once from the socket src (recvmsg when fd
  * passing was negotiated, so fds can be received) and, when no fd came,
@@ -26,8 +35,7 @@
 #define BUFSIZE 65536
 #define MAXFDS 253
 
-static char buf[BUFSIZE]; /* one reader: the proxy's loop thread */
-static char cbuf[CMSG_SPACE(MAXFDS * sizeof(int))];
+#define CBUFSIZE CMSG_SPACE(MAXFDS * sizeof(int))
 
 static PyObject *relay(PyObject *self, PyObject *args) {
     (void)self;
@@ -36,7 +44,10 @@ static PyObject *relay(PyObject *self, PyObject *args) {
     ssize_t r, sent = -1;
     int err = 0, werr = 0, nfds = 0, truncated = 0;
     int fds[MAXFDS];
+    char *buf = PyMem_RawMalloc(BUFSIZE);
+    if (!buf) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
+    char cbuf[CBUFSIZE];
     struct iovec iov = {buf, BUFSIZE};
     struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
     if (want_fds) {
@@ -64,27 +75,37 @@ static PyObject *relay(PyObject *self, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
+    PyObject *result = NULL;
     if (r < 0) {
-        if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR) Py_RETURN_NONE;
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR) {
+            result = Py_None;
+            Py_INCREF(result);
+        } else {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+        }
+        goto out;
     }
     PyObject *list = PyList_New(nfds);
-    if (!list) return NULL;
+    if (!list) goto out;
     for (int j = 0; j < nfds; j++) {
         PyObject *fd = PyLong_FromLong(fds[j]);
         if (!fd) {
             Py_DECREF(list);
-            return NULL;
+            goto out;
         }
         PyList_SET_ITEM(list, j, fd);
     }
-    return Py_BuildValue("(y#nNO)", buf, (Py_ssize_t)r, (Py_ssize_t)sent, list,
-                         truncated ? Py_True : Py_False);
+    result = Py_BuildValue("(y#nNO)", buf, (Py_ssize_t)r, (Py_ssize_t)sent, list,
+                           truncated ? Py_True : Py_False);
+out:
+    PyMem_RawFree(buf);
+    return result;
 }
 
 
-/* loop(epfd, wake_fd, table, gen, seen, limit, stamp) -> (reason, records, pending)
+/* loop(epfd, wake_fd, table, gen, seen, limit, stamp, arena)
+ *     -> (reason, records, pending)
  *
  * The whole relay of the connections no rule concerns, in C with the GIL
  * released, until Python is needed.  It waits on the proxy's own epoll set
@@ -106,12 +127,12 @@ static PyObject *relay(PyObject *self, PyObject *args) {
  * time takes effect for the next message as on the Python path.  stamp is
  * the trace's flag (array('q') of one): when it is 0 at a read, that chunk's
  * time is None and the trace does not take it, as on the Python path.
+ * arena: the caller's bytearray (one per proxy) the chunks are read into.
  */
-#define ARENA (1 << 20)
+#define MINROOM 4096 /* less room than this left in the arena: hand it over */
 #define MAXEV 64
 #define MAXREC 4096
 
-static char *arena;
 
 static double now_stamp(void) {
     struct timespec ts;
@@ -128,26 +149,25 @@ struct rec {
 static PyObject *loop(PyObject *self, PyObject *args) {
     (void)self;
     int epfd, wake_fd;
-    Py_buffer table, genbuf, stampbuf;
+    Py_buffer table, genbuf, stampbuf, arenabuf;
     long long seen;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "iiy*w*Lny*", &epfd, &wake_fd, &table, &genbuf, &seen, &limit,
-                          &stampbuf))
+    if (!PyArg_ParseTuple(args, "iiy*w*Lny*w*", &epfd, &wake_fd, &table, &genbuf, &seen, &limit,
+                          &stampbuf, &arenabuf))
         return NULL;
     PyObject *result = NULL;
     struct rec *recs = NULL;
     if (table.itemsize != sizeof(int) || table.len % (Py_ssize_t)sizeof(int) ||
-        genbuf.len < (Py_ssize_t)sizeof(long long) || stampbuf.len < (Py_ssize_t)sizeof(long long)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "loop: table must be array('i'), gen and stamp array('q')");
+        genbuf.len < (Py_ssize_t)sizeof(long long) || stampbuf.len < (Py_ssize_t)sizeof(long long) ||
+        arenabuf.len < 2 * MINROOM) {
+        PyErr_SetString(PyExc_ValueError, "loop: table must be array('i'), gen and stamp "
+                                          "array('q'), arena a bytearray of 8 KiB at least");
         goto done;
     }
     if (limit < 1) limit = 1;
     if (limit > MAXREC) limit = MAXREC; /* then it comes back to Python, which calls again */
-    if (!arena && !(arena = PyMem_RawMalloc(ARENA))) {
-        PyErr_NoMemory();
-        goto done;
-    }
+    char *arena = arenabuf.buf;
+    const size_t ARENA = (size_t)arenabuf.len;
     if (!(recs = PyMem_RawMalloc((size_t)limit * sizeof *recs))) {
         PyErr_NoMemory();
         goto done;
@@ -167,9 +187,10 @@ static PyObject *loop(PyObject *self, PyObject *args) {
 
     Py_BEGIN_ALLOW_THREADS
     struct epoll_event ev[MAXEV];
+    char cbuf[CBUFSIZE];
     for (;;) {
         if (__atomic_load_n(gen, __ATOMIC_ACQUIRE) != seen) break; /* reason 0 */
-        if (nrec >= limit || ARENA - used < 4096) {
+        if (nrec >= limit || ARENA - used < MINROOM) {
             reason = 1;
             break;
         }
@@ -233,7 +254,7 @@ static PyObject *loop(PyObject *self, PyObject *args) {
                     recs[nrec].len = (size_t)r;
                     nrec++;
                     used += (size_t)r;
-                    if (nrec >= limit || ARENA - used < 4096) break;
+                    if (nrec >= limit || ARENA - used < MINROOM) break;
                     continue;
                 }
             }
@@ -303,6 +324,7 @@ done:
     PyBuffer_Release(&table);
     PyBuffer_Release(&genbuf);
     PyBuffer_Release(&stampbuf);
+    PyBuffer_Release(&arenabuf);
     return result;
 }
 
@@ -388,7 +410,7 @@ static PyMethodDef methods[] = {
     {"relay", relay, METH_VARARGS,
      "relay(src, dst, want_fds) -> None | (data, sent, fds, truncated): read once, write it on."},
     {"loop", loop, METH_VARARGS,
-     "loop(epfd, wake_fd, table, gen, seen, limit, stamp) -> (reason, records, pending): "
+     "loop(epfd, wake_fd, table, gen, seen, limit, stamp, arena) -> (reason, records, pending): "
      "relay every connection no rule concerns until Python is needed."},
     {"frame", frame, METH_VARARGS,
      "frame(data, cls) -> (messages, pos, need): whole messages from the start of data."},

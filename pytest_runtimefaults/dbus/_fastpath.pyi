@@ -13,6 +13,7 @@ def loop(
     seen: int,
     limit: int,
     stamp: array[int],
+    arena: bytearray,
     /,
 ) -> tuple[
     int,

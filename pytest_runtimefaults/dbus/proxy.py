@@ -70,7 +70,7 @@ from pytest_runtimefaults.journal import Journal
 _RelayFn = Callable[[int, int, bool], "tuple[bytes, int, list[int], bool] | None"]
 _Pending = tuple[int, bytes, int, list[int], bool, "float | None"]
 _LoopFn = Callable[
-    [int, int, "array.array[int]", "array.array[int]", int, int, "array.array[int]"],
+    [int, int, "array.array[int]", "array.array[int]", int, int, "array.array[int]", bytearray],
     "tuple[int, list[tuple[float | None, int, bytes]], _Pending | None]",
 ]
 _LOOP_PYTHON, _LOOP_LIMIT, _LOOP_PENDING = 0, 1, 2  # why the compiled loop came back
@@ -101,8 +101,9 @@ def fast_path() -> str:
     if os.environ.get("RUNTIMEFAULTS_PURE_PYTHON") == "1":
         return "pure Python (RUNTIMEFAULTS_PURE_PYTHON=1)"
     return (
-        "pure Python: pytest_runtimefaults.dbus._fastpath was not built here (it needs gcc "
-        "and python3-dev at `pip install -e .`); the proxy works, about 1.5x slower"
+        "pure Python: pytest_runtimefaults.dbus._fastpath is not built in this tree (it "
+        "needs gcc and python3-dev at `pip install -e .`, or run `python setup.py "
+        "build_ext --inplace`); the proxy works the same, with more CPU per message"
     )
 
 
@@ -111,6 +112,7 @@ __all__ = ["HOST_BUS_PATHS", "DBusFaultProxy", "ProxyError", "parse_address"]
 HOST_BUS_PATHS = ("/run/dbus/system_bus_socket", "/var/run/dbus/system_bus_socket")
 _RECV = 262144
 _STRAIGHT_RECV = 65536  # sock.recv() of more allocates (and shrinks) an mmap'd buffer
+_ARENA = 1 << 20  # bytes the compiled loop holds at most before it hands them over
 _SETTLE_AT = 256  # chunks relayed unframed: frame them now (bounds memory and delay)
 _MAX_FDS = 253  # SCM_MAX_FD
 _ANC = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
@@ -393,6 +395,7 @@ class DBusFaultProxy:
         # Bumped by every add(): the compiled loop reads it between a read and its
         # write, so a rule added while it relays takes effect for the next message.
         self._gen = array.array("q", [0])
+        self._arena: bytearray | None = None  # what the compiled loop reads into (1 MiB)
         self.pcap = pcap
         # Journaled even outside pytest, so a killed owner's directory is reaped later.
         self.journal = journal if journal is not None else Journal.default()
@@ -760,6 +763,8 @@ class DBusFaultProxy:
         if not ours:
             return False
         unframed = self._unframed
+        if self._arena is None:
+            self._arena = bytearray(_ARENA)
         try:
             reason, records, pending = loop_c(
                 self._epoll.fileno(),
@@ -769,6 +774,7 @@ class DBusFaultProxy:
                 seen,
                 max(1, _SETTLE_AT - len(unframed)),
                 self.trace.flag,
+                self._arena,
             )
         except InterruptedError:
             return False

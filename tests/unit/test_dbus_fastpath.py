@@ -136,11 +136,19 @@ class Loop:
         self.table[self.b.fileno()] = self.a.fileno() << 1 | want_fds
         self.gen = array.array("q", [0])
         self.stamp = array.array("q", [1])
+        self.arena = bytearray(1 << 20)
 
     def run(self, limit: int = 1) -> tuple[int, list[tuple[float | None, int, bytes]], object]:
         assert loop is not None
         return loop(
-            self.ep.fileno(), self.wake_r, self.table, self.gen, self.gen[0], limit, self.stamp
+            self.ep.fileno(),
+            self.wake_r,
+            self.table,
+            self.gen,
+            self.gen[0],
+            limit,
+            self.stamp,
+            self.arena,
         )
 
     def close(self) -> None:
@@ -175,9 +183,8 @@ def test_loop_relays_both_ways_and_records_each_chunk(lp: Loop) -> None:
     assert lp.client.recv(100) == b"reply"
 
 
-@needs_loop
-def test_loop_big_chunks_go_through_byte_for_byte(lp: Loop) -> None:
-    data = bytes(range(256)) * 4096  # 1 MiB: more than the arena holds at once
+def _relay_big(lp: Loop, data: bytes) -> None:
+    """Relay *data* (more than the arena holds) client -> bus through *lp*; check it."""
     lp.b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # so that it fills
     got = bytearray()
 
@@ -217,6 +224,36 @@ def test_loop_big_chunks_go_through_byte_for_byte(lp: Loop) -> None:
 
 
 @needs_loop
+def test_loop_big_chunks_go_through_byte_for_byte(lp: Loop) -> None:
+    _relay_big(lp, bytes(range(256)) * 4096)  # 1 MiB
+
+
+@needs_loop
+def test_two_loops_at_once_share_no_buffer() -> None:
+    # Each proxy has its loop thread, in C at once with the GIL released: a buffer
+    # shared between them would mix their bytes.
+    loops = [Loop(), Loop()]
+    errors: list[BaseException] = []
+
+    def run(lp: Loop, fill: int) -> None:
+        try:
+            _relay_big(lp, bytes([fill]) * (1 << 20) + bytes(range(256)) * 256)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(lp, i + 1)) for i, lp in enumerate(loops)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        for lp in loops:
+            lp.close()
+    assert not errors, errors
+
+
+@needs_loop
 def test_loop_leaves_the_wake_up_and_fds_not_its_own_to_python(lp: Loop) -> None:
     os.write(lp.wake_w, b"x")
     lp.client.sendall(b"call")
@@ -238,7 +275,7 @@ def test_loop_leaves_writable_events_to_python(lp: Loop) -> None:
 def test_loop_comes_back_at_once_when_a_rule_came(lp: Loop) -> None:
     lp.client.sendall(b"call")
     assert loop is not None
-    got = loop(lp.ep.fileno(), lp.wake_r, lp.table, lp.gen, lp.gen[0] - 1, 10, lp.stamp)
+    got = loop(lp.ep.fileno(), lp.wake_r, lp.table, lp.gen, lp.gen[0] - 1, 10, lp.stamp, lp.arena)
     assert got == (0, [], None)
     assert lp.a.recv(100) == b"call"  # not read: the rule's path reads it
 
