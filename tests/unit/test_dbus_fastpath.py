@@ -414,3 +414,23 @@ def test_compiled_split_is_the_python_split(
     if not bad:
         assert len(compiled[0]) == 23
         assert compiled[1] == len(tail)
+
+
+@pytest.mark.parametrize("pure", [False, True])
+def test_doctor_says_which_relay_path_is_active(pure: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RUNTIMEFAULTS_PURE_PYTHON"}
+    if pure:
+        env["RUNTIMEFAULTS_PURE_PYTHON"] = "1"
+    elif loop is None:
+        pytest.skip("the compiled relay loop is not built")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest_runtimefaults", "doctor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    [line] = [x for x in out.stdout.splitlines() if " dbus relay " in x]
+    want = "pure Python (RUNTIMEFAULTS_PURE_PYTHON=1)" if pure else "compiled (pytest_runtimefaults"
+    assert line.startswith("info")
+    assert want in line
