@@ -23,6 +23,7 @@
  *   fds   list of received fds (empty if none)
  *   truncated  MSG_CTRUNC was set
  */
+#define _GNU_SOURCE /* memmem */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
@@ -104,15 +105,19 @@ out:
 }
 
 
-/* loop(epfd, wake_fd, table, gen, seen, limit, stamp, arena)
+/* loop(epfd, wake_fd, table, gen, seen, limit, stamp, arena, members)
  *     -> (reason, records, pending)
  *
  * The whole relay of the connections no rule concerns, in C with the GIL
  * released, until Python is needed.  It waits on the proxy's own epoll set
  * (level-triggered) and relays every readable fd that *table* names:
- * table[fd] = dst << 1 | want_fds, or -1 for an fd Python must handle (the
- * listener, the wake-up pipe, a connection in its handshake, with a queue or
- * fds pending).  What it relayed whole is recorded (time, fd, bytes) for the
+ * table[fd] = dst << 2 | whole << 1 | want_fds, or -1 for an fd Python must
+ * handle (the listener, the wake-up pipe, a connection in its handshake, with
+ * a queue or fds pending).  whole: rules exist, and this direction's framer is
+ * on a message boundary: a chunk goes on only if it is whole messages none of
+ * which has a MEMBER header field naming one of *members* (NUL-terminated
+ * names one after the other), as wire.whole_messages_without says; any other
+ * is handed back unwritten, for the exact path.  What it relayed whole is recorded (time, fd, bytes) for the
  * trace's deferred framing, which Python does from the records in bulk.
  *
  * It returns, leaving every event it did not handle in the epoll set:
@@ -140,6 +145,32 @@ static double now_stamp(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+static inline uint32_t u32(const unsigned char *p, int le);
+
+/* wire.whole_messages_without: whole messages (fixed headers' lengths only), and
+ * no MEMBER field (code 3, signature "s") naming one of the NUL-ended names. */
+static int whole_without(const unsigned char *p, size_t n, const char *names, size_t nlen) {
+    size_t pos = 0;
+    while (n >= pos + 16) {
+        const unsigned char *h = p + pos;
+        int le = h[0] == 0x6C;
+        if (!le && h[0] != 0x42) return 0;
+        uint64_t total = ((16 + (uint64_t)u32(h + 12, le) + 7) & ~(uint64_t)7) + u32(h + 4, le);
+        if (total > n - pos) return 0;
+        pos += (size_t)total;
+    }
+    if (pos != n) return 0;
+    static const unsigned char field[4] = {3, 1, 's', 0};
+    const unsigned char *end = p + n;
+    for (const unsigned char *q = p; q < end && (q = memmem(q, (size_t)(end - q), field, 4)); q++)
+        for (const char *x = names; x < names + nlen;) {
+            size_t len = strnlen(x, (size_t)(names + nlen - x)) + 1; /* with its NUL */
+            if ((size_t)(end - q) >= 8 + len && !memcmp(q + 8, x, len)) return 0;
+            x += len;
+        }
+    return 1;
+}
+
 struct rec {
     double t;
     int fd;
@@ -149,11 +180,11 @@ struct rec {
 static PyObject *loop(PyObject *self, PyObject *args) {
     (void)self;
     int epfd, wake_fd;
-    Py_buffer table, genbuf, stampbuf, arenabuf;
+    Py_buffer table, genbuf, stampbuf, arenabuf, members;
     long long seen;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "iiy*w*Lny*w*", &epfd, &wake_fd, &table, &genbuf, &seen, &limit,
-                          &stampbuf, &arenabuf))
+    if (!PyArg_ParseTuple(args, "iiy*w*Lny*w*y*", &epfd, &wake_fd, &table, &genbuf, &seen,
+                          &limit, &stampbuf, &arenabuf, &members))
         return NULL;
     PyObject *result = NULL;
     struct rec *recs = NULL;
@@ -217,7 +248,7 @@ static PyObject *loop(PyObject *self, PyObject *args) {
             int fd = ev[i].data.fd;
             if (fd == wake_fd || fd < 0 || fd >= ntab || tab[fd] < 0 || (ev[i].events & EPOLLOUT))
                 continue;
-            int dst = tab[fd] >> 1, want_fds = tab[fd] & 1;
+            int dst = tab[fd] >> 2, whole = tab[fd] & 2, want_fds = tab[fd] & 1;
             /* Whether the trace takes it is decided before the peer can act on it. */
             double t = __atomic_load_n(stamp, __ATOMIC_ACQUIRE) ? now_stamp() : -1;
             size_t room = ARENA - used;
@@ -243,7 +274,9 @@ static PyObject *loop(PyObject *self, PyObject *args) {
                         }
             }
             ssize_t sent = -1;
-            if (r > 0 && !nfds && !trunc && __atomic_load_n(gen, __ATOMIC_ACQUIRE) == seen) {
+            if (r > 0 && !nfds && !trunc && __atomic_load_n(gen, __ATOMIC_ACQUIRE) == seen &&
+                (!whole || whole_without((const unsigned char *)arena + used, (size_t)r,
+                                         members.buf, (size_t)members.len))) {
                 sent = send(dst, arena + used, (size_t)r, MSG_DONTWAIT | MSG_NOSIGNAL);
                 if (sent < 0)
                     sent = (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -2;
@@ -325,6 +358,7 @@ done:
     PyBuffer_Release(&genbuf);
     PyBuffer_Release(&stampbuf);
     PyBuffer_Release(&arenabuf);
+    PyBuffer_Release(&members);
     return result;
 }
 
@@ -410,7 +444,8 @@ static PyMethodDef methods[] = {
     {"relay", relay, METH_VARARGS,
      "relay(src, dst, want_fds) -> None | (data, sent, fds, truncated): read once, write it on."},
     {"loop", loop, METH_VARARGS,
-     "loop(epfd, wake_fd, table, gen, seen, limit, stamp, arena) -> (reason, records, pending): "
+     "loop(epfd, wake_fd, table, gen, seen, limit, stamp, arena, members) -> "
+     "(reason, records, pending): "
      "relay every connection no rule concerns until Python is needed."},
     {"frame", frame, METH_VARARGS,
      "frame(data, cls) -> (messages, pos, need): whole messages from the start of data."},

@@ -14,6 +14,7 @@ def loop(
     limit: int,
     stamp: array[int],
     arena: bytearray,
+    members: bytes,
     /,
 ) -> tuple[
     int,

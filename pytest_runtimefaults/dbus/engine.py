@@ -209,6 +209,11 @@ class FaultEngine:
         self._member_pattern = member_pattern(self._members)
         self._update_prefilter()
 
+    @property
+    def members(self) -> frozenset[bytes]:
+        """The members the rules name: what :attr:`prefilter` looks for (the compiled loop too)."""
+        return self._members
+
     def _update_prefilter(self) -> None:
         # A rewriting rule concerns replies to what it rewrote, which name no member.
         if (

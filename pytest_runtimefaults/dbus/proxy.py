@@ -70,7 +70,17 @@ from pytest_runtimefaults.journal import Journal
 _RelayFn = Callable[[int, int, bool], "tuple[bytes, int, list[int], bool] | None"]
 _Pending = tuple[int, bytes, int, list[int], bool, "float | None"]
 _LoopFn = Callable[
-    [int, int, "array.array[int]", "array.array[int]", int, int, "array.array[int]", bytearray],
+    [
+        int,
+        int,
+        "array.array[int]",
+        "array.array[int]",
+        int,
+        int,
+        "array.array[int]",
+        bytearray,
+        bytes,
+    ],
     "tuple[int, list[tuple[float | None, int, bytes]], _Pending | None]",
 ]
 _LOOP_PYTHON, _LOOP_LIMIT, _LOOP_PENDING = 0, 1, 2  # why the compiled loop came back
@@ -650,7 +660,7 @@ class DBusFaultProxy:
             while not self._stopping:
                 if (
                     loop_c is not None
-                    and engine.idle
+                    and (engine.idle or engine.prefilter is not None)
                     and not self._paused
                     and not self._inbox
                     and self._loop_compiled(loop_c)
@@ -742,26 +752,41 @@ class DBusFaultProxy:
     def _loop_compiled(self, loop_c: _LoopFn) -> bool:
         """Relay in C every connection no rule concerns, until Python is needed.
 
+        With no rule, every chunk of every direction past its handshake goes on
+        as it came (framed later, as on the Python path: ``dirty``).  With rules
+        and a prefilter, a direction whose framer is on a message boundary goes
+        on chunk by chunk while each chunk is whole messages naming no member
+        the rules name (RELAY_WHOLE); any other chunk comes back unwritten and
+        takes the exact path.
+
         True when the loop should call it again at once (it recorded as many
         chunks as it may, or Python finished a chunk for it); False when an event
         only Python handles waits in the epoll set (the wake-up pipe, the
         listener, a connection off the fast path, a writable socket) or a rule came.
         """
         assert self._epoll is not None
-        seen = self._gen[0]  # before idle is read: an add() between them is seen in C
-        if not self.engine.idle:
+        seen = self._gen[0]  # before the engine is read: an add() after it is seen in C
+        engine = self.engine
+        idle = engine.idle
+        if not idle and engine.prefilter is None:
             return False
         by_fd = self._by_fd
         if not by_fd:
             return False
         table = array.array("i", [-1]) * (max(by_fd) + 1)
+        whole = 0 if idle else 2
         ours = False
         for fd, r in by_fd.items():
-            if not r.conn.closed and may_read_fast(r.fast, bool(r.lane.queue), bool(r.pending_fds)):
-                table[fd] = r.dst << 1 | r.fds
+            if (
+                not r.conn.closed
+                and may_read_fast(r.fast, bool(r.lane.queue), bool(r.pending_fds))
+                and (idle or (r.aligned and not r.dirty))
+            ):
+                table[fd] = r.dst << 2 | whole | r.fds
                 ours = True
         if not ours:
             return False
+        members = b"" if idle else b"".join(m + b"\0" for m in engine.members)
         unframed = self._unframed
         if self._arena is None:
             self._arena = bytearray(_ARENA)
@@ -775,16 +800,18 @@ class DBusFaultProxy:
                 max(1, _SETTLE_AT - len(unframed)),
                 self.trace.flag,
                 self._arena,
+                members,
             )
         except InterruptedError:
             return False
         for t, fd, data in records:
             r = by_fd[fd]
-            r.dirty = True
+            if idle:  # (whole messages, RELAY_WHOLE, leave the framer on a boundary)
+                r.dirty = True
             unframed.append((t, r, data))
         if pending is not None:
             fd, data, sent, fds, truncated, t = pending
-            self._relayed(by_fd[fd], data, sent, fds, truncated, t)
+            self._relayed(by_fd[fd], data, sent, fds, truncated, t, dirty=idle)
         if len(unframed) >= _SETTLE_AT:
             self._settle()
         return reason != _LOOP_PYTHON
@@ -814,8 +841,13 @@ class DBusFaultProxy:
         fds: list[int],
         truncated: bool,
         t: float | None,
+        *,
+        dirty: bool = True,
     ) -> None:
-        """Finish a chunk the compiled part read: *sent* bytes written (-1: none, -2: failed)."""
+        """Finish a chunk the compiled part read: *sent* bytes written (-1: none, -2: failed).
+
+        *dirty*: it went on as RELAY (no rule), not RELAY_WHOLE (whole messages).
+        """
         if not data:
             _close_all(fds)
             self._eof(r.conn, r.direction)
@@ -832,7 +864,8 @@ class DBusFaultProxy:
         if sent == -2:
             self._close(r.conn)
             return
-        r.dirty = True
+        if dirty:
+            r.dirty = True
         if sent < len(data):
             self._queue_rest(r, data, sent)
         self._unframed.append((t, r, data))

@@ -132,8 +132,9 @@ class Loop:
         for fd in (self.a.fileno(), self.b.fileno(), self.wake_r):
             self.ep.register(fd, select.EPOLLIN)
         self.table = array.array("i", [-1]) * (max(self.a.fileno(), self.b.fileno()) + 1)
-        self.table[self.a.fileno()] = self.b.fileno() << 1 | want_fds
-        self.table[self.b.fileno()] = self.a.fileno() << 1 | want_fds
+        self.table[self.a.fileno()] = self.b.fileno() << 2 | want_fds
+        self.table[self.b.fileno()] = self.a.fileno() << 2 | want_fds
+        self.members = b""
         self.gen = array.array("q", [0])
         self.stamp = array.array("q", [1])
         self.arena = bytearray(1 << 20)
@@ -149,6 +150,7 @@ class Loop:
             limit,
             self.stamp,
             self.arena,
+            self.members,
         )
 
     def close(self) -> None:
@@ -275,7 +277,9 @@ def test_loop_leaves_writable_events_to_python(lp: Loop) -> None:
 def test_loop_comes_back_at_once_when_a_rule_came(lp: Loop) -> None:
     lp.client.sendall(b"call")
     assert loop is not None
-    got = loop(lp.ep.fileno(), lp.wake_r, lp.table, lp.gen, lp.gen[0] - 1, 10, lp.stamp, lp.arena)
+    got = loop(
+        lp.ep.fileno(), lp.wake_r, lp.table, lp.gen, lp.gen[0] - 1, 10, lp.stamp, lp.arena, b""
+    )
     assert got == (0, [], None)
     assert lp.a.recv(100) == b"call"  # not read: the rule's path reads it
 
@@ -434,3 +438,49 @@ def test_doctor_says_which_relay_path_is_active(pure: bool) -> None:
     want = "pure Python (RUNTIMEFAULTS_PURE_PYTHON=1)" if pure else "compiled (pytest_runtimefaults"
     assert line.startswith("info")
     assert want in line
+
+
+def _calls(*members: str) -> bytes:
+    address = DBusAddress("/org/freedesktop/DBus", "org.freedesktop.DBus", "org.freedesktop.DBus")
+    return b"".join(
+        new_method_call(address, m).serialise(serial=i + 1) for i, m in enumerate(members)
+    )
+
+
+@needs_loop
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        _calls("GetId"),
+        _calls("GetId", "ListNames", "GetId"),
+        _calls("Watched"),  # a member the rules name
+        _calls("GetId", "Watched"),
+        _calls("WatchedNot"),  # a longer name that starts with one: not theirs
+        _calls("GetId")[:-1],  # not whole
+        _calls("GetId") + _calls("GetId")[:20],
+        _calls("GetId", "Hello")[: len(_calls("GetId")) + 3],
+        b"\x00" * 16,  # no endianness byte
+    ],
+)
+def test_loop_with_rules_relays_only_whole_messages_no_rule_names(chunk: bytes) -> None:
+    # The C check must say what wire.whole_messages_without says for the same rules.
+    lp = Loop()
+    try:
+        members = [b"Watched", b"Other"]
+        lp.members = b"".join(m + b"\0" for m in members)
+        lp.table[lp.a.fileno()] |= 2
+        lp.client.sendall(chunk)
+        reason, records, pending = lp.run(limit=1)
+        expected = wire.whole_messages_without(chunk, wire.member_pattern(members))
+        if expected:
+            assert (reason, [r[2] for r in records], pending) == (1, [chunk], None)
+            assert lp.bus.recv(1 << 16) == chunk
+        else:
+            assert (reason, records) == (2, [])
+            assert pending is not None
+            assert pending[1:4] == (chunk, -1, [])  # unwritten: the exact path's
+            lp.bus.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                lp.bus.recv(100)
+    finally:
+        lp.close()

@@ -680,3 +680,42 @@ def test_a_killed_owners_bus_and_proxy_are_reaped(tmp_path: Path) -> None:
         pytest.fail(f"dbus-daemon {pid} survived the reap")
     assert not Path(bus_dir).exists()
     assert not Path(proxy_dir).exists()
+
+
+def test_with_rules_the_compiled_loop_relays_what_no_rule_names(
+    bus: PrivateBus, svc: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rules on other members: Ping goes through the C loop whole (none comes back to
+    # Python), and a call the rule names is still held, in C as in Python.
+    if proxy_module._loop_c is None:
+        pytest.skip("the compiled relay loop is not built (or RUNTIMEFAULTS_PURE_PYTHON=1)")
+    real = proxy_module._loop_c
+    relayed: list[bytes] = []
+    handed_back: list[bytes] = []
+
+    def counting(*args: Any) -> Any:
+        got = real(*args)
+        if args[8]:  # rules exist: the whole-messages mode
+            relayed.extend(data for _, _, data in got[1])
+            if got[2] is not None:
+                handed_back.append(got[2][1])
+        return got
+
+    monkeypatch.setattr(proxy_module, "_loop_c", counting)
+    with DBusFaultProxy(upstream=bus.address) as proxy:
+        conn = open_dbus_connection(bus=proxy.address)
+        conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"))
+        rule = proxy.add(Delay(0.3).on(member="Echo"))
+        for _ in range(20):
+            conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Ping"))
+        t0 = time.monotonic()
+        reply = conn.send_and_get_reply(new_method_call(SERVICE_ADDR, "Echo", "ay", (b"x",)))
+        held = time.monotonic() - t0
+        assert reply.body == (b"x",)
+        assert held >= 0.3
+        assert rule.applied == 1
+        pings = [e for e in proxy.trace.messages() if e.member == "Ping"]
+        conn.close()
+    assert len(pings) == 21  # traced, from the recorded chunks
+    assert sum(b"Ping\0" in chunk for chunk in relayed) >= 15  # most went through C
+    assert any(b"Echo\0" in chunk for chunk in handed_back)  # the rule's took the exact path
