@@ -13,7 +13,11 @@ the old ``cni`` module:
   :class:`CniDir` (a private conf dir), unique subnets;
 * :mod:`~pytest_runtimefaults.cni.faults`: the file faults
   (:class:`HalfWritten`, :class:`HeldHalfWritten`, :class:`DeleteRecreate`,
-  :class:`RacingWriter`), each a :class:`~pytest_runtimefaults.core.fault.Fault`;
+  :class:`RacingWriter`) and the reload races of containerd's CRI plugin
+  (:class:`RenamedInto`, :class:`ConfDirSwap`, :class:`EventStorm`), each a
+  :class:`~pytest_runtimefaults.core.fault.Fault`;
+* :mod:`~pytest_runtimefaults.cni.inotify`: :class:`InotifyInstancesHeld` (no
+  inotify instance left in a user namespace) and :func:`inotify_instances`;
 * :mod:`~pytest_runtimefaults.cni.parallel`: :class:`ParallelAdds`;
 * :mod:`~pytest_runtimefaults.cni.watcher`: :class:`TornWriteWatcher` (inotify);
 * :mod:`~pytest_runtimefaults.cni.namespaces`: :func:`private_state_argv`;
@@ -60,7 +64,17 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "whole_files",
         "write_atomic",
     ),
-    "faults": ("ConfigDir", "DeleteRecreate", "HalfWritten", "HeldHalfWritten", "RacingWriter"),
+    "faults": (
+        "ConfDirSwap",
+        "ConfigDir",
+        "DeleteRecreate",
+        "EventStorm",
+        "HalfWritten",
+        "HeldHalfWritten",
+        "RacingWriter",
+        "RenamedInto",
+    ),
+    "inotify": ("InotifyInstancesHeld", "inotify_instances"),
     "parallel": ("ParallelAdds",),
     "watcher": (
         "IN_CLOEXEC",
@@ -120,17 +134,21 @@ __all__ = [
     "BrokenMode",
     "CniDir",
     "CniPodman",
+    "ConfDirSwap",
     "ConfigDir",
     "CriNetworkStatus",
     "CriPod",
     "CriPods",
     "DeleteRecreate",
+    "EventStorm",
     "HalfWritten",
     "HeldHalfWritten",
+    "InotifyInstancesHeld",
     "NetavarkDir",
     "NetavarkPodman",
     "ParallelAdds",
     "RacingWriter",
+    "RenamedInto",
     "TornWrite",
     "TornWriteWatcher",
     "broken_bytes",
@@ -140,6 +158,7 @@ __all__ = [
     "decode_protobuf",
     "find_netavark",
     "host_network_state",
+    "inotify_instances",
     "kill_cgroup_tree",
     "netavark_network",
     "netavark_state_argv",
@@ -176,12 +195,16 @@ if TYPE_CHECKING:  # pragma: no cover
         wait_cri_network,
     )
     from pytest_runtimefaults.cni.faults import (
+        ConfDirSwap,
         ConfigDir,
         DeleteRecreate,
+        EventStorm,
         HalfWritten,
         HeldHalfWritten,
         RacingWriter,
+        RenamedInto,
     )
+    from pytest_runtimefaults.cni.inotify import InotifyInstancesHeld, inotify_instances
     from pytest_runtimefaults.cni.namespaces import private_state_argv
     from pytest_runtimefaults.cni.netavark import (
         NETAVARK_SUFFIXES,

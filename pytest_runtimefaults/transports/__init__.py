@@ -18,9 +18,79 @@ module                   stream
                          CRI-O's double-``Done`` bug
 =======================  ==================================================
 
+The transports and the CRI producer are importable from here too; names
+resolve lazily (PEP 562), so importing the package loads none of its modules
+(nor grpc, protobuf or jeepney).
+
 Example::
 
-    from pytest_runtimefaults.transports.command import CommandTransport
+    from pytest_runtimefaults.transports import CommandTransport
 
     transport = CommandTransport(["ctr", "-a", sock, "events"])
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_MODULES: dict[str, tuple[str, ...]] = {
+    "broadcaster": ("Broadcaster",),
+    "command": ("CommandTransport",),
+    "containerd": ("ContainerdEvents",),
+    "cri": (
+        "CriEvents",
+        "CriLifecycles",
+        "containerd_with_cri_events",
+        "cri_events_unsupported",
+        "run_fan_out",
+        "run_restart",
+    ),
+    "dbus": ("DBusSignals",),
+    "unixline": ("UnixLineTransport",),
+}
+
+# name -> the module that defines it, resolved by __getattr__.
+_LAZY = {name: f"{__name__}.{module}" for module, names in _MODULES.items() for name in names}
+
+__all__ = [
+    "Broadcaster",
+    "CommandTransport",
+    "ContainerdEvents",
+    "CriEvents",
+    "CriLifecycles",
+    "DBusSignals",
+    "UnixLineTransport",
+    "containerd_with_cri_events",
+    "cri_events_unsupported",
+    "run_fan_out",
+    "run_restart",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pytest_runtimefaults.transports.broadcaster import Broadcaster
+    from pytest_runtimefaults.transports.command import CommandTransport
+    from pytest_runtimefaults.transports.containerd import ContainerdEvents
+    from pytest_runtimefaults.transports.cri import (
+        CriEvents,
+        CriLifecycles,
+        containerd_with_cri_events,
+        cri_events_unsupported,
+        run_fan_out,
+        run_restart,
+    )
+    from pytest_runtimefaults.transports.dbus import DBusSignals
+    from pytest_runtimefaults.transports.unixline import UnixLineTransport
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

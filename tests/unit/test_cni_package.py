@@ -73,9 +73,15 @@ OLD_NAMES = [
     "write_atomic",
 ]
 
-#: names added since: the file faults' directory protocol and podman's netavark backend
+#: names added since: the file faults' directory protocol, podman's netavark
+#: backend, the reload races and the inotify fault
 NEW_NAMES = [
+    "ConfDirSwap",
     "ConfigDir",
+    "EventStorm",
+    "InotifyInstancesHeld",
+    "RenamedInto",
+    "inotify_instances",
     "NETAVARK_SUFFIXES",
     "NetavarkDir",
     "NetavarkPodman",
