@@ -308,6 +308,137 @@ def test_config_renamed_into_place(
     record(verdict, runs, "cni:config-renamed-into", time.monotonic() - started)
 
 
+def _status_or_exit(ctd: Containerd, predicate: Callable[[Any], bool], bound: float) -> Any:
+    """CRI's network status once *predicate* holds (or at *bound*), or None when
+    containerd exits meanwhile: where the fault kills it, the crash is the outcome."""
+    from pytest_runtimefaults.cni import cri_network_status
+
+    status: Any = None
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        if not ctd.running:
+            return None
+        try:
+            status = cri_network_status(ctd.address)
+        except Exception as exc:  # grpc.RpcError: dying or not up yet; it decides below
+            status = f"CRI: {exc}"
+        else:
+            if predicate(status):
+                break
+        time.sleep(0.05)
+    time.sleep(1)  # a daemon dying of the fault does so within this second
+    return status if ctd.running else None
+
+
+def _crashed(ctd: Containerd, pods: Any, last: str) -> tuple[Outcome, str]:
+    """A crash's verdict and evidence; containerd is restarted, so that this
+    scenario's teardown and probe pod meet a live daemon (and every scenario
+    has its own containerd: ``cni_containerd`` is per test)."""
+    said = [ln for ln in ctd.logs.splitlines() if "level=fatal" in ln or "overflow" in ln]
+    ctd.restart()
+    pods.mount_pid = ctd.pid  # the pods' namespaces are under the new process's root
+    return Outcome.CRASHES, f"containerd exited ({last}); log: {[s[:200] for s in said[-2:]]}"
+
+
+def test_conf_dir_swapped(
+    cni_dir: Any,
+    cni_sandbox: Any,
+    cni_containerd: Containerd,
+    pods: Any,
+    cni_conf_dir_swap: Any,
+    runtimefaults_faults: FaultRegistry,
+    link_kind: Any,
+    verdict: Any,
+) -> None:
+    """The conf dir deleted and recreated holding a macvlan network (containerd 6490): pods
+    must get macvlan; a watch on the old inode never hears of it."""
+    from pytest_runtimefaults.cni import wait_cri_network
+
+    cni_dir.write(cni_dir.bridge(), "20-bridge.conflist")
+    wait_cri_network(cni_containerd.address, lambda s: s.plugin_types == ("bridge",))
+    started = time.monotonic()
+    mac = cni_dir.macvlan(cni_sandbox.master_link())
+    cni_conf_dir_swap({"10-mac.conflist": mac})
+    # 2.x polls a vanished conf dir every 5 s: a bound past that
+    status = _status_or_exit(cni_containerd, lambda s: s.plugin_types == ("macvlan",), 12.0)
+    runs = PodRuns(wanted="macvlan")
+    crash: tuple[Outcome, str] | None = None
+    if status is not None:
+        for _ in range(PODS // 2):
+            runs.run(pods, link_kind)
+    if status is None or not cni_containerd.running:
+        crash = _crashed(cni_containerd, pods, "after the swap")
+    else:
+        runs.file_named = names_file(cni_dir.path("10-mac.conflist"), cni_containerd, runs)
+    finish(runs, pods, runtimefaults_faults, cni_containerd, link_kind)
+    _record_crash_or(verdict, runs, crash, "cni:conf-dir-swapped", time.monotonic() - started)
+
+
+def test_event_storm(
+    cni_dir: Any,
+    cni_sandbox: Any,
+    cni_containerd: Containerd,
+    pods: Any,
+    cni_event_storm: Any,
+    runtimefaults_faults: FaultRegistry,
+    link_kind: Any,
+    verdict: Any,
+) -> None:
+    """A storm of conf dir events while containerd is frozen, its queue overflowing
+    (containerd 5041: a reload loop; 1.6-2.1 exit), then a macvlan network: pods get it."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from pytest_runtimefaults.cni import wait_cri_network
+
+    cni_dir.write(cni_dir.bridge(), "20-bridge.conflist")
+    wait_cri_network(cni_containerd.address, lambda s: s.plugin_types == ("bridge",))
+    pid = cni_containerd.pid
+    assert pid is not None
+    # 1.5 x the queue (4 events a file): the kernel drops the excess with IN_Q_OVERFLOW
+    files = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text()) * 3 // 8 + 1
+    started = time.monotonic()
+    mac = cni_dir.macvlan(cni_sandbox.master_link())
+    os.kill(pid, signal.SIGSTOP)  # frozen for the burst, as a daemon starved of CPU is
+    try:
+        cni_event_storm(files=files, touch=("10-mac.conflist", mac))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    status = _status_or_exit(cni_containerd, lambda s: s.plugin_types == ("macvlan",), 10.0)
+    runs = PodRuns(wanted="macvlan")
+    crash: tuple[Outcome, str] | None = None
+    if status is not None:
+        for _ in range(PODS // 2):
+            runs.run(pods, link_kind)
+    if status is None or not cni_containerd.running:
+        crash = _crashed(cni_containerd, pods, f"after {files} scratch files")
+    else:
+        runs.file_named = names_file(cni_dir.path("10-mac.conflist"), cni_containerd, runs)
+    finish(runs, pods, runtimefaults_faults, cni_containerd, link_kind)
+    _record_crash_or(verdict, runs, crash, "cni:event-storm", time.monotonic() - started)
+
+
+def _record_crash_or(
+    verdict: Any, runs: PodRuns, crash: tuple[Outcome, str] | None, fault: str, seconds: float
+) -> None:
+    if crash is None:
+        record(verdict, runs, fault, seconds)
+        return
+    outcome, evidence = crash
+    if runs.after is not None:
+        evidence += f"; after a restart: {runs.after}"
+    verdict.record(
+        outcome,
+        component="containerd",
+        fault=fault,
+        evidence=evidence,
+        version=installed_version("containerd"),
+        seconds=seconds,
+        leftovers=runs.leftovers,
+    )
+
+
 def test_racing_writer(
     cni_dir: Any,
     cni_sandbox: Any,
