@@ -142,8 +142,21 @@ def names_file(path: Any, ctd: Containerd, runs: PodRuns) -> bool:
     return any(text in t for t in [*runs.errors, status.last_load, status.message, ctd.logs])
 
 
-def record(verdict: Any, runs: PodRuns, fault: str, seconds: float) -> None:
+def record(
+    verdict: Any,
+    runs: PodRuns,
+    fault: str,
+    seconds: float,
+    crash: tuple[Outcome, str] | None = None,
+) -> None:
+    """Record the pods' verdict, or *crash* (containerd exited of the fault: its
+    verdict and evidence) with what the pods got once it was restarted."""
     outcome, evidence = runs.outcome()
+    if crash is not None:
+        outcome, evidence = (
+            crash[0],
+            crash[1] + (f"; after a restart: {runs.after}" if runs.after is not None else ""),
+        )
     verdict.record(
         outcome,
         component="containerd",
@@ -340,6 +353,38 @@ def _crashed(ctd: Containerd, pods: Any, last: str) -> tuple[Outcome, str]:
     return Outcome.CRASHES, f"containerd exited ({last}); log: {[s[:200] for s in said[-2:]]}"
 
 
+def _pods_unless_it_exits(
+    status: Any,
+    ctd: Containerd,
+    pods: Any,
+    registry: FaultRegistry,
+    link_kind: Callable[[str, str], str | None],
+    path: Any,
+    when: str,
+) -> tuple[PodRuns, tuple[Outcome, str] | None]:
+    """A few macvlan pods and :func:`finish`, unless containerd exits of the fault
+    (*status* None: it already has; or it does while the pods start or are
+    removed): then the crash's verdict, and :func:`finish` against the restarted
+    containerd."""
+    runs = PodRuns(wanted="macvlan")
+    try:
+        if status is None:
+            raise ProcessLookupError("containerd exited")
+        for _ in range(PODS // 2):
+            runs.run(pods, link_kind)
+        if not ctd.running:
+            raise ProcessLookupError("containerd exited")
+        runs.file_named = names_file(path, ctd, runs)
+        finish(runs, pods, registry, ctd, link_kind)
+    except Exception:
+        if ctd.running:
+            raise  # not the crash: a failure of the scenario itself
+        crash = _crashed(ctd, pods, when)
+        finish(runs, pods, registry, ctd, link_kind)
+        return runs, crash
+    return runs, None
+
+
 def test_conf_dir_swapped(
     cni_dir: Any,
     cni_sandbox: Any,
@@ -361,17 +406,16 @@ def test_conf_dir_swapped(
     cni_conf_dir_swap({"10-mac.conflist": mac})
     # 2.x polls a vanished conf dir every 5 s: a bound past that
     status = _status_or_exit(cni_containerd, lambda s: s.plugin_types == ("macvlan",), 12.0)
-    runs = PodRuns(wanted="macvlan")
-    crash: tuple[Outcome, str] | None = None
-    if status is not None:
-        for _ in range(PODS // 2):
-            runs.run(pods, link_kind)
-    if status is None or not cni_containerd.running:
-        crash = _crashed(cni_containerd, pods, "after the swap")
-    else:
-        runs.file_named = names_file(cni_dir.path("10-mac.conflist"), cni_containerd, runs)
-    finish(runs, pods, runtimefaults_faults, cni_containerd, link_kind)
-    _record_crash_or(verdict, runs, crash, "cni:conf-dir-swapped", time.monotonic() - started)
+    runs, crash = _pods_unless_it_exits(
+        status,
+        cni_containerd,
+        pods,
+        runtimefaults_faults,
+        link_kind,
+        cni_dir.path("10-mac.conflist"),
+        "after the swap",
+    )
+    record(verdict, runs, "cni:conf-dir-swapped", time.monotonic() - started, crash)
 
 
 def test_event_storm(
@@ -406,37 +450,16 @@ def test_event_storm(
     finally:
         os.kill(pid, signal.SIGCONT)
     status = _status_or_exit(cni_containerd, lambda s: s.plugin_types == ("macvlan",), 10.0)
-    runs = PodRuns(wanted="macvlan")
-    crash: tuple[Outcome, str] | None = None
-    if status is not None:
-        for _ in range(PODS // 2):
-            runs.run(pods, link_kind)
-    if status is None or not cni_containerd.running:
-        crash = _crashed(cni_containerd, pods, f"after {files} scratch files")
-    else:
-        runs.file_named = names_file(cni_dir.path("10-mac.conflist"), cni_containerd, runs)
-    finish(runs, pods, runtimefaults_faults, cni_containerd, link_kind)
-    _record_crash_or(verdict, runs, crash, "cni:event-storm", time.monotonic() - started)
-
-
-def _record_crash_or(
-    verdict: Any, runs: PodRuns, crash: tuple[Outcome, str] | None, fault: str, seconds: float
-) -> None:
-    if crash is None:
-        record(verdict, runs, fault, seconds)
-        return
-    outcome, evidence = crash
-    if runs.after is not None:
-        evidence += f"; after a restart: {runs.after}"
-    verdict.record(
-        outcome,
-        component="containerd",
-        fault=fault,
-        evidence=evidence,
-        version=installed_version("containerd"),
-        seconds=seconds,
-        leftovers=runs.leftovers,
+    runs, crash = _pods_unless_it_exits(
+        status,
+        cni_containerd,
+        pods,
+        runtimefaults_faults,
+        link_kind,
+        cni_dir.path("10-mac.conflist"),
+        f"after {files} scratch files",
     )
+    record(verdict, runs, "cni:event-storm", time.monotonic() - started, crash)
 
 
 def test_racing_writer(
