@@ -49,8 +49,9 @@ Example::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pytest_runtimefaults._lazy import lazy_exports
 
 _MODULES: dict[str, tuple[str, ...]] = {
     "config": (
@@ -115,7 +116,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
 }
 
 # name -> the module that defines it, resolved by __getattr__.
-_LAZY = {name: f"{__name__}.{module}" for module, names in _MODULES.items() for name in names}
+_LAZY, __getattr__, __dir__ = lazy_exports(__name__, _MODULES)
 
 __all__ = [
     "BROKEN_MODES",
@@ -231,16 +232,3 @@ if TYPE_CHECKING:  # pragma: no cover
         TornWrite,
         TornWriteWatcher,
     )
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))

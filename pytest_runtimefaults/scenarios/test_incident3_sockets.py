@@ -134,7 +134,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("spec", specs, ids=ids)
     if "containerd_spec" in metafunc.fixturenames:
         # A shim is containerd's: the scenario runs once, if containerd is a daemon under test.
-        ours = [s for s in specs if s.text == "containerd"]
+        ours: list[Any] = [s for s in specs if s.text == "containerd"]
         skip = pytest.mark.skip(reason="--runtimefaults-daemon does not name containerd")
         params = ours or [pytest.param(DaemonSpec("containerd"), marks=skip)]
         metafunc.parametrize("containerd_spec", params, ids=["containerd"])
