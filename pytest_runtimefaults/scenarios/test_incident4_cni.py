@@ -353,46 +353,50 @@ def _crashed(ctd: Containerd, pods: Any, last: str) -> tuple[Outcome, str]:
     return Outcome.CRASHES, f"containerd exited ({last}); log: {[s[:200] for s in said[-2:]]}"
 
 
-def _pods_unless_it_exits(
-    status: Any,
-    ctd: Containerd,
+@pytest.fixture
+def macvlan_pods_or_crash(
+    cni_dir: Any,
+    cni_containerd: Containerd,
     pods: Any,
-    registry: FaultRegistry,
+    runtimefaults_faults: FaultRegistry,
     link_kind: Callable[[str, str], str | None],
-    path: Any,
-    when: str,
-) -> tuple[PodRuns, tuple[Outcome, str] | None]:
-    """A few macvlan pods and :func:`finish`, unless containerd exits of the fault
-    (*status* None: it already has; or it does while the pods start or are
-    removed): then the crash's verdict, and :func:`finish` against the restarted
-    containerd."""
-    runs = PodRuns(wanted="macvlan")
-    try:
-        if status is None:
-            raise ProcessLookupError("containerd exited")
-        for _ in range(PODS // 2):
-            runs.run(pods, link_kind)
-        if not ctd.running:
-            raise ProcessLookupError("containerd exited")
-        runs.file_named = names_file(path, ctd, runs)
-        finish(runs, pods, registry, ctd, link_kind)
-    except Exception:
-        if ctd.running:
-            raise  # not the crash: a failure of the scenario itself
-        crash = _crashed(ctd, pods, when)
-        finish(runs, pods, registry, ctd, link_kind)
-        return runs, crash
-    return runs, None
+) -> Callable[[float, str], tuple[PodRuns, tuple[Outcome, str] | None]]:
+    """``macvlan_pods_or_crash(bound, when)``, once the fault is in: a few pods that
+    must get ``10-mac.conflist``'s macvlan network, and :func:`finish`, unless
+    containerd exits of the fault (before *bound* s, while the pods start, or while
+    they are removed): then the crash's verdict (*when* names the moment), and
+    :func:`finish` against the restarted containerd."""
+    ctd, path = cni_containerd, cni_dir.path("10-mac.conflist")
+
+    def run(bound: float, when: str) -> tuple[PodRuns, tuple[Outcome, str] | None]:
+        status = _status_or_exit(ctd, lambda s: s.plugin_types == ("macvlan",), bound)
+        runs = PodRuns(wanted="macvlan")
+        try:
+            if status is None:
+                raise ProcessLookupError("containerd exited")
+            for _ in range(PODS // 2):
+                runs.run(pods, link_kind)
+            if not ctd.running:
+                raise ProcessLookupError("containerd exited")
+            runs.file_named = names_file(path, ctd, runs)
+            finish(runs, pods, runtimefaults_faults, ctd, link_kind)
+        except Exception:
+            if ctd.running:
+                raise  # not the crash: a failure of the scenario itself
+            crash = _crashed(ctd, pods, when)
+            finish(runs, pods, runtimefaults_faults, ctd, link_kind)
+            return runs, crash
+        return runs, None
+
+    return run
 
 
 def test_conf_dir_swapped(
     cni_dir: Any,
     cni_sandbox: Any,
     cni_containerd: Containerd,
-    pods: Any,
     cni_conf_dir_swap: Any,
-    runtimefaults_faults: FaultRegistry,
-    link_kind: Any,
+    macvlan_pods_or_crash: Any,
     verdict: Any,
 ) -> None:
     """The conf dir deleted and recreated holding a macvlan network (containerd 6490): pods
@@ -402,19 +406,9 @@ def test_conf_dir_swapped(
     cni_dir.write(cni_dir.bridge(), "20-bridge.conflist")
     wait_cri_network(cni_containerd.address, lambda s: s.plugin_types == ("bridge",))
     started = time.monotonic()
-    mac = cni_dir.macvlan(cni_sandbox.master_link())
-    cni_conf_dir_swap({"10-mac.conflist": mac})
+    cni_conf_dir_swap({"10-mac.conflist": cni_dir.macvlan(cni_sandbox.master_link())})
     # 2.x polls a vanished conf dir every 5 s: a bound past that
-    status = _status_or_exit(cni_containerd, lambda s: s.plugin_types == ("macvlan",), 12.0)
-    runs, crash = _pods_unless_it_exits(
-        status,
-        cni_containerd,
-        pods,
-        runtimefaults_faults,
-        link_kind,
-        cni_dir.path("10-mac.conflist"),
-        "after the swap",
-    )
+    runs, crash = macvlan_pods_or_crash(12.0, "after the swap")
     record(verdict, runs, "cni:conf-dir-swapped", time.monotonic() - started, crash)
 
 
@@ -422,10 +416,8 @@ def test_event_storm(
     cni_dir: Any,
     cni_sandbox: Any,
     cni_containerd: Containerd,
-    pods: Any,
     cni_event_storm: Any,
-    runtimefaults_faults: FaultRegistry,
-    link_kind: Any,
+    macvlan_pods_or_crash: Any,
     verdict: Any,
 ) -> None:
     """A storm of conf dir events while containerd is frozen, its queue overflowing
@@ -449,16 +441,7 @@ def test_event_storm(
         cni_event_storm(files=files, touch=("10-mac.conflist", mac))
     finally:
         os.kill(pid, signal.SIGCONT)
-    status = _status_or_exit(cni_containerd, lambda s: s.plugin_types == ("macvlan",), 10.0)
-    runs, crash = _pods_unless_it_exits(
-        status,
-        cni_containerd,
-        pods,
-        runtimefaults_faults,
-        link_kind,
-        cni_dir.path("10-mac.conflist"),
-        f"after {files} scratch files",
-    )
+    runs, crash = macvlan_pods_or_crash(10.0, f"after {files} scratch files")
     record(verdict, runs, "cni:event-storm", time.monotonic() - started, crash)
 
 
