@@ -469,6 +469,8 @@ def test_containerd_restart_over_a_killed_shims_socket(
     while not dead(shim) and time.monotonic() < deadline:
         time.sleep(0.01)
     left_at_start = sorted(ours & shim_sockets(ctd))
+    # No stale socket, no fault: the scenario would judge a plain restart.
+    assert left_at_start, f"the killed shim left no socket in {ctd.shim_socket_dir}"
     serves_again: str | None = None
     try:
         daemon.start(timeout=BOUND)
