@@ -30,6 +30,7 @@ import pytest
 
 from pytest_runtimefaults import caps
 from pytest_runtimefaults.containerd import Containerd
+from pytest_runtimefaults.daemon import DaemonError
 from pytest_runtimefaults.expectations import Outcome, installed_version
 from pytest_runtimefaults.faults import FaultRegistry
 
@@ -443,6 +444,83 @@ def test_event_storm(
         os.kill(pid, signal.SIGCONT)
     runs, crash = macvlan_pods_or_crash(10.0, f"after {files} scratch files")
     record(verdict, runs, "cni:event-storm", time.monotonic() - started, crash)
+
+
+def test_no_inotify_instance_left(
+    request: pytest.FixtureRequest,
+    cni_dir: Any,
+    cni_sandbox: Any,
+    inotify_exhausted: Any,
+    runtimefaults_journal: Any,
+    runtimefaults_faults: FaultRegistry,
+    verdict: Any,
+) -> None:
+    """containerd started with no inotify instance left to it (containerd 10468, 10308:
+    ``failed to create fsnotify watcher: too many open files``): it must refuse saying
+    why, or serve CRI; and be back once the instances are.  Its own containerd, in the
+    fault's user namespace; the host's limit is never touched."""
+    import grpc
+
+    from pytest_runtimefaults.cni import containerd_in_sandbox, cri_network_status
+    from pytest_runtimefaults.cni import wait_cri_network as wait
+
+    for program, package in (("containerd", "containerd"), ("runc", "runc")):
+        caps.require_command(request, program, package=package)
+    caps.require_command(request, "busybox", package="busybox-static")
+    conf = cni_dir.bridge()
+    cni_dir.write(conf)
+    held = inotify_exhausted(limit=4)
+    started = time.monotonic()
+    ctd = containerd_in_sandbox(
+        cni_dir,
+        cni_sandbox,
+        journal=runtimefaults_journal,
+        registry=runtimefaults_faults,
+        enter=held.argv,
+    )
+    try:
+        status: Any
+        try:
+            status = cri_network_status(ctd.address)
+        except grpc.RpcError as exc:  # no CRI service: what a kubelet would see
+            status = f"{exc.code()}: {exc.details()}"
+        said = [ln[:200] for ln in ctd.logs.splitlines() if "too many open files" in ln]
+        serving = not isinstance(status, str)
+        held.release()
+        later = cni_dir.bridge()
+        cni_dir.write(later, "05-later.conflist")
+
+        def has_later(s: Any) -> bool:
+            return bool(s.ready and [n for n, _ in s.networks] == [later["name"]])
+
+        by_itself = serving and has_later(wait(ctd.address, has_later, 3))
+        running = ctd.running
+        try:
+            ctd.restart()  # what brought every version back, measured: checked, not assumed
+            restarted = has_later(wait(ctd.address, has_later, 5))
+        except (DaemonError, grpc.RpcError) as exc:
+            restarted = False
+            said.append(f"the restart: {str(exc).splitlines()[0]}")
+    finally:
+        ctd.stop()
+    if serving and by_itself and restarted:
+        outcome = Outcome.SURVIVES
+    elif not running and said and restarted:
+        outcome = Outcome.FAILS_CLEANLY  # refused to run, saying why
+    else:
+        outcome = Outcome.MISBEHAVES  # running without CRI (or its watch), or never back
+    verdict.record(
+        outcome,
+        component="containerd",
+        fault="cni:inotify-instances-exhausted",
+        evidence=(
+            f"CRI at start: {status}; running: {running}; said: {said[:1] or 'nothing'}; "
+            f"instances back, a new file loaded by itself: {by_itself}; after a restart: "
+            f"{restarted}"
+        ),
+        version=installed_version("containerd"),
+        seconds=time.monotonic() - started,
+    )
 
 
 def test_racing_writer(
