@@ -242,10 +242,16 @@ class ConnectionCap(FaultBase):
         if conn is None:
             raise CapError(f"cannot reach the bus at {self.address} to reload it: {error}")
         try:
-            bus = DBusAddress("/org/freedesktop/DBus", "org.freedesktop.DBus", "org.freedesktop.DBus")
-            unwrap_msg(conn.send_and_get_reply(new_method_call(bus, "ReloadConfig"), timeout=self.timeout))
+            bus = DBusAddress(
+                "/org/freedesktop/DBus", "org.freedesktop.DBus", "org.freedesktop.DBus"
+            )
+            unwrap_msg(
+                conn.send_and_get_reply(new_method_call(bus, "ReloadConfig"), timeout=self.timeout)
+            )
         except Exception as exc:  # jeepney's DBusErrorResponse, timeouts
-            raise CapError(f"the bus at {self.address} did not reload {self.config}: {exc}") from exc
+            raise CapError(
+                f"the bus at {self.address} did not reload {self.config}: {exc}"
+            ) from exc
         finally:
             conn.close()
 

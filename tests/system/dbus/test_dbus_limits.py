@@ -115,7 +115,8 @@ def test_a_full_backlog_gives_eagain_to_a_non_blocking_connect(proxy: DBusFaultP
             connect_once(path)
         assert info.value.errno == errno.EAGAIN
         assert info.value.strerror == "Resource temporarily unavailable"
-    assert fault.applied == 1 and proxy.accepting
+    assert fault.applied == 1
+    assert proxy.accepting
     # Lifted: the same client gets through, and the bus answers it.
     conn = _bus_connection(connect_once(path))
     try:
@@ -144,7 +145,8 @@ def test_a_client_that_retries_gets_through_once_the_backlog_drains(
         conn.close()
     assert retries >= 2, "it got through at once: the fault did not hold"
     assert 0.4 < waited < 3, waited
-    assert fault.seconds is not None and 0.45 < fault.seconds < 2
+    assert fault.seconds is not None
+    assert 0.45 < fault.seconds < 2
 
 
 def test_a_blocking_connect_waits_and_gets_through(proxy: DBusFaultProxy) -> None:
