@@ -18,7 +18,8 @@ Two neighbours of incident 2 (docs/incidents.md, "Neighbours"):
   ``org.freedesktop.DBus.Error.LimitsExceeded: The maximum number of active
   connections for UID 0 has been reached``, which sd-bus maps to ``ENOBUFS``
   (crun: ``No buffer space available``, podman PR 11313).  dbus-broker has
-  no such cap (see the class).
+  no connection count, but its per-user fd quota caps connections all the
+  same (see the class).
 
 Example::
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +55,7 @@ __all__ = [
 #: the D-Bus error dbus-daemon answers ``Hello`` with past a limit
 LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
 _LIMIT_NAME = "max_connections_per_user"
+_FDS_NAME = "max_outgoing_unix_fds"
 
 
 class CapError(RuntimeError):
@@ -142,11 +145,18 @@ class ConnectionCap(FaultBase):
     Use :meth:`of` for a :class:`~pytest_runtimefaults.dbus.bus.PrivateBus`
     or a :class:`~pytest_runtimefaults.systemd.SystemdSandbox`.
 
-    dbus-broker cannot be capped so (its launcher reads
+    dbus-broker (*broker* true) counts no connections: its launcher reads
     ``max_connections_per_user`` only to multiply the per-connection byte,
-    fd and match limits into per-user quotas; the broker's own per-user
-    object quota, ``--max-objects``, is not passed by the launcher): start()
-    raises :class:`CapError` saying so when no connection was refused.
+    fd and match limits into per-user quotas (``--max-bytes``,
+    ``--max-fds``, ``--max-matches``), and the broker's per-user object
+    quota (``--max-objects``) is not passed by the launcher at all.  But each
+    connection is charged its socket's fd against the fd quota, so
+    ``max_outgoing_unix_fds`` = 1 as well makes ``max_connections_per_user``
+    a connection cap (measured: dbus-broker 37 closes the next connection
+    during the handshake, ``Connection reset by peer``).  The launcher
+    passes the quotas only when it starts the broker, so *reload* must
+    restart the bus (:meth:`SystemdSandbox.restart_bus`, which :meth:`of`
+    picks).  A bus that takes every connection is a :class:`CapError`.
     """
 
     def __init__(
@@ -157,6 +167,8 @@ class ConnectionCap(FaultBase):
         max_per_user: int,
         leave: int = 0,
         timeout: float = 5.0,
+        broker: bool = False,
+        reload: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(max_per_user, int) or max_per_user < 1:
@@ -169,6 +181,8 @@ class ConnectionCap(FaultBase):
         self.max_per_user = max_per_user
         self.leave = leave
         self.timeout = timeout
+        self.broker = broker
+        self._reload_fn = reload
         #: the bus's answer to the connection it refused (the exact error text)
         self.refusal: str | None = None
         self._original: str | None = None
@@ -176,12 +190,24 @@ class ConnectionCap(FaultBase):
 
     @classmethod
     def of(cls, bus: Any, *, max_per_user: int, leave: int = 0) -> ConnectionCap:
-        """The cap of a PrivateBus (``bus.dir/bus.conf``) or a SystemdSandbox's bus."""
+        """The cap of a PrivateBus (``bus.dir/bus.conf``) or a SystemdSandbox's bus.
+
+        A sandbox running dbus-broker gets the broker's way (the fd quota, and a
+        restart of the bus to apply it: every connection is dropped once).
+        """
         workdir = getattr(bus, "workdir", None) or getattr(bus, "dir", None)
         if workdir is None:
             raise CapError(f"{bus!r} has no bus configuration of ours to change (not started?)")
         address = getattr(bus, "bus_address", None) or bus.address
-        return cls(Path(workdir) / "bus.conf", address, max_per_user=max_per_user, leave=leave)
+        broker = getattr(bus, "bus_daemon", "dbus-daemon") == "dbus-broker"
+        return cls(
+            Path(workdir) / "bus.conf",
+            address,
+            max_per_user=max_per_user,
+            leave=leave,
+            broker=broker,
+            reload=bus.restart_bus if broker else None,
+        )
 
     @property
     def held(self) -> int:
@@ -190,7 +216,10 @@ class ConnectionCap(FaultBase):
 
     def _start(self) -> None:
         self._original = self.config.read_text()
-        self.config.write_text(set_limit(self._original, _LIMIT_NAME, self.max_per_user))
+        capped = set_limit(self._original, _LIMIT_NAME, self.max_per_user)
+        if self.broker:
+            capped = set_limit(capped, _FDS_NAME, 1)  # one fd per connection: a connection quota
+        self.config.write_text(capped)
         self._reload()
         # Counting the user's connections would need the bus's stats interface (not
         # built everywhere); opening until refused reaches the cap exactly.
@@ -204,13 +233,31 @@ class ConnectionCap(FaultBase):
             raise CapError(
                 f"the bus at {self.address} took {len(self._held)} connections of root with "
                 f"{_LIMIT_NAME}={self.max_per_user}: it does not cap connections per user "
-                "(dbus-broker does not: its launcher turns that limit into byte and fd "
-                "quotas only); use dbus-daemon"
+                "(dbus-broker does not count connections: pass broker=True, which sets "
+                f"{_FDS_NAME}=1 too, and a reload= that restarts it)"
             )
-        for _ in range(self.leave):
-            self._held.pop().close()
+        if self.leave:
+            before = _connections_of(self._held[0], 0, self.timeout) if self._held else 0
+            for _ in range(self.leave):
+                self._held.pop().close()
+            # The bus frees a closed connection's quota when it sees the hangup, not
+            # at our close(): wait for that, or the next client may still be refused.
+            self._wait_freed(before - self.leave)
         self._fired(len(self._held))
         logger.debug("%s: holding %d, refusal %r", self.name, len(self._held), self.refusal)
+
+    def _wait_freed(self, expected: int) -> None:
+        if not self._held:
+            time.sleep(0.2)  # no connection of ours left to ask the bus with
+            return
+        deadline = time.monotonic() + self.timeout
+        while (seen := _connections_of(self._held[0], 0, self.timeout)) > expected:
+            if time.monotonic() > deadline:
+                raise CapError(
+                    f"the bus still counts {seen} connections of root {self.timeout} s after "
+                    f"{self.leave} were closed (expected {expected})"
+                )
+            time.sleep(0.02)
 
     def release(self) -> None:
         """Close the held connections (the cap stays set): leaked connections closed."""
@@ -234,7 +281,10 @@ class ConnectionCap(FaultBase):
             self._reload()
 
     def _reload(self) -> None:
-        """``ReloadConfig`` on a connection of its own (closed before the cap counts)."""
+        """*reload*, else ``ReloadConfig`` on a connection of its own (closed before counting)."""
+        if self._reload_fn is not None:
+            self._reload_fn()
+            return
         from jeepney import DBusAddress, new_method_call
         from jeepney.wrappers import unwrap_msg
 
@@ -256,6 +306,26 @@ class ConnectionCap(FaultBase):
             conn.close()
 
 
+def _connections_of(conn: Any, uid: int, timeout: float) -> int:
+    """How many connections of *uid* the bus has now (its unique names, asked on *conn*)."""
+    from jeepney import DBusAddress, DBusErrorResponse, new_method_call
+    from jeepney.wrappers import unwrap_msg
+
+    bus = DBusAddress("/org/freedesktop/DBus", "org.freedesktop.DBus", "org.freedesktop.DBus")
+    names = conn.send_and_get_reply(new_method_call(bus, "ListNames"), timeout=timeout).body[0]
+    count = 0
+    for name in names:
+        if not name.startswith(":"):
+            continue
+        call = new_method_call(bus, "GetConnectionUnixUser", "s", (name,))
+        reply = conn.send_and_get_reply(call, timeout=timeout)
+        try:
+            count += unwrap_msg(reply)[0] == uid
+        except DBusErrorResponse:  # gone between the two calls
+            continue
+    return count
+
+
 def _connect(address: str, timeout: float) -> tuple[Any, str | None]:
     """A jeepney connection past ``Hello``, or None and the bus's refusal as text."""
     from jeepney import DBusErrorResponse
@@ -265,7 +335,7 @@ def _connect(address: str, timeout: float) -> tuple[Any, str | None]:
     try:
         sock = prep_socket(get_bus(address), False, timeout=timeout)
     except OSError as exc:
-        return None, f"connect: {exc}"
+        return None, f"connect or handshake: {exc}"
     try:
         return DBusConnection(sock), None
     except DBusErrorResponse as exc:

@@ -7,7 +7,11 @@
 * ``dbus:connection-cap``: the sandbox's bus capped at 8 connections per user
   and the cap reached (:class:`~pytest_runtimefaults.dbus.limits.
   ConnectionCap`; podman PR 11313: crun ``sd-bus call: No buffer space
-  available``).  dbus-daemon only: dbus-broker has no per-user connection cap.
+  available``).  On dbus-broker, which counts no connections, through its
+  per-user fd quota (and a restart of the bus to apply it).
+
+A test-only client that opens a connection per call and leaks it hits the
+cap; one that reuses its connection does not (on either bus).
 
 What each version does is a row of the expectations table, judged here.
 Recovered means too: nothing left, and the next lifecycle works once lifted.
@@ -21,8 +25,10 @@ from pathlib import Path
 
 import pytest
 from findings import judged
+from jeepney import DBusAddress, DBusErrorResponse, Properties
+from jeepney.io.blocking import DBusConnection, open_dbus_connection
 
-from pytest_runtimefaults.dbus.limits import ConnectBacklogFull, ConnectionCap
+from pytest_runtimefaults.dbus.limits import LIMITS_EXCEEDED, ConnectBacklogFull, ConnectionCap
 from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
 from pytest_runtimefaults.expectations import Outcome
 from pytest_runtimefaults.rootfs import build_bundle, build_rootfs
@@ -129,11 +135,6 @@ def test_runtime_past_the_per_user_connection_cap(
     record_property: Callable[[str, object], None],
 ) -> None:
     """create when the bus refuses root's next connection (8 per user, all taken)."""
-    if sandbox.bus_daemon != "dbus-daemon":
-        pytest.skip(
-            "dbus-broker has no per-user connection cap: its launcher turns "
-            "max_connections_per_user into byte and fd quotas only (docs/incidents.md)"
-        )
     bundle = build_bundle(tmp_path / "bundle", ["/bin/sleep", "600"], rootfs=rootfs)
     baseline = sandbox.inspector().scopes_and_slices()
     rt = Runtime(name, cgroup_driver="systemd", sandbox=sandbox, timeout=BOUND)
@@ -148,3 +149,65 @@ def test_runtime_past_the_per_user_connection_cap(
     verdict = judged(record_property, name, "dbus:connection-cap", observed, detail)
     assert verdict.ok, verdict.message
     assert after_ok, f"the next lifecycle failed once the cap was lifted: {detail}"
+
+
+MANAGER = DBusAddress(
+    "/org/freedesktop/systemd1", "org.freedesktop.systemd1", "org.freedesktop.systemd1.Manager"
+)
+
+
+def _version(conn: DBusConnection) -> str:
+    """systemd's Version property: a call that needs systemd, and changes nothing."""
+    reply = conn.send_and_get_reply(Properties(MANAGER).get("Version"), timeout=10)
+    return str(reply.body[0][1])
+
+
+def _leak_until_refused(address: str, leaked: list[DBusConnection]) -> Exception:
+    """Susceptible: a new connection per call, never closed; the error that ended it."""
+    for _ in range(10):
+        try:
+            conn = open_dbus_connection(address)
+        except (DBusErrorResponse, ConnectionError) as exc:
+            return exc
+        leaked.append(conn)
+        _version(conn)
+    raise AssertionError("10 leaked connections got through: no cap")
+
+
+def test_a_leaking_systemd_client_hits_the_cap_and_a_reusing_one_does_not(
+    sandbox: SystemdSandbox,
+) -> None:
+    """On the sandbox's bus, dbus-daemon or dbus-broker: 3 connections left under the cap."""
+    leaked: list[DBusConnection] = []
+    correct: DBusConnection | None = None
+    try:
+        with ConnectionCap.of(sandbox, max_per_user=8, leave=4) as cap:
+            # Opened under the cap (a broker's restart drops earlier connections).
+            correct = open_dbus_connection(sandbox.bus_address)
+            print(f"{sandbox.bus_daemon} refused with {cap.refusal!r}, {cap.held} held")
+            refused = _leak_until_refused(sandbox.bus_address, leaked)
+            assert len(leaked) == 3, f"{len(leaked)} got through: the cap did not bite at 4"
+            for _ in range(30):
+                assert _version(correct)
+            if sandbox.bus_daemon == "dbus-daemon":
+                assert LIMITS_EXCEEDED in str(refused), refused
+                assert cap.refusal == (
+                    f"{LIMITS_EXCEEDED}: The maximum number of active connections for UID 0 "
+                    "has been reached"
+                )
+            else:  # dbus-broker closes it during the handshake, saying nothing
+                assert isinstance(refused, (ConnectionResetError, BrokenPipeError)), repr(refused)
+                assert cap.refusal in (
+                    "connect or handshake: [Errno 104] Connection reset by peer",
+                    "connect or handshake: [Errno 32] Broken pipe",
+                ), cap.refusal
+        for conn in leaked:
+            conn.close()
+        leaked.clear()
+        for _ in range(12):  # lifted: the cap is gone
+            leaked.append(open_dbus_connection(sandbox.bus_address))
+    finally:
+        for conn in leaked:
+            conn.close()
+        if correct is not None:
+            correct.close()
