@@ -34,7 +34,6 @@ from pytest_runtimefaults.dbus.limits import (
     CapError,
     ConnectBacklogFull,
     ConnectionCap,
-    set_limit,
 )
 from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
 
@@ -59,6 +58,16 @@ def proxy(bus: PrivateBus) -> Iterator[DBusFaultProxy]:
 
 def _get_id(conn: DBusConnection) -> str:
     return str(conn.send_and_get_reply(new_method_call(DBUS, "GetId"), timeout=5).body[0])
+
+
+def open_connection(address: str) -> DBusConnection:
+    """jeepney's open_dbus_connection, but closing the socket when Hello is refused."""
+    sock = prep_socket(get_bus(address), False, timeout=5)
+    try:
+        return DBusConnection(sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 # -- test-only clients ----------------------------------------------------------------
@@ -182,6 +191,18 @@ def test_clients_connected_before_are_unharmed(proxy: DBusFaultProxy) -> None:
             c.close()
 
 
+def test_stopping_the_proxy_while_the_backlog_is_held(bus: PrivateBus) -> None:
+    """stop() mid-fault: the fillers are closed, the loop ends, nothing is left."""
+    proxy = DBusFaultProxy(bus.address, journal=None).start()
+    fault = ConnectBacklogFull(proxy, duration=30).start()
+    assert proxy._fillers  # white-box: what must not outlive the proxy
+    proxy.stop()
+    assert not proxy._fillers
+    assert not proxy.threads
+    fault.stop()  # the timer is cancelled; resuming a stopped proxy is a no-op
+    assert fault.seconds is not None
+
+
 #: (client, argv) of the real clients measured through the proxy
 def _real_clients(address: str) -> dict[str, list[str]]:
     return {
@@ -240,14 +261,6 @@ def test_real_clients_under_a_full_backlog(
 # -- the per-user connection cap --------------------------------------------------------
 
 
-def test_set_limit_replaces_or_adds() -> None:
-    conf = '<busconfig>\n  <limit name="max_connections_per_user">9</limit>\n</busconfig>'
-    assert set_limit(conf, "max_connections_per_user", 3).count("max_connections_per_user") == 1
-    assert '">3<' in set_limit(conf, "max_connections_per_user", 3)
-    with pytest.raises(ValueError, match="no </busconfig>"):
-        set_limit("<x/>", "max_connections_per_user", 3)
-
-
 class LeakingClient:
     """Susceptible: a new bus connection for every call, never closed (podman PR 11313's bug)."""
 
@@ -256,7 +269,7 @@ class LeakingClient:
         self.leaked: list[DBusConnection] = []
 
     def get_id(self) -> str:
-        conn = open_dbus_connection(self.address)
+        conn = open_connection(self.address)
         self.leaked.append(conn)
         return _get_id(conn)
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from findings import judged
 from jeepney import DBusAddress, DBusErrorResponse, Properties
-from jeepney.io.blocking import DBusConnection, open_dbus_connection
+from jeepney.bus import get_bus
+from jeepney.io.blocking import DBusConnection, open_dbus_connection, prep_socket
 
 from pytest_runtimefaults.dbus.limits import LIMITS_EXCEEDED, ConnectBacklogFull, ConnectionCap
 from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
@@ -162,11 +163,21 @@ def _version(conn: DBusConnection) -> str:
     return str(reply.body[0][1])
 
 
+def open_connection(address: str) -> DBusConnection:
+    """jeepney's open_dbus_connection, but closing the socket when Hello is refused."""
+    sock = prep_socket(get_bus(address), False, timeout=5)
+    try:
+        return DBusConnection(sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
 def _leak_until_refused(address: str, leaked: list[DBusConnection]) -> Exception:
     """Susceptible: a new connection per call, never closed; the error that ended it."""
     for _ in range(10):
         try:
-            conn = open_dbus_connection(address)
+            conn = open_connection(address)
         except (DBusErrorResponse, ConnectionError) as exc:
             return exc
         leaked.append(conn)
