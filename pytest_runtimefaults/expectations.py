@@ -155,8 +155,9 @@ FAULTS: dict[str, str] = {
     "dbus:connect-eagain": "the proxy in front of systemd's bus stops accepting with its "
     "listen backlog full for 2 s as create starts: connect() gets EAGAIN (systemd < 254's "
     "backlog of 128; opencontainers/cgroups PR 45, cri-o PR 4921, youki PR 3557)",
-    "dbus:connection-cap": "the sandbox's dbus-daemon capped at 8 connections per user "
-    "and the cap reached: root's next Hello gets LimitsExceeded (podman PR 11313)",
+    "dbus:connection-cap": "the sandbox's bus capped at 8 connections per user and the cap "
+    "reached: dbus-daemon answers root's next Hello with LimitsExceeded, dbus-broker (its "
+    "fd quota) closes the connection in the handshake (podman PR 11313)",
     # CRI GetContainerEvents (transports/cri.py; tests/system/subscribers/test_subscribers_cri.py)
     "subscribers:cri-churn": "CRI GetContainerEvents subscribers connecting and leaving "
     "while pods and containers are made through CRI",
@@ -336,7 +337,10 @@ _LIMITS = {
     "host": "tests/system/systemd/test_bus_limits.py, Debian 12 (systemd 252, dbus-daemon "
     "1.14.10), 2026-12-01",
     "trixie": "tests/system/systemd/test_bus_limits.py in Debian 13 (scripts/distro, "
-    "systemd 257.13, dbus-daemon 1.16.2, hybrid), 2026-12-01",
+    "systemd 257.13, hybrid; dbus-daemon 1.16.2, and dbus-broker 37 in debian13-broker), "
+    "2026-12-01",
+    "sid": "tests/system/systemd/test_bus_limits.py in Debian sid (scripts/distro, "
+    "systemd 262.1, unified, dbus-daemon 1.16.2), 2026-12-01",
 }
 _EAGAIN = "dbus:connect-eagain"
 _CAP = "dbus:connection-cap"
@@ -348,12 +352,15 @@ _RUNC_PRIVATE = (
     "nothing left"
 )
 _CRUN_EAGAIN = (
-    "create fails at once (0.03-0.09 s), no retry: `cannot open sd-bus: Resource temporarily "
+    "create fails at once (0.01-0.09 s), no retry: `cannot open sd-bus: Resource temporarily "
     "unavailable`; nothing left, the next lifecycle works"
 )
 _CRUN_CAP = (
     "create fails at once: `sd-bus call: No buffer space available` (podman PR 11313's "
-    "words: sd-bus maps LimitsExceeded to ENOBUFS); nothing left, the next lifecycle works"
+    "words: sd-bus maps LimitsExceeded to ENOBUFS); on dbus-broker (capped through its fd "
+    "quota: the connection is closed in the handshake) `sd-bus call: Transport endpoint is "
+    "not connected` or `cannot open sd-bus: Broken pipe`; nothing left, the next lifecycle "
+    "works"
 )
 _LIMITS_ROWS: tuple[tuple[str, str, str, str, Outcome, str], ...] = (
     *(
@@ -363,6 +370,8 @@ _LIMITS_ROWS: tuple[tuple[str, str, str, str, Outcome, str], ...] = (
             ("crun", "1.8.1", "host"),
             ("runc", "1.1.15", "trixie"),
             ("crun", "1.21", "trixie"),
+            ("runc", "1.3.6", "sid"),
+            ("crun", "1.28", "sid"),
         )
         for fault, outcome, what in (
             (
