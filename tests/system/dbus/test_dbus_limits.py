@@ -184,8 +184,13 @@ def test_clients_connected_before_are_unharmed(proxy: DBusFaultProxy) -> None:
             with pytest.raises(BlockingIOError):
                 connect_once(str(proxy.socket_path))
         assert {_get_id(c) for c in before} == ids
-        # The proxy's own filler connections, accepted at the lift, never became clients.
-        assert len(proxy.connections) == 3
+        # The proxy's own filler connections, accepted at the lift, never became
+        # proxied connections (each would have taken an id and an upstream): the
+        # next client is the 4th.
+        after = open_dbus_connection(proxy.address)
+        before.append(after)
+        assert _get_id(after) in ids
+        assert sorted(proxy.connections) == [1, 2, 3, 4]
     finally:
         for c in before:
             c.close()
