@@ -399,6 +399,7 @@ class DBusFaultProxy:
         if self._listener is not None:
             return self
         self._stopping = False
+        self._accepting = True  # a new listener (a stop() mid-fault left it False)
         if self._listen is None:
             self.dir = Path(tempfile.mkdtemp(prefix="rf-proxy-", dir=self._parent))
             os.chmod(self.dir, 0o700)
@@ -573,6 +574,8 @@ class DBusFaultProxy:
             ...                      # a runtime connecting now meets EAGAIN
             proxy.resume_accepting()
         """
+        if self._listener is None:
+            raise ProxyError("the proxy is not started: start() it before stop_accepting()")
         queued: list[int] = []
 
         def fill() -> None:
@@ -779,6 +782,10 @@ class DBusFaultProxy:
     def _accept(self) -> None:
         assert self._listener is not None
         assert self._epoll is not None
+        if not self._accepting:
+            # stop_accepting ran earlier in this turn of the loop, after epoll had
+            # reported the listener: what waits in the backlog must stay there.
+            return
         while True:
             try:
                 client, peer = self._listener.accept()

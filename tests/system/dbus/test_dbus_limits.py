@@ -35,7 +35,7 @@ from pytest_runtimefaults.dbus.limits import (
     ConnectBacklogFull,
     ConnectionCap,
 )
-from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
+from pytest_runtimefaults.dbus.proxy import DBusFaultProxy, ProxyError
 
 pytestmark = [pytest.mark.needs("dbus-daemon"), pytest.mark.timeout(60)]
 DBUS = DBusAddress("/org/freedesktop/DBus", "org.freedesktop.DBus", "org.freedesktop.DBus")
@@ -206,6 +206,8 @@ def test_stopping_the_proxy_while_the_backlog_is_held(bus: PrivateBus) -> None:
     assert not proxy.threads
     fault.stop()  # the timer is cancelled; resuming a stopped proxy is a no-op
     assert fault.seconds is not None
+    with pytest.raises(ProxyError, match="not started"):
+        ConnectBacklogFull(proxy).start()
 
 
 #: (client, argv) of the real clients measured through the proxy
