@@ -220,7 +220,11 @@ class ConnectionCap(FaultBase):
         if self.broker:
             capped = set_limit(capped, _FDS_NAME, 1)  # one fd per connection: a connection quota
         self.config.write_text(capped)
-        self._reload()
+        # The connection that asked for the reload is kept as the first one held:
+        # closed, the bus would free its slot some time later, under the cap.
+        kept = self._reload(keep=True)
+        if kept is not None:
+            self._held.append(kept)
         # Counting the user's connections would need the bus's stats interface (not
         # built everywhere); opening until refused reaches the cap exactly.
         for _ in range(self.max_per_user + 1):
@@ -235,6 +239,12 @@ class ConnectionCap(FaultBase):
                 f"{_LIMIT_NAME}={self.max_per_user}: it does not cap connections per user "
                 "(dbus-broker does not count connections: pass broker=True, which sets "
                 f"{_FDS_NAME}=1 too, and a reload= that restarts it)"
+            )
+        if self.leave > len(self._held):
+            raise CapError(
+                f"only {len(self._held)} connections are held under {_LIMIT_NAME}="
+                f"{self.max_per_user} (the others are the bus's other clients of root): "
+                f"leave={self.leave} cannot be left free; raise max_per_user"
             )
         if self.leave:
             before = _connections_of(self._held[0], 0, self.timeout) if self._held else 0
@@ -280,11 +290,15 @@ class ConnectionCap(FaultBase):
             self.config.write_text(original)
             self._reload()
 
-    def _reload(self) -> None:
-        """*reload*, else ``ReloadConfig`` on a connection of its own (closed before counting)."""
+    def _reload(self, *, keep: bool = False) -> Any:
+        """*reload*, else ``ReloadConfig`` on a connection of its own.
+
+        That connection is returned with *keep* (None when *reload* was used),
+        else closed.
+        """
         if self._reload_fn is not None:
             self._reload_fn()
-            return
+            return None
         from jeepney import DBusAddress, new_method_call
         from jeepney.wrappers import unwrap_msg
 
@@ -299,11 +313,14 @@ class ConnectionCap(FaultBase):
                 conn.send_and_get_reply(new_method_call(bus, "ReloadConfig"), timeout=self.timeout)
             )
         except Exception as exc:  # jeepney's DBusErrorResponse, timeouts
+            conn.close()
             raise CapError(
                 f"the bus at {self.address} did not reload {self.config}: {exc}"
             ) from exc
-        finally:
-            conn.close()
+        if keep:
+            return conn
+        conn.close()
+        return None
 
 
 def _connections_of(conn: Any, uid: int, timeout: float) -> int:

@@ -377,3 +377,19 @@ def test_a_cap_that_the_bus_does_not_enforce_is_an_error(bus: PrivateBus) -> Non
         cap.start()
     assert cap.held == 0
     assert other.read_text() == (bus.dir / "bus.conf").read_text()  # restored
+
+
+def test_leaving_more_than_is_held_is_an_error(bus: PrivateBus) -> None:
+    """Root's other connections count under the cap too: say so, and leave nothing behind."""
+    others = [open_dbus_connection(bus.address) for _ in range(3)]
+    try:
+        cap = ConnectionCap.of(bus, max_per_user=4, leave=3)
+        with pytest.raises(CapError, match="only 1 connections are held"):
+            cap.start()
+        assert cap.held == 0
+        assert bus.dir is not None
+        assert "max_connections_per_user" not in (bus.dir / "bus.conf").read_text()
+        others.append(open_dbus_connection(bus.address))  # the cap was lifted again
+    finally:
+        for conn in others:
+            conn.close()
