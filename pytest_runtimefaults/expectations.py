@@ -150,6 +150,14 @@ FAULTS: dict[str, str] = {
     "runtime waits for the StartTransientUnit reply (held 1 s by the proxy)",
     "dbus:bus-restart-before-jobremoved": "`systemctl restart dbus` in the sandbox after "
     "the StartTransientUnit reply, while the runtime waits for JobRemoved (held 2 s)",
+    # A bus at its limits (pytest_runtimefaults/dbus/limits.py;
+    # tests/system/systemd/test_bus_limits.py).
+    "dbus:connect-eagain": "the proxy in front of systemd's bus stops accepting with its "
+    "listen backlog full for 2 s as create starts: connect() gets EAGAIN (systemd < 254's "
+    "backlog of 128; opencontainers/cgroups PR 45, cri-o PR 4921, youki PR 3557)",
+    "dbus:connection-cap": "the sandbox's bus capped at 8 connections per user and the cap "
+    "reached: dbus-daemon answers root's next Hello with LimitsExceeded, dbus-broker (its "
+    "fd quota) closes the connection in the handshake (podman PR 11313)",
     # CRI GetContainerEvents (transports/cri.py; tests/system/subscribers/test_subscribers_cri.py)
     "subscribers:cri-churn": "CRI GetContainerEvents subscribers connecting and leaving "
     "while pods and containers are made through CRI",
@@ -325,6 +333,59 @@ _CRUN_RESET_PROCESS = (
     "next lifecycle works"
 )
 
+_LIMITS = {
+    "host": "tests/system/systemd/test_bus_limits.py, Debian 12 (systemd 252, dbus-daemon "
+    "1.14.10), 2026-12-01",
+    "trixie": "tests/system/systemd/test_bus_limits.py in Debian 13 (scripts/distro, "
+    "systemd 257.13, hybrid; dbus-daemon 1.16.2, and dbus-broker 37 in debian13-broker), "
+    "2026-12-01",
+    "sid": "tests/system/systemd/test_bus_limits.py in Debian sid (scripts/distro, "
+    "systemd 262.1, unified, dbus-daemon 1.16.2), 2026-12-01",
+}
+_EAGAIN = "dbus:connect-eagain"
+_CAP = "dbus:connection-cap"
+#: runc creates through systemd's private socket when the bus refuses it
+_RUNC_PRIVATE = (
+    "create succeeds (0.1-0.2 s; 1.3 s once on Debian 13, still under the 2 s) without a "
+    "single call through the bus: consistent with go-systemd's NewWithContext, which for "
+    "root falls back to systemd's own /run/systemd/private when the system bus fails; "
+    "nothing left"
+)
+_CRUN_EAGAIN = (
+    "create fails at once (0.01-0.09 s), no retry: `cannot open sd-bus: Resource temporarily "
+    "unavailable`; nothing left, the next lifecycle works"
+)
+_CRUN_CAP = (
+    "create fails at once: `sd-bus call: No buffer space available` (podman PR 11313's "
+    "words: sd-bus maps LimitsExceeded to ENOBUFS); on dbus-broker (capped through its fd "
+    "quota: the connection is closed in the handshake) `sd-bus call: Transport endpoint is "
+    "not connected` or `cannot open sd-bus: Broken pipe`; nothing left, the next lifecycle "
+    "works"
+)
+_LIMITS_ROWS: tuple[tuple[str, str, str, str, Outcome, str], ...] = (
+    *(
+        (rt, v, src, fault, outcome, what)
+        for rt, v, src in (
+            ("runc", "1.1.5", "host"),
+            ("crun", "1.8.1", "host"),
+            ("runc", "1.1.15", "trixie"),
+            ("crun", "1.21", "trixie"),
+            ("runc", "1.3.6", "sid"),
+            ("crun", "1.28", "sid"),
+        )
+        for fault, outcome, what in (
+            (
+                (_EAGAIN, Outcome.SURVIVES, _RUNC_PRIVATE),
+                (_CAP, Outcome.SURVIVES, _RUNC_PRIVATE),
+            )
+            if rt == "runc"
+            else (
+                (_EAGAIN, Outcome.FAILS_CLEANLY, _CRUN_EAGAIN),
+                (_CAP, Outcome.FAILS_CLEANLY, _CRUN_CAP),
+            )
+        )
+    ),
+)
 #: The known facts.  Sources: README "What it found here", docs/systemd.md,
 #: docs/sockets.md, docs/cni.md, docs/subscribers.md, ../shared/HOST.md
 #: ("Version differences seen").  A row per measured version: an untested
@@ -946,6 +1007,12 @@ EXPECTATIONS: tuple[Expectation, ...] = (
             ("crun", "1.28", "sid", _MID_CALL, _FC, _CRUN_RESET_CALL),
             ("crun", "1.28", "sid", _BEFORE_JOB, _FC, _CRUN_RESET_PROCESS),
         )
+    ),
+    # A bus at its limits (tests/system/systemd/test_bus_limits.py): connect() gets EAGAIN
+    # for 2 s; the per-user connection cap reached (dbus-daemon only).
+    *(
+        Expectation(rt, v, fault, outcome, f"{what}; {_LIMITS[src]}")
+        for rt, v, src, fault, outcome, what in _LIMITS_ROWS
     ),
     # CRI GetContainerEvents (transports/cri.py), measured with
     # tests/system/subscribers/test_subscribers_cri.py in Debian 13 and sid-hybrid;

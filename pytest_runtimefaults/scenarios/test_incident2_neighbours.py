@@ -141,3 +141,74 @@ def test_systemd_reexecutes_mid_call(
         seconds=created.duration,
         leftovers=left,
     )
+
+
+# -- a bus at its limits (dbus/limits.py): connect() gets EAGAIN; the per-user cap ----------
+
+
+@pytest.mark.family("serials", incident=2)
+@pytest.mark.timeout(120)
+def test_connect_gets_eagain_as_create_starts(
+    verdict: Any,
+    runtime: Any,
+    systemd: Any,
+    systemd_dbus_proxy: Any,
+    connect_backlog_full: Any,
+    oci_bundle: Any,
+) -> None:
+    """The bus's backlog is full for 2 s as create starts (systemd < 254; cgroups PR 45).
+
+    Recovered: the create succeeds (it retried, or found another way to
+    systemd) or fails at once naming EAGAIN; nothing left; the next lifecycle
+    succeeds once the backlog drained.
+    """
+    component, version = runtime_identity(runtime)
+    units_before = systemd.inspector().scopes_and_slices()
+    fault = connect_backlog_full(systemd_dbus_proxy, duration=2.0)
+    created = runtime.create(CID, oci_bundle, timeout=BOUND)
+    fault.lift()
+    runtime.delete(CID, force=True)
+    after = runtime.lifecycle(oci_bundle, "rf-after-eagain")
+    left, gone = observe(systemd, runtime, units_before)
+    outcome, evidence = lifecycle_outcome([created], after, left, bound=BOUND, gone=gone)
+    verdict.record(
+        outcome,
+        component=component,
+        version=version,
+        fault="dbus:connect-eagain",
+        evidence=evidence,
+        seconds=created.duration,
+        leftovers=left,
+    )
+
+
+@pytest.mark.family("serials", incident=2)
+@pytest.mark.timeout(120)
+def test_per_user_connection_cap_reached(
+    verdict: Any, runtime: Any, systemd: Any, connection_cap: Any, oci_bundle: Any
+) -> None:
+    """The bus refuses root's next connection (8 per user, all held; podman PR 11313).
+
+    Recovered: the create fails at once with a clear error (or gets to systemd
+    another way), nothing left, and the next lifecycle succeeds once the held
+    connections are released.
+    """
+    _sandboxed(systemd)
+    component, version = runtime_identity(runtime)
+    units_before = systemd.inspector().scopes_and_slices()
+    cap = connection_cap(systemd, max_per_user=8)
+    created = runtime.create(CID, oci_bundle, timeout=BOUND)
+    cap.lift()
+    runtime.delete(CID, force=True)
+    after = runtime.lifecycle(oci_bundle, "rf-after-cap")
+    left, gone = observe(systemd, runtime, units_before)
+    outcome, evidence = lifecycle_outcome([created], after, left, bound=BOUND, gone=gone)
+    verdict.record(
+        outcome,
+        component=component,
+        version=version,
+        fault="dbus:connection-cap",
+        evidence=f"{evidence}; the bus refused with {cap.refusal!r}",
+        seconds=created.duration,
+        leftovers=left,
+    )
