@@ -71,6 +71,7 @@ _SETTLE_AT = 256  # chunks relayed unframed: frame them now (bounds memory and d
 _MAX_FDS = 253  # SCM_MAX_FD
 _ANC = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 _BACKLOG_LIMIT = 32 * 2**20  # stop reading a peer while 32 MiB wait for the other one
+_EOF_FLUSH = 0.2  # seconds the loop may block giving a closing side what it is owed
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _READABLE = _IN | select.EPOLLHUP | select.EPOLLERR
@@ -639,6 +640,36 @@ class DBusFaultProxy:
             filler.close()
         self._fillers.clear()
 
+    def inject(self, make: Callable[[list[int]], list[Output]]) -> int:
+        """Write messages the caller makes, on the loop: ``make(connection ids)`` gives them.
+
+        *make* runs on the loop thread with the ids of the open connections and
+        returns :class:`~pytest_runtimefaults.dbus.actions.Output` writes; they are
+        queued behind what each lane holds and flushed as any other (a write's
+        ``fault`` goes to the trace).  Returns how many connections they went to.
+        An exception of *make* is raised here.  Used by
+        :func:`~pytest_runtimefaults.dbus.flood.flood_now`.
+        """
+        box: dict[str, object] = {}
+
+        def run() -> None:
+            try:
+                outputs = make(sorted(self.connections))
+            except Exception as exc:  # raised in the caller's thread, not the loop's
+                box["error"] = exc
+                return
+            box["conns"] = len({out.conn for out in outputs})
+            self._enqueue(outputs)
+
+        if not self._on_loop(run):
+            raise ProxyError(f"proxy {self.address}: its loop did not run the injection")
+        error = box.get("error")
+        if isinstance(error, Exception):
+            raise error
+        conns = box.get("conns", 0)
+        assert isinstance(conns, int)
+        return conns
+
     def _on_loop(self, fn: Callable[[], None], timeout: float = 10.0) -> bool:
         """Run *fn* on the loop thread and wait for it (or run it here if stopped).
 
@@ -1064,16 +1095,34 @@ class DBusFaultProxy:
         return True
 
     def _eof(self, conn: _Connection, direction: str) -> None:
-        """One side went away: deliver what is queued for the other side, then close."""
+        """One side stopped sending: give it what is queued for it, briefly, then close.
+
+        A client that half-closes still reads what it is owed.  The flush blocks
+        the loop, so it is bounded by :data:`_EOF_FLUSH` seconds in all (a
+        client that reads a trickle, or not at all, must not freeze every other
+        connection); what it could not take is dropped and said in the trace.
+        """
         other = conn.lanes[TO_CLIENT if direction == TO_BUS else TO_BUS]
-        with swallowed(OSError, "making the surviving side blocking to flush it"):
+        deadline = time.monotonic() + _EOF_FLUSH
+        with swallowed(OSError, "flushing a closing connection's queue"):
             other.sock.setblocking(True)
-            other.sock.settimeout(1.0)
             for w in other.queue:
-                data = w.data
-                while data:
-                    sent = _send(other.sock, data, w.fds)
-                    data = data[sent:]
+                while w.data:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"not flushed within {_EOF_FLUSH} s")
+                    other.sock.settimeout(left)
+                    w.data = w.data[_send(other.sock, w.data, w.fds) :]
+        undelivered = [w for w in other.queue if w.data]
+        if undelivered:
+            side = "client" if other.direction == TO_CLIENT else "bus"
+            self._record(
+                conn.id,
+                other.direction,
+                None,
+                fault=f"eof: the {side} stopped sending; {len(undelivered)} writes "
+                f"({sum(len(w.data) for w in undelivered)} bytes) queued for it were dropped",
+            )
         self._close(conn)
 
     # -- writing -------------------------------------------------------------------------
