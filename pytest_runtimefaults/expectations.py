@@ -158,6 +158,12 @@ FAULTS: dict[str, str] = {
     "dbus:connection-cap": "the sandbox's bus capped at 8 connections per user and the cap "
     "reached: dbus-daemon answers root's next Hello with LimitsExceeded, dbus-broker (its "
     "fd quota) closes the connection in the handshake (podman PR 11313)",
+    # A signal flood as the runtime closes (godbus issues 94, 158): dbus/flood.py,
+    # tests/system/systemd/test_signal_flood.py.
+    "dbus:signal-flood-jobremoved": "5000 forged JobRemoved of other jobs, from systemd's "
+    "name, behind each real JobRemoved toward the runtime (create and delete), as it closes",
+    "dbus:signal-flood-propertieschanged": "5000 forged PropertiesChanged of a unit, from "
+    "systemd's name, behind each real JobRemoved toward the runtime (create and delete)",
     # CRI GetContainerEvents (transports/cri.py; tests/system/subscribers/test_subscribers_cri.py)
     "subscribers:cri-churn": "CRI GetContainerEvents subscribers connecting and leaving "
     "while pods and containers are made through CRI",
