@@ -164,6 +164,8 @@ FAULTS: dict[str, str] = {
     "name, behind each real JobRemoved toward the runtime (create and delete), as it closes",
     "dbus:signal-flood-propertieschanged": "5000 forged PropertiesChanged of a unit, from "
     "systemd's name, behind each real JobRemoved toward the runtime (create and delete)",
+    "dbus:signal-flood-before-jobremoved": "5000 forged JobRemoved of other jobs behind the "
+    "StartTransientUnit reply: the runtime reads through them to its own JobRemoved",
     # CRI GetContainerEvents (transports/cri.py; tests/system/subscribers/test_subscribers_cri.py)
     "subscribers:cri-churn": "CRI GetContainerEvents subscribers connecting and leaving "
     "while pods and containers are made through CRI",

@@ -91,22 +91,33 @@ class Pinger:
         self.conn.close()
 
 
-@pytest.mark.parametrize("kind", ["JobRemoved", "PropertiesChanged"])
+#: (fault id, the signals, where the burst goes): behind each JobRemoved (the runtime
+#: closes as it arrives), or behind the StartTransientUnit reply (the runtime must read
+#: through it to its own JobRemoved)
+CASES = {
+    "dbus:signal-flood-jobremoved": ("JobRemoved", "behind JobRemoved"),
+    "dbus:signal-flood-propertieschanged": ("PropertiesChanged", "behind JobRemoved"),
+    "dbus:signal-flood-before-jobremoved": ("JobRemoved", "behind the StartTransientUnit reply"),
+}
+
+
+@pytest.mark.parametrize("fault", list(CASES))
 @pytest.mark.parametrize("name", RUNTIMES)
 def test_runtime_under_a_signal_flood_as_it_closes(
     name: str,
-    kind: str,
+    fault: str,
     sandbox: SystemdSandbox,
     proxy: DBusFaultProxy,
     rootfs: Path,
     tmp_path: Path,
     record_property: Callable[[str, object], None],
 ) -> None:
-    """5000 signals behind each JobRemoved of create and delete; the proxy stays healthy.
+    """5000 signals behind each JobRemoved (or the StartTransientUnit reply); the proxy stays up.
 
     A correct runtime creates and deletes the container (survives); the
     proxy answers another client within a bound throughout.
     """
+    kind, where = CASES[fault]
     bundle = build_bundle(tmp_path / "bundle", ["/bin/sleep", "600"], rootfs=rootfs)
     inspector = sandbox.inspector()
     baseline = inspector.scopes_and_slices()
@@ -120,7 +131,11 @@ def test_runtime_under_a_signal_flood_as_it_closes(
         systemd = str(ask.send_and_get_reply(message_bus.GetNameOwner("org.freedesktop.systemd1")).body[0])
     finally:
         ask.close()
-    rule = proxy.add(SignalFlood(COUNT, kind, sender=systemd).on(member="JobRemoved"))
+    flood = SignalFlood(COUNT, kind, sender=systemd)
+    if where == "behind JobRemoved":
+        rule = proxy.add(flood.on(member="JobRemoved"))
+    else:
+        rule = proxy.add(flood.on_reply(member="StartTransientUnit"))
     pinger = Pinger(proxy.address)
     try:
         created = rt.create("rf-flood", bundle)
@@ -138,7 +153,7 @@ def test_runtime_under_a_signal_flood_as_it_closes(
         if e.fault and e.fault.startswith("SignalFlood")
     }
     detail = (
-        f"{rule.applied} bursts of {COUNT} {kind} from {sorted(senders)}: create "
+        f"{rule.applied} bursts of {COUNT} {kind} {where} from {sorted(senders)}: create "
         f"rc={created.returncode} in {created.duration:.2f} s "
         f"{created.stderr.strip()[-200:]!r}; delete rc={deleted.returncode} in "
         f"{deleted.duration:.2f} s {deleted.stderr.strip()[-200:]!r}; units left {sorted(left)}, "
@@ -148,7 +163,7 @@ def test_runtime_under_a_signal_flood_as_it_closes(
     )
     print(detail)
     assert senders == {systemd}, senders
-    assert rule.applied >= 1, "no JobRemoved went to the runtime: the flood never came"
+    assert rule.applied >= 1, f"nothing {where} went to the runtime: the flood never came"
     assert not pinger.failures, f"another client of the proxy failed: {pinger.failures}"
     assert max(pinger.latencies, default=0) < PING_BOUND, detail
     if created.timed_out or deleted.timed_out:
@@ -165,6 +180,6 @@ def test_runtime_under_a_signal_flood_as_it_closes(
         observed = Outcome.FAILS_CLEANLY
     else:
         observed = Outcome.MISBEHAVES
-    verdict = judged(record_property, name, f"dbus:signal-flood-{kind.lower()}", observed, detail)
+    verdict = judged(record_property, name, fault, observed, detail)
     assert verdict.ok, verdict.message
     assert after.ok, f"the next lifecycle failed once the flood was lifted: {after.stderr}"
