@@ -40,7 +40,11 @@ MANAGER = DBusAddress(
     "/org/freedesktop/systemd1", "org.freedesktop.systemd1", "org.freedesktop.systemd1.Manager"
 )
 
-pytestmark = [pytest.mark.needs("systemd"), pytest.mark.needs("runc|crun"), pytest.mark.timeout(200)]
+pytestmark = [
+    pytest.mark.needs("systemd"),
+    pytest.mark.needs("runc|crun"),
+    pytest.mark.timeout(200),
+]
 
 
 @pytest.fixture
@@ -128,7 +132,8 @@ def test_runtime_under_a_signal_flood_as_it_closes(
     # marshalled now rather than on the proxy's loop at the first JobRemoved
     ask = open_dbus_connection(sandbox.bus_address)
     try:
-        systemd = str(ask.send_and_get_reply(message_bus.GetNameOwner("org.freedesktop.systemd1")).body[0])
+        owner = ask.send_and_get_reply(message_bus.GetNameOwner("org.freedesktop.systemd1"))
+        systemd = str(owner.body[0])
     finally:
         ask.close()
     flood = SignalFlood(COUNT, kind, sender=systemd)
@@ -168,7 +173,7 @@ def test_runtime_under_a_signal_flood_as_it_closes(
     assert max(pinger.latencies, default=0) < PING_BOUND, detail
     if created.timed_out or deleted.timed_out:
         observed = Outcome.BLOCKS
-    elif created.returncode is not None and created.returncode < 0 or "panic:" in (
+    elif (created.returncode is not None and created.returncode < 0) or "panic:" in (
         created.stderr + deleted.stderr
     ):
         observed = Outcome.CRASHES
