@@ -394,6 +394,28 @@ _LIMITS_ROWS: tuple[tuple[str, str, str, str, Outcome, str], ...] = (
         )
     ),
 )
+_FLOOD_FAULTS = (
+    "dbus:signal-flood-jobremoved",
+    "dbus:signal-flood-propertieschanged",
+    "dbus:signal-flood-before-jobremoved",
+)
+_FLOOD = {
+    "host": "tests/system/systemd/test_signal_flood.py, Debian 12 (systemd 252), 2026-12-01",
+    "trixie": "tests/system/systemd/test_signal_flood.py in Debian 13 (scripts/distro, "
+    "systemd 257.13, hybrid), 2026-12-01",
+    "sid": "tests/system/systemd/test_signal_flood.py in Debian sid (scripts/distro, "
+    "systemd 262.1, unified), 2026-12-01",
+}
+#: (runtime, version, where) of the runs under a signal flood (dbus/flood.py)
+_FLOOD_MEASURED = (
+    ("runc", "1.1.5", "host"),
+    ("crun", "1.8.1", "host"),
+    ("runc", "1.1.15", "trixie"),
+    ("crun", "1.21", "trixie"),
+    ("runc", "1.3.6", "sid"),
+    ("crun", "1.28", "sid"),
+)
+
 #: The known facts.  Sources: README "What it found here", docs/systemd.md,
 #: docs/sockets.md, docs/cni.md, docs/subscribers.md, ../shared/HOST.md
 #: ("Version differences seen").  A row per measured version: an untested
@@ -1021,6 +1043,21 @@ EXPECTATIONS: tuple[Expectation, ...] = (
     *(
         Expectation(rt, v, fault, outcome, f"{what}; {_LIMITS[src]}")
         for rt, v, src, fault, outcome, what in _LIMITS_ROWS
+    ),
+    # A signal flood as the runtime closes (tests/system/systemd/test_signal_flood.py):
+    # every version reads past 5000 forged signals, or exits with them unread, unharmed.
+    *(
+        Expectation(
+            rt,
+            v,
+            fault,
+            _SB,
+            f"created in 0.03-0.33 s and deleted, the forged signals ignored, nothing left, "
+            f"the next lifecycle ok; another client of the proxy answered in < 20 ms "
+            f"throughout; {_FLOOD[src]}",
+        )
+        for rt, v, src in _FLOOD_MEASURED
+        for fault in _FLOOD_FAULTS
     ),
     # CRI GetContainerEvents (transports/cri.py), measured with
     # tests/system/subscribers/test_subscribers_cri.py in Debian 13 and sid-hybrid;
