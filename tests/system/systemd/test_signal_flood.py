@@ -105,7 +105,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("fault", list(CASES))
+@pytest.mark.parametrize(
+    "fault", list(CASES), ids=[f.removeprefix("dbus:signal-flood-") for f in CASES]
+)
 @pytest.mark.parametrize("name", RUNTIMES)
 def test_runtime_under_a_signal_flood_as_it_closes(
     name: str,
