@@ -165,6 +165,15 @@ def templates(signal: FloodSignal, count: int, sender: str | None) -> list[bytes
     return [signal.build(i, serial=1, sender=sender).raw for i in range(count)]
 
 
+def _marshalled(signal: FloodSignal, count: int, sender: str | None, what: str) -> list[bytes]:
+    """:func:`templates`, a :class:`RuleError` naming *what* if the signal cannot be built."""
+    try:
+        return templates(signal, count, sender)
+    except (WireError, ValueError, TypeError, KeyError, struct.error) as exc:
+        # A FloodSignal whose body does not fit its signature: say so at once.
+        raise RuleError(f"{what}: cannot build its signal: {exc}") from exc
+
+
 def burst(
     conn: int,
     raws: list[bytes],
@@ -230,11 +239,7 @@ class SignalFlood(Action):
             self._raws[sender] = self._templates(sender)
 
     def _templates(self, sender: str | None) -> list[bytes]:
-        try:
-            return templates(self.signal, self.count, sender)
-        except (WireError, ValueError, TypeError, KeyError) as exc:
-            # A FloodSignal whose body does not fit its signature: say so at once.
-            raise RuleError(f"{self.describe()}: cannot build its signal: {exc}") from exc
+        return _marshalled(self.signal, self.count, sender, self.describe())
 
     def describe(self) -> str:
         sender = f", sender={self.sender!r}" if self.sender else ""
@@ -288,7 +293,7 @@ def flood_now(
     # Marshalled here, in the caller's thread: the loop only stamps serials.
     made: dict[str | None, list[bytes]] = {}
     if sender is not None:
-        made[sender] = templates(kind, count, sender)
+        made[sender] = _marshalled(kind, count, sender, "flood_now")
 
     def make(conn_ids: list[int]) -> list[Output]:
         if conn is not None and conn not in conn_ids:
@@ -303,7 +308,7 @@ def flood_now(
                     last.sender if last is not None and last.sender != _DRIVER else None
                 )
                 if who not in made:
-                    made[who] = templates(kind, count, who)
+                    made[who] = _marshalled(kind, count, who, "flood_now")
                 what = f"flood_now: {count} {kind.member} signals from {who or 'no sender'}"
                 outputs += burst(cid, made[who], serial=engine.next_synth_serial, fault=what)
         return outputs
