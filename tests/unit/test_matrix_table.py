@@ -136,6 +136,12 @@ ISSUE15 = {
     "test_bus_daemon.py::test_runtime_lifecycles_on_dbus_broker_leave_nothing[{rt}-proxy]": (
         "lifecycles on dbus-broker (proxy)"
     ),
+    "test_bus_limits.py::test_runtime_when_connect_gets_eagain[{rt}]": (
+        "connect() gets EAGAIN (the bus's backlog full)"
+    ),
+    "test_bus_limits.py::test_runtime_past_the_per_user_connection_cap[{rt}]": (
+        "the per-user connection cap reached"
+    ),
     "test_signal_flood.py::test_runtime_under_a_signal_flood_as_it_closes[{rt}-jobremoved]": (
         "signal flood as it closes: jobremoved"
     ),
@@ -198,6 +204,8 @@ def test_issue15_families_get_a_cell_per_runtime_version(tmp_path: Path) -> None
         "real cookie overflow: systemd's own serials past 0xffffffff": "survived",
         "lifecycles on dbus-broker (proxy)": "survived",
         "signal flood as it closes: jobremoved": "survived",
+        "connect() gets EAGAIN (the bus's backlog full)": "failed cleanly",
+        "the per-user connection cap reached": "failed cleanly",
     }
     for label, word in words.items():
         assert lines[label] == f"| {label} |" + f" {word} |" * 4, lines.get(label)
