@@ -170,6 +170,12 @@ FAULTS: dict[str, str] = {
     "subscribers:cri-event-order": "one CRI GetContainerEvents subscriber, containers made "
     "one after another: does each container's CREATED, STARTED, STOPPED, DELETED arrive "
     "in the order the calls returned?",
+    # netavark create/remove races (podman issues 7807, 7808, 9472, 9041):
+    # pytest_runtimefaults/cni/churn.py, tests/system/cni/test_cni_netavark_races.py
+    "cni:network-churn": "K workers racing `podman network create`/`rm`, `run --network` and "
+    "`network ls` on owned, stable and shared names, each round lined up by a barrier: "
+    "does any op meet ENOENT, `network not found` for a network that exists, or an IPAM "
+    "conflict, and do ls, the files, containers, links and firewall agree afterwards?",
 }
 
 

@@ -457,7 +457,11 @@ class NetavarkPodman:
 
     def run(self, network: str, *command: str) -> subprocess.CompletedProcess[str]:
         """``podman run --rm --network NETWORK --rootfs ROOTFS command...``."""
-        return self.podman(
+        return self.podman(*self.run_args(network, *command))
+
+    def run_args(self, network: str, *command: str) -> list[str]:
+        """The podman arguments of :meth:`run` (for callers that run them themselves)."""
+        return [
             "run",
             "--rm",
             *self.ULIMITS,
@@ -473,7 +477,7 @@ class NetavarkPodman:
             "--rootfs",
             str(self.rootfs),
             *command,
-        )
+        ]
 
     def master_link(self, name: str | None = None) -> str:
         """A veth pair in the harness's namespace, both ends up, to be a macvlan
