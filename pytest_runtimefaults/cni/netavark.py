@@ -298,23 +298,32 @@ def whole_networks(files: Iterable[Path]) -> dict[str, str | None]:
 # --- podman on netavark ----------------------------------------------------
 
 
-def netavark_state_argv(netns_path: Path | str, state_dir: Path | str) -> list[str]:
+def netavark_state_argv(
+    netns_path: Path | str, state_dir: Path | str, lock_dir: Path | str | None = None
+) -> list[str]:
     """An argv prefix: network namespace *netns_path*, then a private mount
     namespace where ``/var/lib`` and ``/run`` are tmpfs and *state_dir* is
-    ``/run/containers/networks``, then the command that follows.
+    ``/run/containers/networks`` (and *lock_dir*, if given, ``/run/lock``),
+    then the command that follows.
 
     podman (4.3 and 5) keeps netavark's IPAM database and aardvark-dns's
     config in ``/run/containers/networks`` with no option to move it; bound
     here from *state_dir*, it is shared by every call of one harness (so
     concurrent runs see one another's reservations) and never reaches the
-    host.  ``/run`` as a whole is private too (runc's state, the containers'
-    namespace mounts under ``/run/netns``).
+    host.  podman 5 as root serialises its network operations with
+    ``/run/lock/netavark.lock`` (podman 4.3 with ``netavark.lock`` in the
+    config dir): without a shared *lock_dir* each call would lock a file of
+    its own and concurrent calls would not exclude one another as they do on
+    a host.  ``/run`` as a whole is private too (runc's state, the
+    containers' namespace mounts under ``/run/netns``).
     """
+    lock = ' && mount --bind "$1" /run/lock && shift' if lock_dir is not None else ""
     script = (
         "mount -t tmpfs -o mode=0755 rfvarlib /var/lib"
         " && mount -t tmpfs -o mode=0755 rfrun /run"
         " && mkdir -p /run/netns /run/lock /run/containers/networks"
         ' && mount --bind "$0" /run/containers/networks'
+        f"{lock}"
         ' && exec "$@"'
     )
     return [
@@ -328,6 +337,7 @@ def netavark_state_argv(netns_path: Path | str, state_dir: Path | str) -> list[s
         "-c",
         script,
         str(state_dir),
+        *([str(lock_dir)] if lock_dir is not None else []),
     ]
 
 
@@ -377,6 +387,22 @@ class NetavarkPodman:
         """What podman sees as ``/run/containers/networks`` (``ipam.db``)."""
         return self.directory / "netavark-state"
 
+    @property
+    def lock_dir(self) -> Path:
+        """What podman sees as ``/run/lock``: shared by every call of this
+        harness, so podman 5's ``/run/lock/netavark.lock`` serialises them."""
+        return self.directory / "run-lock"
+
+    @property
+    def network_lock(self) -> Path:
+        """The lock file podman takes around its network operations:
+        ``netavark.lock`` in the config dir (podman 4) or in :attr:`lock_dir`
+        (podman 5 as root); the first that exists, else podman 5's."""
+        for path in (self.nv.conf_dir / "netavark.lock", self.lock_dir / "netavark.lock"):
+            if path.exists():
+                return path
+        return self.lock_dir / "netavark.lock"
+
     def start(self) -> NetavarkPodman:
         if self._started:
             return self
@@ -389,7 +415,7 @@ class NetavarkPodman:
             self._cg_rid = self.journal.add("cgroup-tree", parent=self.cgroup_parent)
         self._started = True
         try:
-            for sub in ("root", "runroot", "tmp", "netavark-state"):
+            for sub in ("root", "runroot", "tmp", "netavark-state", "run-lock"):
                 (self.directory / sub).mkdir()
             busybox_rootfs(self.rootfs)
             self.netns = NetNS(naming.unique_name("rfnvh"), journal=self.journal).start()
@@ -434,7 +460,7 @@ class NetavarkPodman:
         if self.netns is None:
             raise RuntimeError("NetavarkPodman is not started: call start() first")
         return [
-            *netavark_state_argv(self.netns.path, self.state_dir),
+            *netavark_state_argv(self.netns.path, self.state_dir, self.lock_dir),
             *private_podman_argv(
                 self.binary,
                 self.directory,

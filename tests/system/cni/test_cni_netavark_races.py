@@ -18,6 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,32 +71,36 @@ def list_then_open(conf_dir: Path) -> dict[str, Any]:
     return nets
 
 
-def locked_reader(conf_dir: Path) -> dict[str, Any]:
-    """A correct reader: takes podman's ``netavark.lock`` shared (an fcntl
-    lock, as podman's own lockfile), so no create or remove is half done
-    while it reads; a vanished file is skipped anyway, and a file that is
-    not a whole network is an error (it must never be seen under the lock)."""
-    lock = conf_dir / "netavark.lock"
-    nets: dict[str, Any] = {}
-    if not lock.exists():
+def locked_reader(podman: NetavarkPodman, sizes: list[int]) -> Callable[[Path], dict[str, Any]]:
+    """A correct reader: takes podman's own network lock shared (an fcntl
+    lock, as podman's lockfile is; :attr:`NetavarkPodman.network_lock`), so no
+    create or remove is half done while it reads; a vanished file is skipped
+    anyway, and a file that is not a whole network is an error (it must never
+    be seen under the lock).  Appends the number of networks read to *sizes*."""
+
+    def read(conf_dir: Path) -> dict[str, Any]:
+        lock = podman.network_lock
+        nets: dict[str, Any] = {}
+        fd = os.open(lock, os.O_RDONLY)  # missing: FileNotFoundError, a failure
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH)
+            for path in sorted(conf_dir.glob("*.json")):
+                time.sleep(0.002)  # the same pause as the susceptible reader
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:
+                    continue
+                why = validate_network(data, path.name)
+                if why is not None:
+                    raise ValueError(f"{path.name} read under {lock}: {why}")
+                net, _ = json.JSONDecoder().raw_decode(data.decode())
+                nets[net["name"]] = net
+        finally:
+            os.close(fd)  # closing releases the fcntl lock
+        sizes.append(len(nets))
         return nets
-    fd = os.open(lock, os.O_RDONLY)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_SH)
-        for path in sorted(conf_dir.glob("*.json")):
-            time.sleep(0.002)  # the same pause as the susceptible reader
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            why = validate_network(data, path.name)
-            if why is not None:
-                raise ValueError(f"{path.name} read under netavark.lock: {why}")
-            net, _ = json.JSONDecoder().raw_decode(data.decode())
-            nets[net["name"]] = net
-    finally:
-        os.close(fd)  # closing releases the fcntl lock
-    return nets
+
+    return read
 
 
 # --- classify and the schedule (no podman) -------------------------------------
@@ -274,17 +279,22 @@ def test_churn_breaks_a_list_then_open_reader_not_a_locked_one(
 ) -> None:
     """The susceptible reader meets a vanished (ENOENT) or half-written file;
     the reader that takes podman's netavark.lock never does."""
+    sizes: list[int] = []
     churn = netavark_network_churn(
         workers=3,
         rounds=8,
         mix={"own": 3, "ls": 1},  # mostly creates and removes: the files come and go
-        readers={"list-then-open": list_then_open, "locked": locked_reader},
+        readers={
+            "list-then-open": list_then_open,
+            "locked": locked_reader(podman_netavark, sizes),
+        },
     ).wait()
     naive, locked = churn.readers["list-then-open"], churn.readers["locked"]
     record_property("naive", f"{naive.failed}/{naive.calls} {dict(naive.failures)}")
     record_property("locked", f"{locked.failed}/{locked.calls}")
     assert naive.calls > 10, churn.report()
     assert locked.calls > 10, churn.report()
+    assert max(sizes) > 0, "the locked reader never read a network"
     assert naive.failed > 0, churn.report()
     assert set(naive.failures) <= {"FileNotFoundError", "JSONDecodeError"}, churn.report()
     assert locked.failed == 0, churn.report()
@@ -301,3 +311,29 @@ def test_churn_cleans_up_every_network_it_made(
     assert [p.name for p in netavark_dir.files()] == []
     assert churn.rounds_run == 3
     assert [op.category for op in churn.ops] == ["ok"] * 6, churn.report()
+
+
+@root_only
+def test_podman_waits_for_the_network_lock_the_correct_reader_takes(
+    netavark_dir: NetavarkDir, podman_netavark: NetavarkPodman
+) -> None:
+    """The lock the correct reader takes is the one podman serialises its
+    network changes with, shared by every call of the harness (podman 5: a
+    private /run/lock per call would let this create through at once)."""
+    assert podman_netavark.podman("network", "ls").returncode == 0
+    lock = podman_netavark.network_lock
+    assert lock.exists(), lock
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        with ThreadPoolExecutor(1) as pool:
+            create = pool.submit(podman_netavark.podman, "network", "create", "rfchlk")
+            time.sleep(1.5)
+            assert not create.done(), create.result().stderr
+            os.close(fd)  # releases the lock
+            fd = -1
+            assert create.result().returncode == 0, create.result().stderr
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    assert [p.stem for p in netavark_dir.files()] == ["rfchlk"]
