@@ -63,6 +63,7 @@ from pytest_runtimefaults.core.log import logger, swallowed
 
 if TYPE_CHECKING:
     from pytest_runtimefaults.cni.netavark import NetavarkPodman
+    from pytest_runtimefaults.expectations import Outcome
 
 __all__ = [
     "CHURN_CATEGORIES",
@@ -93,6 +94,8 @@ _IPAM = re.compile(
     re.IGNORECASE,
 )
 _ENOENT = re.compile(r"no such file or directory", re.IGNORECASE)
+#: how check_state's problems about things left behind begin
+_LEAK_PROBLEMS = ("containers left", "veths left", "firewall rules")
 
 
 def error_line(stderr: str) -> str:
@@ -452,6 +455,24 @@ class NetworkChurn(ThreadedFault):
         ]
         bad = [op.line() for op in self.ops if op.category != "ok"][:limit]
         return "\n".join([head, *readers, *bad])
+
+    def outcome(self, problems: Iterable[str]) -> Outcome:
+        """The churn's outcome as :mod:`~pytest_runtimefaults.expectations` words it,
+        from its operations and the *problems* :meth:`check_state` found:
+        ``blocks`` (an operation timed out), ``leaks`` (a container, veth or
+        firewall rule left), ``misbehaves`` (a race, another failure, or ls and
+        the files disagreeing), else ``survives``."""
+        from pytest_runtimefaults.expectations import Outcome
+
+        problems = list(problems)
+        cats = self.by_category()
+        if cats["timeout"]:
+            return Outcome.BLOCKS
+        if any(p.startswith(_LEAK_PROBLEMS) for p in problems):
+            return Outcome.LEAKS
+        if cats["race"] or cats["other"] or problems:
+            return Outcome.MISBEHAVES
+        return Outcome.SURVIVES
 
     def check_state(self) -> list[str]:
         """What disagrees once the churn ended (empty: consistent).

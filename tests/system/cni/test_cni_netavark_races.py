@@ -34,7 +34,6 @@ from pytest_runtimefaults.cni import (
     host_network_state,
     validate_network,
 )
-from pytest_runtimefaults.expectations import Outcome
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -233,18 +232,6 @@ def test_bad_churn_arguments_say_what_to_do(kwargs: dict[str, Any], message: str
 # --- the real podman + netavark ----------------------------------------------------
 
 
-def _observed(churn: NetworkChurn, problems: list[str]) -> Outcome:
-    """The churn's outcome as the expectations table words it."""
-    cats = churn.by_category()
-    if cats["timeout"]:
-        return Outcome.BLOCKS
-    if any(p.startswith(("containers left", "veths left", "firewall rules")) for p in problems):
-        return Outcome.LEAKS
-    if cats["race"] or cats["other"] or problems:
-        return Outcome.MISBEHAVES
-    return Outcome.SURVIVES
-
-
 @root_only
 def test_podman_netavark_network_churn(
     podman_netavark: NetavarkPodman,
@@ -257,7 +244,7 @@ def test_podman_netavark_network_churn(
     started = time.monotonic()
     churn = netavark_network_churn(workers=4, rounds=10).wait()
     problems = churn.check_state()
-    observed = _observed(churn, problems)
+    observed = churn.outcome(problems)
     record_property("ops", len(churn.ops))
     record_property("ops_per_second", round(churn.ops_per_second, 1))
     record_property("categories", dict(churn.by_category()))
