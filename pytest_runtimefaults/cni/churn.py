@@ -165,12 +165,17 @@ class ChurnOp:
     error: str  # error_line(stderr), "" on success
     category: str
     reason: str
+    #: the ``level=warning``/``level=error`` lines podman logged (a teardown
+    #: error of a run that still exits 0 is logged only there)
+    warnings: tuple[str, ...] = ()
 
     def line(self) -> str:
         """One line for a report."""
         rc = "timeout" if self.returncode is None else f"rc {self.returncode}"
         what = f"{self.kind} {self.network}".strip()
         tail = f": {self.error[:160]}" if self.error else ""
+        if self.warnings:
+            tail += f" (logged: {self.warnings[-1][:200]})"
         return (
             f"r{self.round} w{self.worker} +{self.started:.3f}s {what} {rc} "
             f"({self.seconds:.3f}s) [{self.category}{'/' + self.reason if self.reason else ''}]"
@@ -328,6 +333,9 @@ class NetworkChurn(ThreadedFault):
             stderr = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
         seconds = time.monotonic() - started
         error = error_line(stderr) if returncode != 0 else ""
+        warnings = tuple(
+            ln.strip() for ln in stderr.splitlines() if re.search(r"level=(?:warning|error)", ln)
+        )
         category, reason = classify(
             kind,
             returncode,
@@ -337,7 +345,7 @@ class NetworkChurn(ThreadedFault):
         )
         return ChurnOp(
             rnd, worker, kind, network, started - self._t0, seconds, returncode, error, category,
-            reason,
+            reason, warnings,
         )  # fmt: skip
 
     def _end_of_round(self) -> None:

@@ -352,6 +352,17 @@ class NetavarkPodman:
     ``stop()`` ends what podman left (conmon, mounts), removes the namespace
     (and with it every bridge, veth and iptables rule netavark made) and the
     directory.
+
+    The mount namespace is **one per harness**, held by a process started at
+    ``start()`` (:attr:`holder`), and every call enters it: concurrent podman
+    calls then share ``/run`` as they do on a host, so one call sees the
+    network namespace (``/run/netns/netns-*``) of a container another call
+    runs, and podman 5's ``/run/lock/netavark.lock`` serialises them.  With a
+    private ``/run`` per call, another call's ``podman network rm`` logged
+    ``Joining network namespace for container ...: failed to Statfs``, podman
+    dropped the running container's namespace from its state, and its
+    teardown left netavark's firewall rules behind: a harness artefact, not
+    podman's behaviour.
     """
 
     ULIMITS = ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768")
@@ -377,6 +388,8 @@ class NetavarkPodman:
         self._cg_rid: int | None = None
         self._started = False
         self._masters: set[str] = set()
+        #: the process holding the harness's mount namespace (None until started)
+        self.holder: subprocess.Popen[str] | None = None
 
     @property
     def rootfs(self) -> Path:
@@ -419,16 +432,64 @@ class NetavarkPodman:
                 (self.directory / sub).mkdir()
             busybox_rootfs(self.rootfs)
             self.netns = NetNS(naming.unique_name("rfnvh"), journal=self.journal).start()
+            self._start_holder()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _start_holder(self) -> None:
+        """Start the process that holds the harness's mount namespace: the
+        mounts of :func:`netavark_state_argv`, then a shell that waits on its
+        stdin (its command line names :attr:`directory`, so the journal's
+        reaper of that directory ends it after a crash)."""
+        assert self.netns is not None
+        holder = subprocess.Popen(
+            [
+                *netavark_state_argv(self.netns.path, self.state_dir, self.lock_dir),
+                "sh",
+                "-c",
+                'echo ready; read -r _ || :; echo "$0" >/dev/null',
+                str(self.directory),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.holder = holder
+        assert holder.stdout is not None
+        line = holder.stdout.readline()
+        if line.strip() != "ready":
+            holder.kill()
+            _out, err = holder.communicate(timeout=10)
+            raise RuntimeError(
+                f"NetavarkPodman: the mount namespace holder failed (rc {holder.returncode}): "
+                f"{err.strip()}"
+            )
+
+    def _stop_holder(self) -> None:
+        holder, self.holder = self.holder, None
+        if holder is None:
+            return
+        with swallowed(Exception, "ending the mount namespace holder %s", holder.pid):
+            if holder.poll() is None:
+                assert holder.stdin is not None
+                holder.stdin.close()  # its `read` returns: the shell exits
+                try:
+                    holder.wait(10)
+                except subprocess.TimeoutExpired:
+                    holder.kill()
+                    holder.wait(10)
+            for stream in (holder.stdout, holder.stderr):
+                if stream is not None:
+                    stream.close()
+
     def stop(self) -> None:
         if not self._started:
             return
         self._started = False
-        if self.netns is not None:
+        if self.netns is not None and self.holder is not None:
             # Best effort: what podman cannot remove, the directory cleanup below ends.
             with swallowed(Exception, "podman rm --all in %s", self.directory):
                 done = self.podman("rm", "--all", "--force", timeout=30)
@@ -439,6 +500,7 @@ class NetavarkPodman:
                         done.returncode,
                         done.stderr.strip(),
                     )
+        self._stop_holder()
         cleanup_containerd_dir(str(self.directory))
         kill_cgroup_tree(self.cgroup_parent)
         if self.netns is not None:
@@ -457,10 +519,14 @@ class NetavarkPodman:
         self.stop()
 
     def argv(self, *args: str) -> list[str]:
-        if self.netns is None:
+        if self.netns is None or self.holder is None:
             raise RuntimeError("NetavarkPodman is not started: call start() first")
         return [
-            *netavark_state_argv(self.netns.path, self.state_dir, self.lock_dir),
+            # The harness's namespaces: its network namespace, and the mount
+            # namespace its holder keeps (shared by every call, see the class doc).
+            "nsenter",
+            f"--net={self.netns.path}",
+            f"--mount=/proc/{self.holder.pid}/ns/mnt",
             *private_podman_argv(
                 self.binary,
                 self.directory,
