@@ -201,7 +201,9 @@ class NetworkChurn(ThreadedFault):
     ``network ls`` on owned, stable and shared names (see the module doc).
 
     *rounds* bounds the count, *duration* (seconds) the time: the churn ends
-    after the round during which either runs out.  *seed* fixes the schedule
+    after the round during which either runs out, or after the first round
+    at whose end ``until(churn)`` is true (e.g. a reader has failed often
+    enough: the race has shown, no need to go on).  *seed* fixes the schedule
     (``plan[round][worker] = (kind, network)``); *mix* weighs the kinds
     (``own``: create or remove the worker's own network; ``run``: a
     container on the own network when it exists, else on a stable one;
@@ -224,6 +226,7 @@ class NetworkChurn(ThreadedFault):
         stable: int = 1,
         mix: Mapping[str, int] | None = None,
         readers: Mapping[str, Callable[[Path], object]] | None = None,
+        until: Callable[[NetworkChurn], bool] | None = None,
         op_timeout: float = 60.0,
     ) -> None:
         super().__init__()
@@ -248,6 +251,7 @@ class NetworkChurn(ThreadedFault):
         self.seed = seed
         self.mix = weights
         self.op_timeout = op_timeout
+        self.until = until
         self.join_timeout = op_timeout * 2 + 30  # a round may end with a slow op
         tag = naming.unique_name("rfch", maxlen=14)
         self.owned = [f"{tag}o{w}" for w in range(workers)]
@@ -258,14 +262,16 @@ class NetworkChurn(ThreadedFault):
         self.ops: list[ChurnOp] = []
         self.readers = {name: ReaderTally() for name in readers or {}}
         self._reader_funcs = dict(readers or {})
+        #: rounds started (each of them ran to its end)
+        self.rounds_run = 0
         #: whether each owned network exists, as its worker knows from its outcomes
         self.own_exists = dict.fromkeys(self.owned, False)
-        self.rounds_run = 0
         self.seconds = 0.0
         self._lock = threading.Lock()
         self._t0 = 0.0
         self._stop_after_round = False
         self._ended = threading.Event()
+        self._worker_error: BaseException | None = None
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -349,16 +355,34 @@ class NetworkChurn(ThreadedFault):
         )  # fmt: skip
 
     def _end_of_round(self) -> None:
-        # Run by one thread when all workers reached the barrier: decide, for
-        # all of them at once, whether another round starts.
-        self.rounds_run += 1
+        # Run by one thread when all workers reached the barrier, before a
+        # round: decide, for all of them at once, whether it starts.  Every
+        # earlier round is complete here, so `until` sees whole rounds.
         late = self.duration is not None and time.monotonic() - self._t0 >= self.duration
-        if late or self.stopping.is_set():
+        done = self.until is not None and self.until(self)
+        if late or done or self.stopping.is_set():
             self._stop_after_round = True
+        else:
+            self.rounds_run += 1
 
     def _worker(self, worker: int, barrier: threading.Barrier) -> None:
+        try:
+            self._rounds(worker, barrier)
+        except threading.BrokenBarrierError:
+            pass  # another worker failed and broke the barrier: its error is reported
+        except BaseException as exc:
+            with self._lock:
+                if self._worker_error is None:
+                    self._worker_error = exc
+            # The others must not wait for this worker forever; _run re-raises
+            # the error in the coordinator, so that stop()/wait() report it.
+            barrier.abort()
+
+    def _rounds(self, worker: int, barrier: threading.Barrier) -> None:
         for rnd, row in enumerate(self.plan):
-            barrier.wait()  # line up: every worker's op of this round starts now
+            # Line up: every worker's op of this round starts now.  Bounded, so
+            # that a worker stuck past its op timeout breaks the round, not the test.
+            barrier.wait(self.op_timeout + 30)
             if self._stop_after_round:
                 return
             kind, network = row[worker]
@@ -417,6 +441,10 @@ class NetworkChurn(ThreadedFault):
             for thread in threads[self.workers :]:
                 thread.join(10)
         self.ops.sort(key=lambda op: (op.round, op.worker))
+        if self._worker_error is not None:
+            raise RuntimeError(
+                f"{self.name}: a worker failed after {len(self.ops)} operations"
+            ) from self._worker_error
 
     def wait(self, timeout: float | None = None) -> NetworkChurn:
         """Wait until every round ran (or *duration* ran out); re-raise a worker's error."""

@@ -267,15 +267,23 @@ def test_churn_breaks_a_list_then_open_reader_not_a_locked_one(
     """The susceptible reader meets a vanished (ENOENT) or half-written file;
     the reader that takes podman's netavark.lock never does."""
     sizes: list[int] = []
+    # Mostly creates and removes, so the files come and go; the churn goes on
+    # (at most 200 rounds or 30 s) until the susceptible reader has failed
+    # 3 times in at least 8 rounds: 1-4 times per 40 commands were measured.
     churn = netavark_network_churn(
         workers=3,
-        rounds=8,
-        mix={"own": 3, "ls": 1},  # mostly creates and removes: the files come and go
+        rounds=200,
+        duration=30,
+        mix={"own": 3, "ls": 1},
         readers={
             "list-then-open": list_then_open,
             "locked": locked_reader(podman_netavark, sizes),
         },
+        until=lambda c: c.rounds_run >= 8 and c.readers["list-then-open"].failed >= 3,
     ).wait()
+    record_property("rounds", churn.rounds_run)
+    assert len(churn.ops) == 3 * churn.rounds_run  # whole rounds only
+    assert churn.rounds_run >= 8, churn.report()
     naive, locked = churn.readers["list-then-open"], churn.readers["locked"]
     record_property("naive", f"{naive.failed}/{naive.calls} {dict(naive.failures)}")
     record_property("locked", f"{locked.failed}/{locked.calls}")
@@ -324,3 +332,28 @@ def test_podman_waits_for_the_network_lock_the_correct_reader_takes(
         if fd >= 0:
             os.close(fd)
     assert [p.stem for p in netavark_dir.files()] == ["rfchlk"]
+
+
+@root_only
+def test_a_worker_that_fails_ends_the_churn_with_its_error(
+    podman_netavark: NetavarkPodman, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that raises (here: building its command) must not leave the
+    others waiting at the barrier: wait() raises its error at once."""
+    from pytest_runtimefaults.core.fault import FaultThreadError
+
+    churn = NetworkChurn(podman_netavark, workers=3, rounds=4, seed=2).start()
+
+    def broken(*args: str) -> list[str]:
+        raise OSError("no podman today")
+
+    monkeypatch.setattr(podman_netavark, "argv", broken)
+    started = time.monotonic()
+    try:
+        with pytest.raises(FaultThreadError, match="a worker failed") as caught:
+            churn.wait(60)
+        assert "no podman today" in repr(caught.value.__cause__.__cause__)
+        assert time.monotonic() - started < 30
+    finally:
+        monkeypatch.undo()
+        churn.stop()
