@@ -178,6 +178,12 @@ FAULTS: dict[str, str] = {
     "subscribers:cri-event-order": "one CRI GetContainerEvents subscriber, containers made "
     "one after another: does each container's CREATED, STARTED, STOPPED, DELETED arrive "
     "in the order the calls returned?",
+    # netavark create/remove races (podman issues 7807, 7808, 9472, 9041):
+    # pytest_runtimefaults/cni/churn.py, tests/system/cni/test_cni_netavark_races.py
+    "cni:network-churn": "K workers racing `podman network create`/`rm`, `run --network` and "
+    "`network ls` on owned, stable and shared names, each round lined up by a barrier: "
+    "does any op meet ENOENT, `network not found` for a network that exists, or an IPAM "
+    "conflict, and do ls, the files, containers, links and firewall agree afterwards?",
 }
 
 
@@ -1162,6 +1168,26 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         "and a container's STOPPED may never be sent: 1-2 of 18 containers in 2 of 3 fan-out "
         "runs reached none of 9 subscribers",
         also=(_SB,),
+    ),
+    # netavark create/remove races (docs/cni.md, "netavark create/remove races"):
+    # 10 churns of 4 workers x 10 rounds per release, tests/system/cni/test_cni_netavark_races.py
+    *(
+        Expectation(
+            "podman",
+            version,
+            "cni:network-churn",
+            _SB,
+            f"podman {version} + netavark {netavark} ({where}): no race in 400 commands "
+            f"(0 ENOENT, 0 `network not found` for a network that exists, 0 IPAM conflicts), "
+            f"{refused} correct refusals on the shared names, ls and files consistent and "
+            "nothing left in 10 of 10 churns; a list-then-open reader of the dir failed in "
+            "10 of 10, a reader taking podman's netavark.lock in none; docs/cni.md",
+        )
+        for version, netavark, where, refused in (
+            ("4.3", "1.4.0", "Debian 12", 78),
+            ("5.4", "1.14.0", "Debian 13, scripts/distro", 76),
+            ("5.8", "1.17.2", "sid-hybrid, scripts/distro", 77),
+        )
     ),
 )
 

@@ -3,19 +3,16 @@
 import socket
 import subprocess
 
+import pytest
+
 
 def test_connect_gets_eagain_while_the_backlog_is_full(dbus_proxy, connect_backlog_full):
     # The proxy stops accepting, its listen backlog full, until lifted (or for duration=).
     fault = connect_backlog_full(dbus_proxy)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.setblocking(False)  # as sd-bus and Go connect
-    try:
-        client.connect(str(dbus_proxy.socket_path))
-        raise AssertionError("connect() got through a full backlog")
-    except BlockingIOError as exc:
-        assert exc.strerror == "Resource temporarily unavailable"  # EAGAIN
-    finally:
-        client.close()
+    with client, pytest.raises(BlockingIOError, match="Resource temporarily unavailable"):
+        client.connect(str(dbus_proxy.socket_path))  # EAGAIN
     busctl = ["busctl", "--address", dbus_proxy.address, "status"]
     failed = subprocess.run(busctl, capture_output=True, text=True)
     assert failed.returncode != 0  # sd-bus does not retry
