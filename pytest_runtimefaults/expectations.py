@@ -150,6 +150,22 @@ FAULTS: dict[str, str] = {
     "runtime waits for the StartTransientUnit reply (held 1 s by the proxy)",
     "dbus:bus-restart-before-jobremoved": "`systemctl restart dbus` in the sandbox after "
     "the StartTransientUnit reply, while the runtime waits for JobRemoved (held 2 s)",
+    # A bus at its limits (pytest_runtimefaults/dbus/limits.py;
+    # tests/system/systemd/test_bus_limits.py).
+    "dbus:connect-eagain": "the proxy in front of systemd's bus stops accepting with its "
+    "listen backlog full for 2 s as create starts: connect() gets EAGAIN (systemd < 254's "
+    "backlog of 128; opencontainers/cgroups PR 45, cri-o PR 4921, youki PR 3557)",
+    "dbus:connection-cap": "the sandbox's bus capped at 8 connections per user and the cap "
+    "reached: dbus-daemon answers root's next Hello with LimitsExceeded, dbus-broker (its "
+    "fd quota) closes the connection in the handshake (podman PR 11313)",
+    # A signal flood as the runtime closes (godbus issues 94, 158): dbus/flood.py,
+    # tests/system/systemd/test_signal_flood.py.
+    "dbus:signal-flood-jobremoved": "5000 forged JobRemoved of other jobs, from systemd's "
+    "name, behind each real JobRemoved toward the runtime (create and delete), as it closes",
+    "dbus:signal-flood-propertieschanged": "5000 forged PropertiesChanged of a unit, from "
+    "systemd's name, behind each real JobRemoved toward the runtime (create and delete)",
+    "dbus:signal-flood-before-jobremoved": "5000 forged JobRemoved of other jobs behind the "
+    "StartTransientUnit reply: the runtime reads through them to its own JobRemoved",
     # CRI GetContainerEvents (transports/cri.py; tests/system/subscribers/test_subscribers_cri.py)
     "subscribers:cri-churn": "CRI GetContainerEvents subscribers connecting and leaving "
     "while pods and containers are made through CRI",
@@ -162,6 +178,12 @@ FAULTS: dict[str, str] = {
     "subscribers:cri-event-order": "one CRI GetContainerEvents subscriber, containers made "
     "one after another: does each container's CREATED, STARTED, STOPPED, DELETED arrive "
     "in the order the calls returned?",
+    # netavark create/remove races (podman issues 7807, 7808, 9472, 9041):
+    # pytest_runtimefaults/cni/churn.py, tests/system/cni/test_cni_netavark_races.py
+    "cni:network-churn": "K workers racing `podman network create`/`rm`, `run --network` and "
+    "`network ls` on owned, stable and shared names, each round lined up by a barrier: "
+    "does any op meet ENOENT, `network not found` for a network that exists, or an IPAM "
+    "conflict, and do ls, the files, containers, links and firewall agree afterwards?",
 }
 
 
@@ -323,6 +345,81 @@ _CRUN_RESET_CALL = (
 _CRUN_RESET_PROCESS = (
     "create fails at once: `sd-bus process: Connection reset by peer`; nothing left, the "
     "next lifecycle works"
+)
+
+_LIMITS = {
+    "host": "tests/system/systemd/test_bus_limits.py, Debian 12 (systemd 252, dbus-daemon "
+    "1.14.10), 2026-12-01",
+    "trixie": "tests/system/systemd/test_bus_limits.py in Debian 13 (scripts/distro, "
+    "systemd 257.13, hybrid; dbus-daemon 1.16.2, and dbus-broker 37 in debian13-broker), "
+    "2026-12-01",
+    "sid": "tests/system/systemd/test_bus_limits.py in Debian sid (scripts/distro, "
+    "systemd 262.1, unified, dbus-daemon 1.16.2), 2026-12-01",
+}
+_EAGAIN = "dbus:connect-eagain"
+_CAP = "dbus:connection-cap"
+#: runc creates through systemd's private socket when the bus refuses it
+_RUNC_PRIVATE = (
+    "create succeeds (0.1-0.2 s; 1.3 s once on Debian 13, still under the 2 s) without a "
+    "single call through the bus: consistent with go-systemd's NewWithContext, which for "
+    "root falls back to systemd's own /run/systemd/private when the system bus fails; "
+    "nothing left"
+)
+_CRUN_EAGAIN = (
+    "create fails at once (0.01-0.09 s), no retry: `cannot open sd-bus: Resource temporarily "
+    "unavailable`; nothing left, the next lifecycle works"
+)
+_CRUN_CAP = (
+    "create fails at once: `sd-bus call: No buffer space available` (podman PR 11313's "
+    "words: sd-bus maps LimitsExceeded to ENOBUFS); on dbus-broker (capped through its fd "
+    "quota: the connection is closed in the handshake) `sd-bus call: Transport endpoint is "
+    "not connected` or `cannot open sd-bus: Broken pipe`; nothing left, the next lifecycle "
+    "works"
+)
+_LIMITS_ROWS: tuple[tuple[str, str, str, str, Outcome, str], ...] = (
+    *(
+        (rt, v, src, fault, outcome, what)
+        for rt, v, src in (
+            ("runc", "1.1.5", "host"),
+            ("crun", "1.8.1", "host"),
+            ("runc", "1.1.15", "trixie"),
+            ("crun", "1.21", "trixie"),
+            ("runc", "1.3.6", "sid"),
+            ("crun", "1.28", "sid"),
+        )
+        for fault, outcome, what in (
+            (
+                (_EAGAIN, Outcome.SURVIVES, _RUNC_PRIVATE),
+                (_CAP, Outcome.SURVIVES, _RUNC_PRIVATE),
+            )
+            if rt == "runc"
+            else (
+                (_EAGAIN, Outcome.FAILS_CLEANLY, _CRUN_EAGAIN),
+                (_CAP, Outcome.FAILS_CLEANLY, _CRUN_CAP),
+            )
+        )
+    ),
+)
+_FLOOD_FAULTS = (
+    "dbus:signal-flood-jobremoved",
+    "dbus:signal-flood-propertieschanged",
+    "dbus:signal-flood-before-jobremoved",
+)
+_FLOOD = {
+    "host": "tests/system/systemd/test_signal_flood.py, Debian 12 (systemd 252), 2026-12-01",
+    "trixie": "tests/system/systemd/test_signal_flood.py in Debian 13 (scripts/distro, "
+    "systemd 257.13, hybrid, dbus-daemon 1.16.2 and dbus-broker 37 alike), 2026-12-01",
+    "sid": "tests/system/systemd/test_signal_flood.py in Debian sid (scripts/distro, "
+    "systemd 262.1, unified), 2026-12-01",
+}
+#: (runtime, version, where) of the runs under a signal flood (dbus/flood.py)
+_FLOOD_MEASURED = (
+    ("runc", "1.1.5", "host"),
+    ("crun", "1.8.1", "host"),
+    ("runc", "1.1.15", "trixie"),
+    ("crun", "1.21", "trixie"),
+    ("runc", "1.3.6", "sid"),
+    ("crun", "1.28", "sid"),
 )
 
 #: The known facts.  Sources: README "What it found here", docs/systemd.md,
@@ -947,6 +1044,27 @@ EXPECTATIONS: tuple[Expectation, ...] = (
             ("crun", "1.28", "sid", _BEFORE_JOB, _FC, _CRUN_RESET_PROCESS),
         )
     ),
+    # A bus at its limits (tests/system/systemd/test_bus_limits.py): connect() gets EAGAIN
+    # for 2 s; the per-user connection cap reached (dbus-daemon only).
+    *(
+        Expectation(rt, v, fault, outcome, f"{what}; {_LIMITS[src]}")
+        for rt, v, src, fault, outcome, what in _LIMITS_ROWS
+    ),
+    # A signal flood as the runtime closes (tests/system/systemd/test_signal_flood.py):
+    # every version reads past 5000 forged signals, or exits with them unread, unharmed.
+    *(
+        Expectation(
+            rt,
+            v,
+            fault,
+            _SB,
+            f"created in 0.03-0.42 s and deleted, the forged signals ignored, nothing left, "
+            f"the next lifecycle ok; another client of the proxy answered in < 0.25 s "
+            f"throughout; {_FLOOD[src]}",
+        )
+        for rt, v, src in _FLOOD_MEASURED
+        for fault in _FLOOD_FAULTS
+    ),
     # CRI GetContainerEvents (transports/cri.py), measured with
     # tests/system/subscribers/test_subscribers_cri.py in Debian 13 and sid-hybrid;
     # containerd 1.6 has no GetContainerEvents (UNIMPLEMENTED: the tests skip).
@@ -1050,6 +1168,26 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         "and a container's STOPPED may never be sent: 1-2 of 18 containers in 2 of 3 fan-out "
         "runs reached none of 9 subscribers",
         also=(_SB,),
+    ),
+    # netavark create/remove races (docs/cni.md, "netavark create/remove races"):
+    # 10 churns of 4 workers x 10 rounds per release, tests/system/cni/test_cni_netavark_races.py
+    *(
+        Expectation(
+            "podman",
+            version,
+            "cni:network-churn",
+            _SB,
+            f"podman {version} + netavark {netavark} ({where}): no race in 400 commands "
+            f"(0 ENOENT, 0 `network not found` for a network that exists, 0 IPAM conflicts), "
+            f"{refused} correct refusals on the shared names, ls and files consistent and "
+            "nothing left in 10 of 10 churns; a list-then-open reader of the dir failed in "
+            "10 of 10, a reader taking podman's netavark.lock in none; docs/cni.md",
+        )
+        for version, netavark, where, refused in (
+            ("4.3", "1.4.0", "Debian 12", 78),
+            ("5.4", "1.14.0", "Debian 13, scripts/distro", 76),
+            ("5.8", "1.17.2", "sid-hybrid, scripts/distro", 77),
+        )
     ),
 )
 

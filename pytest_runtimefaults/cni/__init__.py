@@ -24,6 +24,8 @@ the old ``cni`` module:
 * :mod:`~pytest_runtimefaults.cni.podman`: :class:`CniPodman`;
 * :mod:`~pytest_runtimefaults.cni.netavark`: podman's netavark backend
   (:class:`NetavarkDir`, :func:`validate_network`, :class:`NetavarkPodman`);
+* :mod:`~pytest_runtimefaults.cni.churn`: :class:`NetworkChurn` (parallel
+  podman network create/rm/run on netavark) and :func:`classify`;
 * :mod:`~pytest_runtimefaults.cni.containerd`: :func:`containerd_in_sandbox`;
 * :mod:`~pytest_runtimefaults.cni.cri`: the CRI client (:class:`CriPods`,
   :func:`cri_network_status`; needs the ``containerd`` extra);
@@ -103,6 +105,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "validate_network",
     ),
     "containerd": ("containerd_in_sandbox",),
+    "churn": ("ChurnOp", "NetworkChurn", "ReaderTally", "classify", "error_line"),
     "cri": (
         "CriNetworkStatus",
         "CriPod",
@@ -133,6 +136,7 @@ __all__ = [
     "IN_Q_OVERFLOW",
     "NETAVARK_SUFFIXES",
     "BrokenMode",
+    "ChurnOp",
     "CniDir",
     "CniPodman",
     "ConfDirSwap",
@@ -147,16 +151,20 @@ __all__ = [
     "InotifyInstancesHeld",
     "NetavarkDir",
     "NetavarkPodman",
+    "NetworkChurn",
     "ParallelAdds",
     "RacingWriter",
+    "ReaderTally",
     "RenamedInto",
     "TornWrite",
     "TornWriteWatcher",
     "broken_bytes",
     "busybox_rootfs",
+    "classify",
     "containerd_in_sandbox",
     "cri_network_status",
     "decode_protobuf",
+    "error_line",
     "find_netavark",
     "host_network_state",
     "inotify_instances",
@@ -175,6 +183,13 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from pytest_runtimefaults.cni.busybox import busybox_rootfs
     from pytest_runtimefaults.cni.cgroups import CGROUP_ROOT, kill_cgroup_tree
+    from pytest_runtimefaults.cni.churn import (
+        ChurnOp,
+        NetworkChurn,
+        ReaderTally,
+        classify,
+        error_line,
+    )
     from pytest_runtimefaults.cni.config import (
         BROKEN_MODES,
         CONFIG_SUFFIXES,

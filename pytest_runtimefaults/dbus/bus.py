@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -54,7 +56,7 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
   <limit name="max_incoming_bytes">{max_incoming}</limit>
   <limit name="max_outgoing_bytes">{max_incoming}</limit>
   <limit name="reply_timeout">{reply_timeout_ms}</limit>
-</busconfig>
+{extra_limits}</busconfig>
 """
 
 
@@ -67,6 +69,9 @@ class PrivateBus:
 
     ``address`` is ``unix:path=DIR/bus``.  ``stop()`` ends the daemon (by its PID)
     and removes the directory; both ``start()`` and ``stop()`` are idempotent.
+    *limits* adds ``<limit>`` entries to its configuration (``bus.conf`` in
+    its directory; :class:`~pytest_runtimefaults.dbus.limits.ConnectionCap`
+    changes it while it runs).
     Both are recorded in a cleanup journal (*journal*, else the default one) as
     they are created, so a killed owner's bus is reaped by the next run.
     """
@@ -81,6 +86,7 @@ class PrivateBus:
         start_timeout: float = 5.0,
         journal: Journal | None = None,
         dbus_daemon: str = "dbus-daemon",
+        limits: Mapping[str, int] | None = None,
     ) -> None:
         self.bus_type = bus_type
         self._parent = Path(directory) if directory else None
@@ -91,6 +97,14 @@ class PrivateBus:
         # pytest run (or `runtimefaults cleanup`) ends the daemon and removes its dir.
         self.journal = journal if journal is not None else Journal.default()
         self.dbus_daemon = dbus_daemon
+        #: more ``<limit name=...>`` of its configuration (e.g. ``max_connections_per_user``)
+        self.limits = dict(limits or {})
+        for name, value in self.limits.items():
+            if not re.fullmatch(r"[a-z_]+", name) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"PrivateBus limits: {name!r}={value!r} is not a limit name and an int >= 0 "
+                    "(e.g. limits={'max_connections_per_user': 8})"
+                )
         self.dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
@@ -128,6 +142,10 @@ class PrivateBus:
                 max_message_size=self.max_message_size,
                 max_incoming=max(self.max_message_size * 2, 2**28),
                 reply_timeout_ms=int(self.reply_timeout * 1000),
+                extra_limits="".join(
+                    f'  <limit name="{name}">{value}</limit>\n'
+                    for name, value in self.limits.items()
+                ),
             )
         )
         try:

@@ -657,3 +657,28 @@ def test_podman_half_written_network(
 def _last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1][:160] if lines else "no output"
+
+
+def test_podman_network_churn(
+    podman_netavark: Any, netavark_network_churn: Any, verdict: Any
+) -> None:
+    """podman (netavark) under parallel network create / rm / run / ls (podman
+    issues 7807, 7808, 9472): no race, and ls, files and namespace agree after."""
+    started = time.monotonic()
+    churn = netavark_network_churn(workers=3, rounds=5).wait()
+    problems = churn.check_state()
+    cats = churn.by_category()
+    first = next(iter(churn.failures()), None)
+    text = (
+        f"{len(churn.ops)} ops ({churn.ops_per_second:.1f}/s, seed {churn.seed}): "
+        f"{dict(cats)}; state: {'; '.join(problems) or 'consistent'}"
+        + (f"; first failure: {first.line()}" if first is not None else "")
+    )
+    outcome = churn.outcome(problems)
+    verdict.record(
+        outcome,
+        component="podman",
+        fault="cni:network-churn",
+        evidence=text,
+        seconds=time.monotonic() - started,
+    )

@@ -90,6 +90,12 @@ NEW_NAMES = [
     "netavark_network",
     "netavark_state_argv",
     "validate_network",
+    # the netavark create/remove races (cni/churn.py)
+    "ChurnOp",
+    "NetworkChurn",
+    "ReaderTally",
+    "classify",
+    "error_line",
 ]
 
 CONF = {"cniVersion": "1.0.0", "name": "n", "type": "bridge"}
