@@ -742,7 +742,10 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         "cni:wrong-version-config",
         _FC,
         "CRI: network not ready, `plugin version does not allow STATUS` (2.x calls CNI "
-        "STATUS, which needs cniVersion >= 1.1.0); sid run of docs/matrix.md",
+        "STATUS, which needs cniVersion >= 1.1.0); sid run of docs/matrix.md.  The main "
+        "job's scenario judges the same run misbehaved: no pod error names the broken file "
+        "(test_wrong_version_config, sid-hybrid, 2.1.9)",
+        also=(_MB,),
     ),
     Expectation(
         "containerd",
@@ -768,6 +771,23 @@ EXPECTATIONS: tuple[Expectation, ...] = (
         _LK,
         "CRI: DEL runs against the new default network; the IPAM reservation stays; docs/cni.md; "
         "the same test passed on 1.7.24 (Debian 13, docs/matrix.md)",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "cni:default-gone-at-del",
+        _LK,
+        "CRI: the pod came up on macvlan, and after its network file was removed the "
+        "StopPodSandbox's DEL left the IPAM reservation (test_network_file_gone_before_delete, "
+        "sid-hybrid, 2.1.9)",
+    ),
+    Expectation(
+        "containerd",
+        "2.1",
+        "cni:delete-recreate",
+        _MB,
+        "CRI: a pod came up on the bridge (veth) network instead of the recreated macvlan one, "
+        "its IPAM reservation left (test_vanishing_config, sid-hybrid, 2.1.9)",
     ),
     # CNI reload races and inotify limits (docs/cni.md, "Reload races").
     *(
@@ -929,13 +949,15 @@ EXPECTATIONS: tuple[Expectation, ...] = (
     ),
     Expectation(
         "containerd",
-        "1.6.20",
+        ">=1.6.20,<2.2",
         "cni:racing-writer",
         _LK,
         "CRI: pods get macvlan or `cni plugin not initialized` (status names the torn file), "
         "never the bridge; but a pod stopped while its file is torn keeps its host-local "
         "reservation (DEL goes to the other network, as under cni:default-gone-at-del): 3 of 5 "
-        "runs of scenarios/test_incident4_cni.py; the others failed cleanly",
+        "runs of scenarios/test_incident4_cni.py on 1.6.20, the others failed cleanly; on "
+        "1.7.24 and 2.1.9 it failed cleanly in most runs and leaked in 1 of 3 (Debian 13, "
+        "sid-hybrid)",
         also=(_FC,),
     ),
     Expectation(
