@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import re
@@ -34,13 +33,13 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from pytest_runtimefaults.core.log import logger
 from pytest_runtimefaults.journal import Journal
 
 __all__ = ["BUS_DAEMONS", "BusError", "PrivateBus"]
@@ -62,7 +61,16 @@ mount --bind "$2" {_JOURNAL_DIR}
 shift 2
 LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=dbus.socket exec "$@"
 """
-_LOG_RECORDS = 40  # the broker's last log records kept for exit_report()
+# Reads dbus-broker's journal records on fd 0 (a datagram socket) and appends
+# their MESSAGE to the file argv[1], one a line, flushed: until it is ended.
+_SINK_READER = """import os, sys
+from pytest_runtimefaults.dbus.bus import _journal_field
+with open(sys.argv[1], "ab", buffering=0) as log:
+    while True:
+        message = _journal_field(os.read(0, 1 << 17), b"MESSAGE")
+        if message is not None:
+            log.write(message.rstrip(b"\\n").replace(b"\\n", b" ") + b"\\n")
+"""
 
 _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -162,10 +170,9 @@ class PrivateBus:
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
         self._rids: list[int] = []
-        # dbus-broker only: the datagram socket its journal records arrive on,
-        # and the last of them (MESSAGE fields) for exit_report().
-        self._journal_sink: socket.socket | None = None
-        self._log: collections.deque[str] = collections.deque(maxlen=_LOG_RECORDS)
+        # dbus-broker only: the process that reads its journal socket into
+        # journal.log (MESSAGE fields, one a line).
+        self._sink_reader: subprocess.Popen[bytes] | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -258,7 +265,6 @@ class PrivateBus:
                 "of its own (run as root, or bus_daemon='dbus-daemon')"
             )
         tmpfs = _journal_tmpfs()
-        self._log.clear()
         self.dir = Path(tempfile.mkdtemp(prefix="rf-bus-", dir=self._parent))
         if self.journal:
             self._rids.append(self.journal.add("path", path=str(self.dir)))
@@ -278,16 +284,48 @@ class PrivateBus:
             sink.close()
             self._remove_dir()
             raise BusError(f"cannot bind dbus-broker's journal socket: {exc}") from exc
-        sink.setblocking(False)
-        self._journal_sink = sink
+        try:
+            # A process of its own reads the sink at once, whatever this one does
+            # (holding the GIL, blocked in a test): a unix datagram socket queues
+            # only net.unix.max_dgram_qlen (10) records, and the broker blocks on
+            # the 11th (measured: the 12th client it disconnected for an invalid
+            # header was never served, nor was any new connection).
+            self._sink_reader = subprocess.Popen(
+                [sys.executable, "-c", _SINK_READER, str(self.log_path)],
+                stdin=sink.fileno(),
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._remove_dir()
+            raise BusError(f"cannot start dbus-broker's journal reader: {exc}") from exc
+        finally:
+            sink.close()
+        if self.journal:
+            self._rids.append(self.journal.add_process(self._sink_reader.pid))
         self._spawn_broker(launcher, unshare, tmpfs)
         return self
+
+    @property
+    def log_path(self) -> Path:
+        """dbus-broker's log: the MESSAGE of each record it sent to its journal, one a line."""
+        if self.dir is None:
+            raise BusError("the bus is not started")
+        return self.dir / "journal.log"
+
+    def broker_log(self) -> list[str]:
+        """What dbus-broker logged so far (``[]`` on dbus-daemon, or before it started)."""
+        try:
+            return (self.log_path).read_text(errors="replace").splitlines()
+        except (BusError, FileNotFoundError):
+            return []
 
     def _spawn_broker(self, launcher: str, unshare: str, tmpfs: str) -> None:
         """Bind the bus's socket, run the launcher on it, wait for its ``Ready``."""
         assert self.dir is not None
         config = self.dir / "bus.conf"
         address = f"unix:path={self.socket_path}"
+        readies = self.broker_log().count("Ready")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Bound and listening before the launcher runs, as systemd's dbus.socket
@@ -336,9 +374,8 @@ class PrivateBus:
             listener.close()
         if self.journal:
             self._rids.append(self.journal.add_process(self.process.pid))
-        self._log.clear()
         try:
-            self._await_ready()
+            self._await_ready(readies)
         except BaseException:
             self.stop()
             raise
@@ -367,44 +404,23 @@ class PrivateBus:
             self.journal.release(self._rids.pop())  # the old launcher's process record
         self._spawn_broker(launcher, unshare, _journal_tmpfs())
 
-    def _await_ready(self) -> None:
-        """Wait for the launcher's ``Ready`` record (it connected to the broker it ran)."""
+    def _await_ready(self, readies: int) -> None:
+        """Wait for the launcher's next ``Ready`` record (it connected to the broker it ran).
+
+        *readies*: how many the log held before this launcher started.
+        """
         assert self.process is not None
-        assert self._journal_sink is not None
         deadline = time.monotonic() + self.start_timeout
-        while "Ready" not in self._log:
+        while self.broker_log().count("Ready") <= readies:
             left = deadline - time.monotonic()
             if self.process.poll() is not None:
                 raise BusError(f"dbus-broker exited at start: {self.exit_report()}")
             if left <= 0:
                 raise BusError(
                     f"dbus-broker-launch logged no 'Ready' within {self.start_timeout} s; "
-                    f"its log: {'; '.join(self._log) or 'nothing'}"
+                    f"its log: {'; '.join(self.broker_log()[-10:]) or 'nothing'}"
                 )
-            select.select([self._journal_sink], [], [], min(left, 0.1))
-            self._drain_log()
-
-    def _drain_log(self) -> None:
-        """Read the journal records the broker sent, keeping their MESSAGE fields."""
-        sink = self._journal_sink
-        if sink is None:
-            return
-        while True:
-            try:
-                record = sink.recv(1 << 17)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                logger.debug("reading dbus-broker's journal sink: %s", exc)
-                return
-            message = _journal_field(record, b"MESSAGE")
-            if message is not None:
-                self._log.append(message.decode(errors="replace").rstrip("\n"))
-
-    def _close_sink(self) -> None:
-        sink, self._journal_sink = self._journal_sink, None
-        if sink is not None:
-            sink.close()
+            time.sleep(min(left, 0.02))
 
     def _read_address(self) -> str:
         assert self.process is not None
@@ -448,8 +464,7 @@ class PrivateBus:
         lines = output.decode(errors="replace").strip().splitlines()[-20:]
         if self.bus_daemon == "dbus-broker":
             # Its words go to the journal, not to stdout/stderr.
-            self._drain_log()
-            lines += [f"log: {line}" for line in self._log][-20:]
+            lines += [f"log: {line}" for line in self.broker_log()[-20:]]
             name = "dbus-broker-launch"
         else:
             name = self.dbus_daemon
@@ -473,7 +488,9 @@ class PrivateBus:
             for stream in (process.stdout, process.stderr):
                 if stream:
                     stream.close()
-        self._close_sink()
+        reader, self._sink_reader = self._sink_reader, None
+        if reader is not None:
+            _end_broker(reader)  # ours, by its pid: SIGTERM, then SIGKILL
         self._remove_dir()
         if self.journal:
             for rid in self._rids:
