@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import select
@@ -42,10 +43,51 @@ from types import TracebackType
 
 from pytest_runtimefaults.journal import Journal
 
-__all__ = ["BUS_DAEMONS", "BusError", "PrivateBus"]
+__all__ = ["BUS_DAEMONS", "BUS_TRAITS", "BusError", "BusTraits", "PrivateBus"]
 
 BUS_DAEMONS = ("dbus-daemon", "dbus-broker")
 """The buses :class:`PrivateBus` can run (``bus_daemon=``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BusTraits:
+    """What a bus does differently, where a client or a test can see it (measured).
+
+    Measured on dbus-daemon 1.14.10 / 1.16.2 and dbus-broker 37 (Debian 12, 13);
+    docs/dbus-proxy.md, "On dbus-broker".
+    """
+
+    #: the serial of every message the bus driver sends (None: it counts up from 1).
+    #: dbus-broker's is 0xffffffff, a legal serial that a signed 32-bit client reads as -1.
+    driver_serial: int | None
+    #: whether ``max_connections_per_user`` caps connections (dbus-broker only scales
+    #: its per-user byte and fd quotas by it)
+    counts_connections: bool
+    #: how the bus refuses root's connection past the cap of a
+    #: :class:`~pytest_runtimefaults.dbus.limits.ConnectionCap` (``cap.refusal``)
+    cap_refusals: tuple[str, ...]
+
+
+BUS_TRAITS = {
+    "dbus-daemon": BusTraits(
+        driver_serial=None,
+        counts_connections=True,
+        cap_refusals=(
+            "org.freedesktop.DBus.Error.LimitsExceeded: The maximum number of active "
+            "connections for UID 0 has been reached",
+        ),
+    ),
+    # It closes the connection during the handshake, saying nothing (its fd quota).
+    "dbus-broker": BusTraits(
+        driver_serial=0xFFFFFFFF,
+        counts_connections=False,
+        cap_refusals=(
+            "connect or handshake: [Errno 104] Connection reset by peer",
+            "connect or handshake: [Errno 32] Broken pipe",
+        ),
+    ),
+}
+""":class:`BusTraits` by bus daemon (:attr:`PrivateBus.traits` is its bus's)."""
 
 # The journal's socket: a fixed path in dbus-broker (launcher.c opens it by name).
 _JOURNAL_DIR = "/run/systemd/journal"
@@ -173,6 +215,11 @@ class PrivateBus:
         # dbus-broker only: the process that reads its journal socket into
         # journal.log (MESSAGE fields, one a line).
         self._sink_reader: subprocess.Popen[bytes] | None = None
+
+    @property
+    def traits(self) -> BusTraits:
+        """How this bus differs from the other (:data:`BUS_TRAITS`)."""
+        return BUS_TRAITS[self.bus_daemon]
 
     @property
     def socket_path(self) -> Path:
