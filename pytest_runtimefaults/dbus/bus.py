@@ -96,7 +96,15 @@ _JOURNAL_DIR = "/run/systemd/journal"
 # goes so that /run/systemd/journal can exist ("" when it already does);
 # $2: the directory whose "socket" becomes /run/systemd/journal/socket; then
 # the launcher's command line.  LISTEN_PID=$$: exec keeps the shell's pid.
+# $RF_LISTEN_FD, the listening socket, becomes fd 3 (SD_LISTEN_FDS_START) here,
+# in the shell: a preexec_fn in Python is unsafe in a process with threads.
 _BROKER_SCRIPT = f"""set -e
+case "$RF_LISTEN_FD" in
+  3) ;;
+  *[!0-9]*|"") exit 90 ;;
+  *) eval "exec 3<&$RF_LISTEN_FD $RF_LISTEN_FD<&-" ;;
+esac
+unset RF_LISTEN_FD
 if [ -n "$1" ]; then mount -t tmpfs -o mode=0755,size=1m runtimefaults-journal "$1"; fi
 mkdir -p {_JOURNAL_DIR}
 mount --bind "$2" {_JOURNAL_DIR}
@@ -391,7 +399,7 @@ class PrivateBus:
                     "--mount",
                     "--propagation",
                     "private",
-                    "/bin/sh",
+                    "/bin/bash",  # dash takes no fd above 9 in a redirection
                     "-c",
                     _BROKER_SCRIPT,
                     "sh",
@@ -405,13 +413,10 @@ class PrivateBus:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=env,
+                env={**env, "RF_LISTEN_FD": str(listen_fd)},
                 start_new_session=True,
-                # The listening socket becomes fd 3 (SD_LISTEN_FDS_START).  Our fds
-                # are close-on-exec (PEP 446), so close_fds=False leaks nothing
-                # else, and pass_fds could not name fd 3 (it may be closed here).
-                close_fds=False,
-                preexec_fn=lambda: _listen_on_fd3(listen_fd),
+                # The listening socket only; the script makes it fd 3.
+                pass_fds=(listen_fd,),
             )
         except OSError as exc:
             self.stop()
@@ -589,14 +594,6 @@ def _end_broker(process: subprocess.Popen[bytes]) -> None:
     for stream in (process.stdout, process.stderr):
         if stream:
             stream.close()
-
-
-def _listen_on_fd3(fd: int) -> None:
-    """In the child before exec: *fd* becomes fd 3, inherited (SD_LISTEN_FDS_START)."""
-    if fd != 3:
-        os.dup2(fd, 3)
-    # dup2(3, 3) is a no-op that keeps close-on-exec: clear it either way.
-    os.set_inheritable(3, True)
 
 
 def _journal_tmpfs() -> str:
