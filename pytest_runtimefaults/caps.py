@@ -312,6 +312,9 @@ SANDBOX_LAYOUTS = ("auto", "hybrid", "legacy", "unified")
 def resolve_layout(layout: str) -> str:
     """A systemd sandbox's cgroup layout: ``auto`` -> the host's; one it cannot build -> ValueError.
 
+    ``auto`` is ``unified`` on a cgroup v1 host too when the sandbox's systemd is
+    258 or later, which removed cgroup v1 and refuses to boot on it.
+
     ``unified`` can be built anywhere (a fresh cgroup2 mount in the sandbox's
     namespaces); ``hybrid`` and ``legacy`` need v1 controllers, which a cgroup
     v2 host has bound to cgroup2.
@@ -320,6 +323,10 @@ def resolve_layout(layout: str) -> str:
         raise ValueError(f"cgroup layout must be auto, hybrid, legacy or unified, not {layout!r}")
     host = cgroup_layout()
     if layout == "auto":
+        if host != "v2" and _systemd_without_v1():
+            # systemd 258 removed cgroup v1: on a v1 host it refuses to boot
+            # ("Detected unsupported legacy cgroup hierarchy, refusing execution").
+            return "unified"
         return {"v2": "unified", "hybrid": "hybrid", "v1": "legacy"}[host]
     if layout != "unified" and host == "v2":
         raise ValueError(
@@ -327,6 +334,23 @@ def resolve_layout(layout: str) -> str:
             "is bound to cgroup2 there); use 'unified' or 'auto'"
         )
     return layout
+
+
+#: The first systemd without cgroup v1 (its 258 release removed "legacy" and "hybrid").
+SYSTEMD_WITHOUT_V1 = 258
+
+
+@cache
+def _systemd_without_v1(systemd: str = "/lib/systemd/systemd") -> bool:
+    """True if the sandbox's *systemd* is 258 or later (it cannot boot on cgroup v1)."""
+    try:
+        out = subprocess.run(
+            [systemd, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    match = re.match(r"systemd (\d+)", out)
+    return match is not None and int(match.group(1)) >= SYSTEMD_WITHOUT_V1
 
 
 def _known_controllers() -> set[str]:

@@ -331,7 +331,7 @@ class Containerd:
     :meth:`import_busybox` and :meth:`run` give a test containers to run.
     *netns*: a network namespace (a path) to run containerd in (the CNI
     fixtures' sandbox).  containerd, its shims and :meth:`ctr` run in the
-    instance's own mount namespace (:attr:`mount_ns`), where
+    instance's own mount namespace (:attr:`mount_ns_path`), where
     ``/run/containerd`` is :attr:`run_dir` (see the module doc).
     *ready_timeout*, *journal*, *registry*: as for
     :class:`~pytest_runtimefaults.daemon.Daemon` (:attr:`daemon`).
@@ -394,6 +394,9 @@ class Containerd:
         #: False where the kernel refused to keep the mount namespace (see
         #: :meth:`prepare`): containerd then uses the host's /run/containerd.
         self.private_run = True
+        # The process that keeps the namespace where the kernel refused the
+        # bind of its file (see _ensure_mount_namespace), else None.
+        self._holder: subprocess.Popen[str] | None = None
         self.daemon = Daemon(
             self._enter_argv() + self._command,
             exec_argv=self._command,
@@ -485,9 +488,8 @@ class Containerd:
             try:
                 self._ensure_mount_namespace()
             except RuntimeError as exc:
-                # Seen in sid's containers (kernel 6.18): the second and later
-                # binds of a namespace file fail with EINVAL, cause not found.
-                # Run as before this harness had the namespace, and say so.
+                # The namespace could not be made at all (no unshare, no root):
+                # run as before this harness had it, and say so.
                 logger.warning("%s: containerd runs in this mount namespace", exc)
                 self.private_run = False
         self.daemon.argv = self._enter_argv() + self._command
@@ -497,9 +499,18 @@ class Containerd:
         sandbox's network namespace (every file is opened before any is
         entered: the network namespace's path is the host's, and the mount
         namespace hides /run)."""
-        enter = [f"--mount={self.mount_ns}"] if self.private_run else []
+        enter = [f"--mount={self.mount_ns_path}"] if self.private_run else []
         enter += [f"--net={self.netns}"] if self.netns is not None else []
         return ["nsenter", *enter] if enter else []
+
+    @property
+    def mount_ns_path(self) -> str:
+        """The file that names containerd's mount namespace: :attr:`mount_ns`,
+        or ``/proc/PID/ns/mnt`` of the process that keeps it where the kernel
+        refused to bind the namespace onto :attr:`mount_ns`."""
+        if self._holder is not None and self._holder.poll() is None:
+            return f"/proc/{self._holder.pid}/ns/mnt"
+        return str(self.mount_ns)
 
     @property
     def shim_socket_dir(self) -> Path:
@@ -516,7 +527,16 @@ class Containerd:
         own, then lets the holder go.  (``unshare --mount=FILE`` does the same
         from a forked child, which in util-linux 2.41 sometimes bound before the
         parent had unshared: the kernel refused, EINVAL, in Debian 13 runs.)
+
+        Where the kernel refuses the bind (EINVAL, seen now and then in the
+        Debian 13 and sid containers of the matrix, cause not found; and
+        always where the namespace file's directory propagates into the new
+        namespace), the holder is kept instead, until :meth:`stop`, and
+        :attr:`mount_ns_path` names its namespace: containerd still gets a
+        private /run.  It waits on a pipe from this process, so it ends with it.
         """
+        if self._holder is not None and self._holder.poll() is None:
+            return
         targets = {m.target for m in mount_table()}
         if str(self.mount_ns) in targets:
             return
@@ -559,14 +579,24 @@ class Containerd:
             theirs = f"/proc/{holder.pid}/ns/mnt"
             if os.stat(theirs).st_ino == os.stat("/proc/self/ns/mnt").st_ino:
                 raise RuntimeError(f"unshare --mount left PID {holder.pid} in our namespace")
-            _mount(theirs, str(self.mount_ns), _MS_BIND)
+            try:
+                _mount(theirs, str(self.mount_ns), _MS_BIND)
+            except RuntimeError as exc:
+                logger.info("%s: the namespace is kept by PID %d instead", exc, holder.pid)
+                self._holder = holder
         finally:
-            if holder.poll() is None:
-                with swallowed(OSError, "letting the mount namespace holder go"):
-                    holder.communicate(input="\n", timeout=10)
-            if holder.poll() is None:
-                holder.kill()
-                holder.wait()
+            if self._holder is not holder:
+                self._release_holder(holder)
+
+    @staticmethod
+    def _release_holder(holder: subprocess.Popen[str]) -> None:
+        """Let a namespace holder go (it exits on a line or EOF), or kill it."""
+        if holder.poll() is None:
+            with swallowed((OSError, subprocess.TimeoutExpired), "letting the ns holder go"):
+                holder.communicate(input="\n", timeout=10)
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
 
     def start(self) -> float:
         """Write the config and start containerd; returns seconds until it serves."""
@@ -602,6 +632,9 @@ class Containerd:
                 remove_namespace_cgroups(self.namespace)
                 if not self.private_run:
                     remove_host_runc_state(self.namespace)
+            if self._holder is not None:
+                self._release_holder(self._holder)
+                self._holder = None
             if self._journal_id is not None:
                 self.journal.release(self._journal_id)
                 self._journal_id = None
@@ -665,8 +698,8 @@ class Containerd:
     def ctr_argv(self, *args: str) -> list[str]:
         """``ctr -a <socket> -n <namespace> args...`` as an argv list, run in
         containerd's mount namespace (its FIFOs go to :attr:`run_dir`)."""
-        mounted = self.private_run and self.mount_ns.exists()
-        enter = ["nsenter", f"--mount={self.mount_ns}"] if mounted else []
+        mounted = self.private_run and (self._holder is not None or self.mount_ns.exists())
+        enter = ["nsenter", f"--mount={self.mount_ns_path}"] if mounted else []
         return [*enter, self.ctr_binary, "-a", self.address, "-n", self.namespace, *args]
 
     def ctr(

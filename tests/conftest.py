@@ -260,6 +260,19 @@ def host_invariants() -> Iterator[None]:
 
 
 @pytest.fixture
+def record_property(request: pytest.FixtureRequest) -> Callable[[str, object], None]:
+    """pytest's ``record_property``, without its warning under ``junit_family
+    = xunit2`` (pytest's default).  The property goes on the test's
+    ``user_properties``, which is what pytest's own fixture does and what the
+    JUnit XML writer reads in every family; scripts/matrix-table reads it there."""
+
+    def record(name: str, value: object) -> None:
+        request.node.user_properties.append((name, value))
+
+    return record
+
+
+@pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temp directory with a short path, for Unix sockets (at most 107 bytes).
 

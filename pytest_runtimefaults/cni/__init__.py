@@ -13,13 +13,19 @@ the old ``cni`` module:
   :class:`CniDir` (a private conf dir), unique subnets;
 * :mod:`~pytest_runtimefaults.cni.faults`: the file faults
   (:class:`HalfWritten`, :class:`HeldHalfWritten`, :class:`DeleteRecreate`,
-  :class:`RacingWriter`), each a :class:`~pytest_runtimefaults.core.fault.Fault`;
+  :class:`RacingWriter`) and the reload races of containerd's CRI plugin
+  (:class:`RenamedInto`, :class:`ConfDirSwap`, :class:`EventStorm`), each a
+  :class:`~pytest_runtimefaults.core.fault.Fault`;
+* :mod:`~pytest_runtimefaults.cni.inotify`: :class:`InotifyInstancesHeld` (no
+  inotify instance left in a user namespace) and :func:`inotify_instances`;
 * :mod:`~pytest_runtimefaults.cni.parallel`: :class:`ParallelAdds`;
 * :mod:`~pytest_runtimefaults.cni.watcher`: :class:`TornWriteWatcher` (inotify);
 * :mod:`~pytest_runtimefaults.cni.namespaces`: :func:`private_state_argv`;
 * :mod:`~pytest_runtimefaults.cni.podman`: :class:`CniPodman`;
 * :mod:`~pytest_runtimefaults.cni.netavark`: podman's netavark backend
   (:class:`NetavarkDir`, :func:`validate_network`, :class:`NetavarkPodman`);
+* :mod:`~pytest_runtimefaults.cni.churn`: :class:`NetworkChurn` (parallel
+  podman network create/rm/run on netavark) and :func:`classify`;
 * :mod:`~pytest_runtimefaults.cni.containerd`: :func:`containerd_in_sandbox`;
 * :mod:`~pytest_runtimefaults.cni.cri`: the CRI client (:class:`CriPods`,
   :func:`cri_network_status`; needs the ``containerd`` extra);
@@ -45,8 +51,9 @@ Example::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pytest_runtimefaults._lazy import lazy_exports
 
 _MODULES: dict[str, tuple[str, ...]] = {
     "config": (
@@ -60,7 +67,17 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "whole_files",
         "write_atomic",
     ),
-    "faults": ("ConfigDir", "DeleteRecreate", "HalfWritten", "HeldHalfWritten", "RacingWriter"),
+    "faults": (
+        "ConfDirSwap",
+        "ConfigDir",
+        "DeleteRecreate",
+        "EventStorm",
+        "HalfWritten",
+        "HeldHalfWritten",
+        "RacingWriter",
+        "RenamedInto",
+    ),
+    "inotify": ("InotifyInstancesHeld", "inotify_instances"),
     "parallel": ("ParallelAdds",),
     "watcher": (
         "IN_CLOEXEC",
@@ -88,6 +105,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "validate_network",
     ),
     "containerd": ("containerd_in_sandbox",),
+    "churn": ("ChurnOp", "NetworkChurn", "ReaderTally", "classify", "error_line"),
     "cri": (
         "CriNetworkStatus",
         "CriPod",
@@ -101,7 +119,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
 }
 
 # name -> the module that defines it, resolved by __getattr__.
-_LAZY = {name: f"{__name__}.{module}" for module, names in _MODULES.items() for name in names}
+_LAZY, __getattr__, __dir__ = lazy_exports(__name__, _MODULES)
 
 __all__ = [
     "BROKEN_MODES",
@@ -118,28 +136,38 @@ __all__ = [
     "IN_Q_OVERFLOW",
     "NETAVARK_SUFFIXES",
     "BrokenMode",
+    "ChurnOp",
     "CniDir",
     "CniPodman",
+    "ConfDirSwap",
     "ConfigDir",
     "CriNetworkStatus",
     "CriPod",
     "CriPods",
     "DeleteRecreate",
+    "EventStorm",
     "HalfWritten",
     "HeldHalfWritten",
+    "InotifyInstancesHeld",
     "NetavarkDir",
     "NetavarkPodman",
+    "NetworkChurn",
     "ParallelAdds",
     "RacingWriter",
+    "ReaderTally",
+    "RenamedInto",
     "TornWrite",
     "TornWriteWatcher",
     "broken_bytes",
     "busybox_rootfs",
+    "classify",
     "containerd_in_sandbox",
     "cri_network_status",
     "decode_protobuf",
+    "error_line",
     "find_netavark",
     "host_network_state",
+    "inotify_instances",
     "kill_cgroup_tree",
     "netavark_network",
     "netavark_state_argv",
@@ -155,6 +183,13 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from pytest_runtimefaults.cni.busybox import busybox_rootfs
     from pytest_runtimefaults.cni.cgroups import CGROUP_ROOT, kill_cgroup_tree
+    from pytest_runtimefaults.cni.churn import (
+        ChurnOp,
+        NetworkChurn,
+        ReaderTally,
+        classify,
+        error_line,
+    )
     from pytest_runtimefaults.cni.config import (
         BROKEN_MODES,
         CONFIG_SUFFIXES,
@@ -176,12 +211,16 @@ if TYPE_CHECKING:  # pragma: no cover
         wait_cri_network,
     )
     from pytest_runtimefaults.cni.faults import (
+        ConfDirSwap,
         ConfigDir,
         DeleteRecreate,
+        EventStorm,
         HalfWritten,
         HeldHalfWritten,
         RacingWriter,
+        RenamedInto,
     )
+    from pytest_runtimefaults.cni.inotify import InotifyInstancesHeld, inotify_instances
     from pytest_runtimefaults.cni.namespaces import private_state_argv
     from pytest_runtimefaults.cni.netavark import (
         NETAVARK_SUFFIXES,
@@ -208,16 +247,3 @@ if TYPE_CHECKING:  # pragma: no cover
         TornWrite,
         TornWriteWatcher,
     )
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ def containerd_in_sandbox(
     *,
     journal: Journal | None = None,
     registry: FaultRegistry | None = None,
+    enter: Sequence[str] = (),
 ) -> Containerd:
     """A private containerd with CRI on *cni*'s conf dir, running inside *sandbox*.
 
@@ -47,14 +49,17 @@ def containerd_in_sandbox(
     libcni's result cache and the pods' namespace mounts in containerd's own
     mount namespace (reach them with ``CriPods(address, mount_pid=ctd.pid)``).
     Its ``sandbox_image`` is a busybox-static image (``sleep``) imported
-    into the private store, so pods need no registry.  Returns a started
+    into the private store, so pods need no registry.  *enter* is an argv
+    run before the private mount namespace is made, inside the network
+    namespace: ``InotifyInstancesHeld.argv`` starts containerd as root of
+    that fault's user namespace (whose mount namespace it then makes).  Returns a started
     :class:`~pytest_runtimefaults.containerd.Containerd`; :func:`CriPods`
     talks to it.
     """
     from pytest_runtimefaults.containerd import Containerd
 
     ctd = Containerd(
-        binary=str(_wrapper(cni, sandbox)),
+        binary=str(_wrapper(cni, sandbox, enter)),
         cri=True,
         cni_conf_dir=cni.conf_dir,
         cni_bin_dir=cni.plugin_dir,
@@ -78,13 +83,13 @@ def containerd_in_sandbox(
     return ctd
 
 
-def _wrapper(cni: CniDir, sandbox: CniSandbox) -> Path:
+def _wrapper(cni: CniDir, sandbox: CniSandbox, enter: Sequence[str] = ()) -> Path:
     """``containerd "$@"`` behind :func:`private_state_argv`, as a script (the
     daemon harness runs one binary, and watches its PID: containerd's own)."""
     wrapper = cni.root / f"containerd-in-{sandbox.host.name}"
     # The network namespace is entered before the wrapper (Containerd's netns=):
     # its path is the host's, and containerd's mount namespace hides /run.
-    prefix = " ".join(shlex.quote(a) for a in private_state_argv(None))
+    prefix = " ".join(shlex.quote(a) for a in [*enter, *private_state_argv(None)])
     wrapper.write_text(f'#!/bin/sh\nexec {prefix} containerd "$@"\n')
     wrapper.chmod(0o755)
     return wrapper

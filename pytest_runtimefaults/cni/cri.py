@@ -4,10 +4,10 @@ What a kubelet does to give a pod its network: ``RunPodSandbox`` (CNI ADD),
 ``PodSandboxStatus``, ``StopPodSandbox`` (CNI DEL), ``RemovePodSandbox``,
 ``ListPodSandbox``, and ``RuntimeService/Status`` to read what CRI loaded.
 containerd's Python client ships no CRI stubs and the project has no code
-generation step, so the few messages are declared here as data, exactly the
-fields these calls use (with their numbers from CRI's ``api.proto``,
-``runtime.v1``), built into classes by the protobuf runtime when this module
-is imported, and sent with grpcio's generic ``unary_unary`` calls.  Fields a
+generation step: the messages are declared as data in
+:mod:`pytest_runtimefaults.cri_api` (shared with the CRI event transport;
+``cri_message`` and ``cri_message_classes`` are importable from here as
+before) and sent with grpcio's generic ``unary_unary`` calls.  Fields a
 runtime sends that are not declared are kept as unknown fields, ignored.
 
 Needs the ``containerd`` extra (``grpcio``, ``protobuf<4``).
@@ -32,12 +32,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.empty_pb2 import Empty
 
 from pytest_runtimefaults import naming
 from pytest_runtimefaults.cni.cgroups import kill_cgroup_tree
 from pytest_runtimefaults.core.log import logger, swallowed
+from pytest_runtimefaults.cri_api import cri_message, cri_message_classes, runtime_method
 
 if TYPE_CHECKING:
     from pytest_runtimefaults.journal import Journal
@@ -53,152 +53,13 @@ __all__ = [
     "wait_cri_network",
 ]
 
-_PACKAGE = "runtime.v1"
-
-# message -> its fields: (name, number, type); a type is a scalar ("string",
-# "bool", "int64", "int32", "uint32"; an enum is an int32 on the wire),
-# another message of this table, "repeated MESSAGE", "repeated SCALAR", or
-# "map" (string to string).  Only what the calls below read or write.
-_MESSAGES: dict[str, tuple[tuple[str, int, str], ...]] = {
-    "StatusRequest": (("verbose", 1, "bool"),),
-    "RuntimeCondition": (
-        ("type", 1, "string"),
-        ("status", 2, "bool"),
-        ("reason", 3, "string"),
-        ("message", 4, "string"),
-    ),
-    "RuntimeStatus": (("conditions", 1, "repeated RuntimeCondition"),),
-    "StatusResponse": (("status", 1, "RuntimeStatus"), ("info", 2, "map")),
-    "PodSandboxMetadata": (("name", 1, "string"), ("uid", 2, "string"), ("namespace", 3, "string")),
-    "LinuxPodSandboxConfig": (("cgroup_parent", 1, "string"),),
-    "PodSandboxConfig": (
-        ("metadata", 1, "PodSandboxMetadata"),
-        ("hostname", 2, "string"),
-        ("log_directory", 3, "string"),
-        ("linux", 8, "LinuxPodSandboxConfig"),
-    ),
-    "RunPodSandboxRequest": (("config", 1, "PodSandboxConfig"),),
-    "RunPodSandboxResponse": (("pod_sandbox_id", 1, "string"),),
-    "PodSandboxStatusRequest": (("pod_sandbox_id", 1, "string"), ("verbose", 2, "bool")),
-    "PodSandboxNetworkStatus": (("ip", 1, "string"),),
-    "PodSandboxStatus": (("id", 1, "string"), ("network", 5, "PodSandboxNetworkStatus")),
-    "PodSandboxStatusResponse": (("status", 1, "PodSandboxStatus"), ("info", 2, "map")),
-    "StopPodSandboxRequest": (("pod_sandbox_id", 1, "string"),),
-    "StopPodSandboxResponse": (),
-    "RemovePodSandboxRequest": (("pod_sandbox_id", 1, "string"),),
-    "RemovePodSandboxResponse": (),
-    "ListPodSandboxRequest": (),
-    "PodSandbox": (("id", 1, "string"),),
-    "ListPodSandboxResponse": (("items", 1, "repeated PodSandbox"),),
-}
-
-#: RuntimeService method -> (request, response) message names
-_METHODS = {
-    method: (f"{method}Request", f"{method}Response")
-    for method in (
-        "Status",
-        "RunPodSandbox",
-        "PodSandboxStatus",
-        "StopPodSandbox",
-        "RemovePodSandbox",
-        "ListPodSandbox",
-    )
-}
-
-_F = descriptor_pb2.FieldDescriptorProto
-_SCALARS = {
-    "string": _F.TYPE_STRING,
-    "bool": _F.TYPE_BOOL,
-    "int64": _F.TYPE_INT64,
-    "int32": _F.TYPE_INT32,
-    "uint32": _F.TYPE_UINT32,
-}
-
-
-def _file_descriptor(
-    messages: dict[str, tuple[tuple[str, int, str], ...]],
-    filename: str = "pytest_runtimefaults/cri_subset.proto",
-) -> Any:
-    """The ``FileDescriptorProto`` of *messages* (proto3, package runtime.v1)."""
-    proto = descriptor_pb2.FileDescriptorProto(name=filename, package=_PACKAGE, syntax="proto3")
-    for message, fields in messages.items():
-        desc = proto.message_type.add(name=message)
-        for name, number, kind in fields:
-            field = desc.field.add(name=name, number=number, label=_F.LABEL_OPTIONAL)
-            repeated, _, target = kind.rpartition(" ")
-            if target in _SCALARS:
-                field.type = _SCALARS[target]
-                if repeated:
-                    field.label = _F.LABEL_REPEATED
-            elif kind == "map":
-                # A proto map is a repeated nested KEY/VALUE entry marked map_entry.
-                entry = desc.nested_type.add(name=f"{name.capitalize()}Entry")
-                entry.options.map_entry = True
-                entry.field.add(name="key", number=1, label=_F.LABEL_OPTIONAL, type=_F.TYPE_STRING)
-                entry.field.add(
-                    name="value", number=2, label=_F.LABEL_OPTIONAL, type=_F.TYPE_STRING
-                )
-                field.label = _F.LABEL_REPEATED
-                field.type = _F.TYPE_MESSAGE
-                field.type_name = f".{_PACKAGE}.{message}.{entry.name}"
-            else:
-                if target not in messages:
-                    raise ValueError(f"{message}.{name}: unknown message type {target!r}")
-                field.type = _F.TYPE_MESSAGE
-                field.type_name = f".{_PACKAGE}.{target}"
-                if repeated:
-                    field.label = _F.LABEL_REPEATED
-    return proto
-
-
-def cri_message_classes(
-    messages: dict[str, tuple[tuple[str, int, str], ...]], filename: str
-) -> dict[str, Any]:
-    """Message classes for a CRI subset declared as data (the format of ``_MESSAGES``).
-
-    Built by the protobuf runtime in a pool of their own, so another module
-    can declare the subset it needs (a wider one, under *filename*) without
-    clashing with this module's or with a full CRI definition that some other
-    package registers in protobuf's default pool.
-    """
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(_file_descriptor(messages, filename))
-    get_class = getattr(message_factory, "GetMessageClass", None)  # protobuf >= 4.21
-    if get_class is None:  # protobuf 3 (the containerd extra pins <4)
-        get_class = getattr(message_factory.MessageFactory(pool), "GetPrototype")  # noqa: B009
-    return {name: get_class(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}")) for name in messages}
-
-
-def _message_classes() -> dict[str, Any]:
-    return cri_message_classes(_MESSAGES, "pytest_runtimefaults/cri_subset.proto")
-
-
-_CLASSES = _message_classes()
-
-
-def cri_message(message: str, /, **fields: Any) -> Any:
-    """A message of this module's CRI subset: ``cri_message("StatusRequest", verbose=True)``."""
-    try:
-        cls = _CLASSES[message]
-    except KeyError:
-        raise ValueError(
-            f"no CRI message {message!r} here; the subset has {', '.join(sorted(_CLASSES))}"
-        ) from None
-    return cls(**fields)
-
 
 def _call(address: str, method: str, request: Any, timeout: float) -> Any:
     """One ``runtime.v1.RuntimeService`` call over the Unix socket *address*."""
     import grpc
 
-    response_class = _CLASSES[_METHODS[method][1]]
     with grpc.insecure_channel(f"unix://{address}") as channel:
-        stub = channel.unary_unary(
-            f"/{_PACKAGE}.RuntimeService/{method}",
-            request_serializer=lambda message: message.SerializeToString(),
-            response_deserializer=response_class.FromString,
-        )
-        return stub(request, timeout=timeout)
+        return runtime_method(channel, method)(request, timeout=timeout)
 
 
 def decode_protobuf(buf: bytes) -> dict[int, list[Any]]:

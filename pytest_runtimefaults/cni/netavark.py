@@ -298,23 +298,32 @@ def whole_networks(files: Iterable[Path]) -> dict[str, str | None]:
 # --- podman on netavark ----------------------------------------------------
 
 
-def netavark_state_argv(netns_path: Path | str, state_dir: Path | str) -> list[str]:
+def netavark_state_argv(
+    netns_path: Path | str, state_dir: Path | str, lock_dir: Path | str | None = None
+) -> list[str]:
     """An argv prefix: network namespace *netns_path*, then a private mount
     namespace where ``/var/lib`` and ``/run`` are tmpfs and *state_dir* is
-    ``/run/containers/networks``, then the command that follows.
+    ``/run/containers/networks`` (and *lock_dir*, if given, ``/run/lock``),
+    then the command that follows.
 
     podman (4.3 and 5) keeps netavark's IPAM database and aardvark-dns's
     config in ``/run/containers/networks`` with no option to move it; bound
     here from *state_dir*, it is shared by every call of one harness (so
     concurrent runs see one another's reservations) and never reaches the
-    host.  ``/run`` as a whole is private too (runc's state, the containers'
-    namespace mounts under ``/run/netns``).
+    host.  podman 5 as root serialises its network operations with
+    ``/run/lock/netavark.lock`` (podman 4.3 with ``netavark.lock`` in the
+    config dir): without a shared *lock_dir* each call would lock a file of
+    its own and concurrent calls would not exclude one another as they do on
+    a host.  ``/run`` as a whole is private too (runc's state, the
+    containers' namespace mounts under ``/run/netns``).
     """
+    lock = ' && mount --bind "$1" /run/lock && shift' if lock_dir is not None else ""
     script = (
         "mount -t tmpfs -o mode=0755 rfvarlib /var/lib"
         " && mount -t tmpfs -o mode=0755 rfrun /run"
         " && mkdir -p /run/netns /run/lock /run/containers/networks"
         ' && mount --bind "$0" /run/containers/networks'
+        f"{lock}"
         ' && exec "$@"'
     )
     return [
@@ -328,6 +337,7 @@ def netavark_state_argv(netns_path: Path | str, state_dir: Path | str) -> list[s
         "-c",
         script,
         str(state_dir),
+        *([str(lock_dir)] if lock_dir is not None else []),
     ]
 
 
@@ -342,6 +352,17 @@ class NetavarkPodman:
     ``stop()`` ends what podman left (conmon, mounts), removes the namespace
     (and with it every bridge, veth and iptables rule netavark made) and the
     directory.
+
+    The mount namespace is **one per harness**, held by a process started at
+    ``start()`` (:attr:`holder`), and every call enters it: concurrent podman
+    calls then share ``/run`` as they do on a host, so one call sees the
+    network namespace (``/run/netns/netns-*``) of a container another call
+    runs, and podman 5's ``/run/lock/netavark.lock`` serialises them.  With a
+    private ``/run`` per call, another call's ``podman network rm`` logged
+    ``Joining network namespace for container ...: failed to Statfs``, podman
+    dropped the running container's namespace from its state, and its
+    teardown left netavark's firewall rules behind: a harness artefact, not
+    podman's behaviour.
     """
 
     ULIMITS = ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768")
@@ -367,6 +388,8 @@ class NetavarkPodman:
         self._cg_rid: int | None = None
         self._started = False
         self._masters: set[str] = set()
+        #: the process holding the harness's mount namespace (None until started)
+        self.holder: subprocess.Popen[str] | None = None
 
     @property
     def rootfs(self) -> Path:
@@ -376,6 +399,22 @@ class NetavarkPodman:
     def state_dir(self) -> Path:
         """What podman sees as ``/run/containers/networks`` (``ipam.db``)."""
         return self.directory / "netavark-state"
+
+    @property
+    def lock_dir(self) -> Path:
+        """What podman sees as ``/run/lock``: shared by every call of this
+        harness, so podman 5's ``/run/lock/netavark.lock`` serialises them."""
+        return self.directory / "run-lock"
+
+    @property
+    def network_lock(self) -> Path:
+        """The lock file podman takes around its network operations:
+        ``netavark.lock`` in the config dir (podman 4) or in :attr:`lock_dir`
+        (podman 5 as root); the first that exists, else podman 5's."""
+        for path in (self.nv.conf_dir / "netavark.lock", self.lock_dir / "netavark.lock"):
+            if path.exists():
+                return path
+        return self.lock_dir / "netavark.lock"
 
     def start(self) -> NetavarkPodman:
         if self._started:
@@ -389,20 +428,68 @@ class NetavarkPodman:
             self._cg_rid = self.journal.add("cgroup-tree", parent=self.cgroup_parent)
         self._started = True
         try:
-            for sub in ("root", "runroot", "tmp", "netavark-state"):
+            for sub in ("root", "runroot", "tmp", "netavark-state", "run-lock"):
                 (self.directory / sub).mkdir()
             busybox_rootfs(self.rootfs)
             self.netns = NetNS(naming.unique_name("rfnvh"), journal=self.journal).start()
+            self._start_holder()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _start_holder(self) -> None:
+        """Start the process that holds the harness's mount namespace: the
+        mounts of :func:`netavark_state_argv`, then a shell that waits on its
+        stdin (its command line names :attr:`directory`, so the journal's
+        reaper of that directory ends it after a crash)."""
+        assert self.netns is not None
+        holder = subprocess.Popen(
+            [
+                *netavark_state_argv(self.netns.path, self.state_dir, self.lock_dir),
+                "sh",
+                "-c",
+                'echo ready; read -r _ || :; echo "$0" >/dev/null',
+                str(self.directory),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.holder = holder
+        assert holder.stdout is not None
+        line = holder.stdout.readline()
+        if line.strip() != "ready":
+            holder.kill()
+            _out, err = holder.communicate(timeout=10)
+            raise RuntimeError(
+                f"NetavarkPodman: the mount namespace holder failed (rc {holder.returncode}): "
+                f"{err.strip()}"
+            )
+
+    def _stop_holder(self) -> None:
+        holder, self.holder = self.holder, None
+        if holder is None:
+            return
+        with swallowed(Exception, "ending the mount namespace holder %s", holder.pid):
+            if holder.poll() is None:
+                assert holder.stdin is not None
+                holder.stdin.close()  # its `read` returns: the shell exits
+                try:
+                    holder.wait(10)
+                except subprocess.TimeoutExpired:
+                    holder.kill()
+                    holder.wait(10)
+            for stream in (holder.stdout, holder.stderr):
+                if stream is not None:
+                    stream.close()
+
     def stop(self) -> None:
         if not self._started:
             return
         self._started = False
-        if self.netns is not None:
+        if self.netns is not None and self.holder is not None:
             # Best effort: what podman cannot remove, the directory cleanup below ends.
             with swallowed(Exception, "podman rm --all in %s", self.directory):
                 done = self.podman("rm", "--all", "--force", timeout=30)
@@ -413,6 +500,7 @@ class NetavarkPodman:
                         done.returncode,
                         done.stderr.strip(),
                     )
+        self._stop_holder()
         cleanup_containerd_dir(str(self.directory))
         kill_cgroup_tree(self.cgroup_parent)
         if self.netns is not None:
@@ -431,10 +519,14 @@ class NetavarkPodman:
         self.stop()
 
     def argv(self, *args: str) -> list[str]:
-        if self.netns is None:
+        if self.netns is None or self.holder is None:
             raise RuntimeError("NetavarkPodman is not started: call start() first")
         return [
-            *netavark_state_argv(self.netns.path, self.state_dir),
+            # The harness's namespaces: its network namespace, and the mount
+            # namespace its holder keeps (shared by every call, see the class doc).
+            "nsenter",
+            f"--net={self.netns.path}",
+            f"--mount=/proc/{self.holder.pid}/ns/mnt",
             *private_podman_argv(
                 self.binary,
                 self.directory,
@@ -457,7 +549,11 @@ class NetavarkPodman:
 
     def run(self, network: str, *command: str) -> subprocess.CompletedProcess[str]:
         """``podman run --rm --network NETWORK --rootfs ROOTFS command...``."""
-        return self.podman(
+        return self.podman(*self.run_args(network, *command))
+
+    def run_args(self, network: str, *command: str) -> list[str]:
+        """The podman arguments of :meth:`run` (for callers that run them themselves)."""
+        return [
             "run",
             "--rm",
             *self.ULIMITS,
@@ -473,7 +569,7 @@ class NetavarkPodman:
             "--rootfs",
             str(self.rootfs),
             *command,
-        )
+        ]
 
     def master_link(self, name: str | None = None) -> str:
         """A veth pair in the harness's namespace, both ends up, to be a macvlan

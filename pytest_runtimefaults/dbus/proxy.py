@@ -127,6 +127,7 @@ _SETTLE_AT = 256  # chunks relayed unframed: frame them now (bounds memory and d
 _MAX_FDS = 253  # SCM_MAX_FD
 _ANC = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 _BACKLOG_LIMIT = 32 * 2**20  # stop reading a peer while 32 MiB wait for the other one
+_EOF_FLUSH = 0.2  # seconds the loop may block giving a closing side what it is owed
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _READABLE = _IN | select.EPOLLHUP | select.EPOLLERR
@@ -424,6 +425,11 @@ class DBusFaultProxy:
         self._stopping = False
         self._rids: list[int] = []
         self._refuse_until = 0.0  # drop_connections: connections accepted before then are closed
+        # stop_accepting: our own connections that fill the listen backlog, and their
+        # (autobound, abstract) names, by which the accept loop knows them afterwards.
+        self._fillers: list[socket.socket] = []
+        self._filler_names: set[bytes] = set()
+        self._accepting = True
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -456,6 +462,7 @@ class DBusFaultProxy:
         if self._listener is not None:
             return self
         self._stopping = False
+        self._accepting = True  # a new listener (a stop() mid-fault left it False)
         if self._listen is None:
             self.dir = Path(tempfile.mkdtemp(prefix="rf-proxy-", dir=self._parent))
             os.chmod(self.dir, 0o700)
@@ -499,6 +506,7 @@ class DBusFaultProxy:
         for conn in list(self.connections.values()):
             self._close(conn)
         listener.close()
+        self._close_fillers()
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
@@ -608,6 +616,122 @@ class DBusFaultProxy:
         if not self._on_loop(drop):
             raise ProxyError(f"proxy {self.address}: its loop did not run drop_connections")
         return len(dropped)
+
+    # -- a listen backlog that is full (connect() gets EAGAIN) ---------------------------
+    def stop_accepting(self) -> int:
+        """Stop accepting and fill the listen backlog, so that connect() gets EAGAIN.
+
+        What a bus (or systemd before 254, which listened with a backlog of 128)
+        does under a connection storm: the proxy stops accepting, shrinks its
+        backlog to the least the kernel allows (``listen(0)``: one waiting
+        connection) and fills it with connections of its own.  Until
+        :meth:`resume_accepting`, a client's non-blocking ``connect()`` (sd-bus,
+        Go, Python sockets with a timeout) fails at once with ``EAGAIN``
+        (``Resource temporarily unavailable``) and a blocking one waits.
+        Connections accepted before go on as if nothing happened.  Returns how
+        many connections of its own it queued (0 when clients already filled it).
+        Idempotent; in the trace as a fault.
+
+        Example::
+
+            proxy.stop_accepting()
+            ...                      # a runtime connecting now meets EAGAIN
+            proxy.resume_accepting()
+        """
+        if self._listener is None:
+            raise ProxyError("the proxy is not started: start() it before stop_accepting()")
+        queued: list[int] = []
+
+        def fill() -> None:
+            if not self._accepting or self._listener is None or self.socket_path is None:
+                return
+            self._accepting = False
+            if self._epoll is not None:
+                self._epoll.unregister(self._listener.fileno())
+            self._listener.listen(0)
+            # Bounded: the kernel's queue for backlog 0 holds one connection; if it
+            # took more, the loop would still end instead of filling memory.
+            for _ in range(64):
+                filler = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
+                filler.bind("")  # autobind: an abstract name that tells it apart when accepted
+                try:
+                    filler.connect(str(self.socket_path))
+                except (BlockingIOError, InterruptedError):
+                    filler.close()  # full: what we wanted
+                    break
+                except OSError:
+                    filler.close()
+                    raise
+                self._fillers.append(filler)
+                self._filler_names.add(filler.getsockname())
+            queued.append(len(self._fillers))
+            self._record(0, TO_BUS, None, fault=f"stop_accepting: backlog full ({queued[0]} ours)")
+
+        if not self._on_loop(fill):
+            raise ProxyError(f"proxy {self.address}: its loop did not run stop_accepting")
+        return queued[0] if queued else 0
+
+    def resume_accepting(self) -> None:
+        """Accept again (those who waited in the backlog first); drop our fillers.
+
+        Idempotent.  The backlog is 128 again, as at start.
+        """
+
+        def resume() -> None:
+            if self._accepting or self._listener is None:
+                return
+            self._accepting = True
+            self._listener.listen(128)  # also wakes blocking connect()s waiting for room
+            if self._epoll is not None:
+                self._epoll.register(self._listener.fileno(), _IN)
+            self._accept()  # the fillers are known by name there and closed
+            self._close_fillers()
+            self._record(0, TO_BUS, None, fault="resume_accepting")
+
+        if not self._on_loop(resume):
+            raise ProxyError(f"proxy {self.address}: its loop did not run resume_accepting")
+
+    @property
+    def accepting(self) -> bool:
+        """False between :meth:`stop_accepting` and :meth:`resume_accepting`."""
+        return self._accepting
+
+    def _close_fillers(self) -> None:
+        for filler in self._fillers:
+            filler.close()
+        self._fillers.clear()
+
+    def inject(self, make: Callable[[list[int]], list[Output]]) -> int:
+        """Write messages the caller makes, on the loop: ``make(connection ids)`` gives them.
+
+        *make* runs on the loop thread with the ids of the open connections and
+        returns :class:`~pytest_runtimefaults.dbus.actions.Output` writes; they are
+        queued behind what each lane holds and flushed as any other (a write's
+        ``fault`` goes to the trace).  Returns how many connections they went to.
+        An exception of *make* is raised here.  Used by
+        :func:`~pytest_runtimefaults.dbus.flood.flood_now`.
+        """
+        box: dict[str, object] = {}
+
+        def run() -> None:
+            try:
+                outputs = make(sorted(self.connections))
+            except Exception as exc:  # raised in the caller's thread, not the loop's
+                box["error"] = exc
+                return
+            box["conns"] = len({out.conn for out in outputs})
+            self._enqueue(outputs)
+
+        if not self._on_loop(run):
+            raise ProxyError(f"proxy {self.address}: its loop did not run the injection")
+        error = box.get("error")
+        if isinstance(error, Exception):
+            raise error
+        conns = box.get("conns", 0)
+        assert isinstance(conns, int)
+        return conns
 
     def _on_loop(self, fn: Callable[[], None], timeout: float = 10.0) -> bool:
         """Run *fn* on the loop thread and wait for it (or run it here if stopped).
@@ -890,13 +1014,22 @@ class DBusFaultProxy:
     def _accept(self) -> None:
         assert self._listener is not None
         assert self._epoll is not None
+        if not self._accepting:
+            # stop_accepting ran earlier in this turn of the loop, after epoll had
+            # reported the listener: what waits in the backlog must stay there.
+            return
         while True:
             try:
-                client, _ = self._listener.accept()
+                client, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
+            if peer and peer in self._filler_names:
+                # One of stop_accepting's own connections, out of the backlog.
+                self._filler_names.discard(peer)
+                client.close()
+                continue
             ident = next(self._ids)
             if self._refuse_until:
                 if time.monotonic() < self._refuse_until:
@@ -1163,16 +1296,34 @@ class DBusFaultProxy:
         return True
 
     def _eof(self, conn: _Connection, direction: str) -> None:
-        """One side went away: deliver what is queued for the other side, then close."""
+        """One side stopped sending: give it what is queued for it, briefly, then close.
+
+        A client that half-closes still reads what it is owed.  The flush blocks
+        the loop, so it is bounded by :data:`_EOF_FLUSH` seconds in all (a
+        client that reads a trickle, or not at all, must not freeze every other
+        connection); what it could not take is dropped and said in the trace.
+        """
         other = conn.lanes[TO_CLIENT if direction == TO_BUS else TO_BUS]
-        with swallowed(OSError, "making the surviving side blocking to flush it"):
+        deadline = time.monotonic() + _EOF_FLUSH
+        with swallowed(OSError, "flushing a closing connection's queue"):
             other.sock.setblocking(True)
-            other.sock.settimeout(1.0)
             for w in other.queue:
-                data = w.data
-                while data:
-                    sent = _send(other.sock, data, w.fds)
-                    data = data[sent:]
+                while w.data:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"not flushed within {_EOF_FLUSH} s")
+                    other.sock.settimeout(left)
+                    w.data = w.data[_send(other.sock, w.data, w.fds) :]
+        undelivered = [w for w in other.queue if w.data]
+        if undelivered:
+            side = "client" if other.direction == TO_CLIENT else "bus"
+            self._record(
+                conn.id,
+                other.direction,
+                None,
+                fault=f"eof: the {side} stopped sending; {len(undelivered)} writes "
+                f"({sum(len(w.data) for w in undelivered)} bytes) queued for it were dropped",
+            )
         self._close(conn)
 
     # -- writing -------------------------------------------------------------------------

@@ -8,7 +8,9 @@ and nothing damaged, a live socket, a file, a directory, a symlink, a
 directory someone else controls, a held abstract name.  Once the path is
 cleared it must serve.  The SIGKILL scenario kills the daemon while a client
 talks to it, restarts it over what it left and measures the time to serve
-again.
+again.  The stale-shim scenario (containerd only; containerd issues 11292,
+10192, 7394) SIGKILLs a running task's shim while containerd is down, so its
+socket stays in ``/run/containerd/s``, and restarts containerd over it.
 
 Each scenario records a verdict: ``survives`` (served a stale socket, or
 restarted and serves), ``fails_cleanly`` (refused as it should, or the
@@ -25,12 +27,14 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,10 +128,16 @@ def parse_daemon_specs(values: list[str] | None) -> list[DaemonSpec]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    specs = parse_daemon_specs(metafunc.config.getoption("runtimefaults_daemon", None))
     if "spec" in metafunc.fixturenames:
-        specs = parse_daemon_specs(metafunc.config.getoption("runtimefaults_daemon", None))
         ids = [s.text if s.builtin else f"cmd:{s.component}" for s in specs]
         metafunc.parametrize("spec", specs, ids=ids)
+    if "containerd_spec" in metafunc.fixturenames:
+        # A shim is containerd's: the scenario runs once, if containerd is a daemon under test.
+        ours: list[Any] = [s for s in specs if s.text == "containerd"]
+        skip = pytest.mark.skip(reason="--runtimefaults-daemon does not name containerd")
+        params = ours or [pytest.param(DaemonSpec("containerd"), marks=skip)]
+        metafunc.parametrize("containerd_spec", params, ids=["containerd"])
 
 
 class Subject:
@@ -170,11 +180,9 @@ class Subject:
             self.daemon.stop()
 
 
-@pytest.fixture
-def subject(
+def _subjects(
     spec: DaemonSpec, daemon: Callable[..., Daemon], request: pytest.FixtureRequest
 ) -> Callable[[str], Subject]:
-    """Factory: ``subject(path)`` is the daemon of *spec* set up (not started) at *path*."""
     caps.require_root(request, "stale-socket variants chown directories and bind-mount")
     program = "containerd" if spec.text == "containerd" else spec.argv("/x")[0]
     caps.require_command(request, program, package=program)
@@ -185,6 +193,22 @@ def subject(
         return made
 
     return make
+
+
+@pytest.fixture
+def subject(
+    spec: DaemonSpec, daemon: Callable[..., Daemon], request: pytest.FixtureRequest
+) -> Callable[[str], Subject]:
+    """Factory: ``subject(path)`` is the daemon of *spec* set up (not started) at *path*."""
+    return _subjects(spec, daemon, request)
+
+
+@pytest.fixture
+def containerd_subject(
+    containerd_spec: DaemonSpec, daemon: Callable[..., Daemon], request: pytest.FixtureRequest
+) -> Callable[[str], Subject]:
+    """Factory: ``containerd_subject(path)``, a private containerd set up at *path*."""
+    return _subjects(containerd_spec, daemon, request)
 
 
 def variant_outcome(
@@ -381,4 +405,106 @@ def test_daemon_sigkill_and_restart(
         version=spec.version(),
         seconds=seconds,
         leftovers=leftovers,
+    )
+
+
+# --- a SIGKILLed shim's socket left for containerd's next start ----------------------
+
+
+def shim_sockets(ctd: Containerd) -> set[str]:
+    """The sockets in the directory where containerd keeps its shims' sockets."""
+    where = ctd.shim_socket_dir
+    return {p.name for p in where.iterdir()} if where.is_dir() else set()
+
+
+def dead(pid: int) -> bool:
+    """*pid* is gone or a zombie (a SIGKILLed shim whose parent has not reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stale_shim_outcome(
+    *, panics: list[str], serves_again: str | None, problems: list[str], left: list[int]
+) -> Outcome:
+    """The outcome of a restart over a killed shim's socket.
+
+    *serves_again*: None if containerd serves again within the bound, else
+    why not; *problems*: the task still listed running, or the same ID or a new
+    container failing to run; *left*: PIDs of the task still running.
+    """
+    if panics:
+        return Outcome.CRASHES
+    if serves_again is not None:
+        return Outcome.BLOCKS if "not ready after" in serves_again else Outcome.MISBEHAVES
+    if problems:
+        return Outcome.MISBEHAVES
+    return Outcome.LEAKS if left else Outcome.SURVIVES
+
+
+def test_containerd_restart_over_a_killed_shims_socket(
+    containerd_spec: DaemonSpec,
+    short_dir: str,
+    containerd_subject: Callable[[str], Subject],
+    verdict: Any,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A running task's shim SIGKILLed while containerd is down, its socket left: containerd
+    restarts over it, does not report the task running, and the same ID runs again."""
+    caps.require_container_controllers(request)  # a running container
+    under_test = containerd_subject(os.path.join(short_dir, "d.sock"))
+    ctd = under_test.containerd
+    assert ctd is not None
+    daemon = under_test.daemon
+    daemon.start()
+    image = ctd.import_busybox()
+    before = shim_sockets(ctd)
+    ctd.run(image, "rf-keeps", "sleep", "3600", detach=True)
+    ours = shim_sockets(ctd) - before  # the new task's shim (others may share the directory)
+    shim = ctd.shims()["rf-keeps"]
+    ctd.kill()
+    os.kill(shim, signal.SIGKILL)
+    deadline = time.monotonic() + BOUND
+    while not dead(shim) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    left_at_start = sorted(ours & shim_sockets(ctd))
+    # No stale socket, no fault: the scenario would judge a plain restart.
+    assert left_at_start, f"the killed shim left no socket in {ctd.shim_socket_dir}"
+    serves_again: str | None = None
+    try:
+        daemon.start(timeout=BOUND)
+    except DaemonError as exc:
+        serves_again = str(exc).splitlines()[0]
+    seconds = daemon.time_to_serve_again()
+    problems: list[str] = []
+    left: list[int] = []
+    if serves_again is None:
+        tasks = ctd.ctr("tasks", "ls").stdout.splitlines()[1:]
+        if any(t.split()[:1] == ["rf-keeps"] and "RUNNING" in t for t in tasks):
+            problems.append("the killed shim's task is still listed RUNNING")
+        left = sorted(ctd.cgroup_processes().get("rf-keeps", set()))
+        ctd.remove_all_containers()
+        for cid in ("rf-keeps", "rf-fresh"):
+            try:
+                ctd.run(image, cid, "true")
+            except Exception as exc:  # what failed (CtrError, a timeout) is the evidence
+                problems.append(f"{cid}: {str(exc).splitlines()[0]}")
+    evidence = (
+        f"stale shim sockets at the restart: {len(left_at_start)} of {len(ours)}; "
+        f"restart: {serves_again or f'serves again {seconds:.3f} s after the kill'}; "
+        f"still there after it: {len(ours & shim_sockets(ctd))}; task processes left: "
+        f"{left or 'none'}; " + ("; ".join(problems) or "the same ID and a new one run")
+    )
+    outcome = stale_shim_outcome(
+        panics=under_test.panics(), serves_again=serves_again, problems=problems, left=left
+    )
+    verdict.record(
+        outcome,
+        component="containerd",
+        fault="daemon:stale-shim-socket",
+        evidence=evidence,
+        version=containerd_spec.version(),
+        seconds=seconds,
+        leftovers=[f"pid {pid} of rf-keeps" for pid in left],
     )

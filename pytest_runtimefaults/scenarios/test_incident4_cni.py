@@ -30,6 +30,7 @@ import pytest
 
 from pytest_runtimefaults import caps
 from pytest_runtimefaults.containerd import Containerd
+from pytest_runtimefaults.daemon import DaemonError
 from pytest_runtimefaults.expectations import Outcome, installed_version
 from pytest_runtimefaults.faults import FaultRegistry
 
@@ -142,8 +143,21 @@ def names_file(path: Any, ctd: Containerd, runs: PodRuns) -> bool:
     return any(text in t for t in [*runs.errors, status.last_load, status.message, ctd.logs])
 
 
-def record(verdict: Any, runs: PodRuns, fault: str, seconds: float) -> None:
+def record(
+    verdict: Any,
+    runs: PodRuns,
+    fault: str,
+    seconds: float,
+    crash: tuple[Outcome, str] | None = None,
+) -> None:
+    """Record the pods' verdict, or *crash* (containerd exited of the fault: its
+    verdict and evidence) with what the pods got once it was restarted."""
     outcome, evidence = runs.outcome()
+    if crash is not None:
+        outcome, evidence = (
+            crash[0],
+            crash[1] + (f"; after a restart: {runs.after}" if runs.after is not None else ""),
+        )
     verdict.record(
         outcome,
         component="containerd",
@@ -308,6 +322,207 @@ def test_config_renamed_into_place(
     record(verdict, runs, "cni:config-renamed-into", time.monotonic() - started)
 
 
+def _status_or_exit(ctd: Containerd, predicate: Callable[[Any], bool], bound: float) -> Any:
+    """CRI's network status once *predicate* holds (or at *bound*), or None when
+    containerd exits meanwhile: where the fault kills it, the crash is the outcome."""
+    from pytest_runtimefaults.cni import cri_network_status
+
+    status: Any = None
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        if not ctd.running:
+            return None
+        try:
+            status = cri_network_status(ctd.address)
+        except Exception as exc:  # grpc.RpcError: dying or not up yet; it decides below
+            status = f"CRI: {exc}"
+        else:
+            if predicate(status):
+                break
+        time.sleep(0.05)
+    time.sleep(1)  # a daemon dying of the fault does so within this second
+    return status if ctd.running else None
+
+
+def _crashed(ctd: Containerd, pods: Any, last: str) -> tuple[Outcome, str]:
+    """A crash's verdict and evidence; containerd is restarted, so that this
+    scenario's teardown and probe pod meet a live daemon (and every scenario
+    has its own containerd: ``cni_containerd`` is per test)."""
+    said = [ln for ln in ctd.logs.splitlines() if "level=fatal" in ln or "overflow" in ln]
+    ctd.restart()
+    pods.mount_pid = ctd.pid  # the pods' namespaces are under the new process's root
+    return Outcome.CRASHES, f"containerd exited ({last}); log: {[s[:200] for s in said[-2:]]}"
+
+
+@pytest.fixture
+def macvlan_pods_or_crash(
+    cni_dir: Any,
+    cni_containerd: Containerd,
+    pods: Any,
+    runtimefaults_faults: FaultRegistry,
+    link_kind: Callable[[str, str], str | None],
+) -> Callable[[float, str], tuple[PodRuns, tuple[Outcome, str] | None]]:
+    """``macvlan_pods_or_crash(bound, when)``, once the fault is in: a few pods that
+    must get ``10-mac.conflist``'s macvlan network, and :func:`finish`, unless
+    containerd exits of the fault (before *bound* s, while the pods start, or while
+    they are removed): then the crash's verdict (*when* names the moment), and
+    :func:`finish` against the restarted containerd."""
+    ctd, path = cni_containerd, cni_dir.path("10-mac.conflist")
+
+    def run(bound: float, when: str) -> tuple[PodRuns, tuple[Outcome, str] | None]:
+        status = _status_or_exit(ctd, lambda s: s.plugin_types == ("macvlan",), bound)
+        runs = PodRuns(wanted="macvlan")
+        try:
+            if status is None:
+                raise ProcessLookupError("containerd exited")
+            for _ in range(PODS // 2):
+                runs.run(pods, link_kind)
+            if not ctd.running:
+                raise ProcessLookupError("containerd exited")
+            runs.file_named = names_file(path, ctd, runs)
+            finish(runs, pods, runtimefaults_faults, ctd, link_kind)
+        except Exception:
+            if ctd.running:
+                raise  # not the crash: a failure of the scenario itself
+            crash = _crashed(ctd, pods, when)
+            finish(runs, pods, runtimefaults_faults, ctd, link_kind)
+            return runs, crash
+        return runs, None
+
+    return run
+
+
+def test_conf_dir_swapped(
+    cni_dir: Any,
+    cni_sandbox: Any,
+    cni_containerd: Containerd,
+    cni_conf_dir_swap: Any,
+    macvlan_pods_or_crash: Any,
+    verdict: Any,
+) -> None:
+    """The conf dir deleted and recreated holding a macvlan network (containerd 6490): pods
+    must get macvlan; a watch on the old inode never hears of it."""
+    from pytest_runtimefaults.cni import wait_cri_network
+
+    cni_dir.write(cni_dir.bridge(), "20-bridge.conflist")
+    wait_cri_network(cni_containerd.address, lambda s: s.plugin_types == ("bridge",))
+    started = time.monotonic()
+    cni_conf_dir_swap({"10-mac.conflist": cni_dir.macvlan(cni_sandbox.master_link())})
+    # 2.x polls a vanished conf dir every 5 s: a bound past that
+    runs, crash = macvlan_pods_or_crash(12.0, "after the swap")
+    record(verdict, runs, "cni:conf-dir-swapped", time.monotonic() - started, crash)
+
+
+def test_event_storm(
+    cni_dir: Any,
+    cni_sandbox: Any,
+    cni_containerd: Containerd,
+    cni_event_storm: Any,
+    macvlan_pods_or_crash: Any,
+    verdict: Any,
+) -> None:
+    """A storm of conf dir events while containerd is frozen, its queue overflowing
+    (containerd 5041: a reload loop; 1.6-2.1 exit), then a macvlan network: pods get it."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from pytest_runtimefaults.cni import wait_cri_network
+
+    cni_dir.write(cni_dir.bridge(), "20-bridge.conflist")
+    wait_cri_network(cni_containerd.address, lambda s: s.plugin_types == ("bridge",))
+    pid = cni_containerd.pid
+    assert pid is not None
+    # 1.5 x the queue (4 events a file): the kernel drops the excess with IN_Q_OVERFLOW
+    files = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text()) * 3 // 8 + 1
+    started = time.monotonic()
+    mac = cni_dir.macvlan(cni_sandbox.master_link())
+    os.kill(pid, signal.SIGSTOP)  # frozen for the burst, as a daemon starved of CPU is
+    try:
+        cni_event_storm(files=files, touch=("10-mac.conflist", mac))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    runs, crash = macvlan_pods_or_crash(10.0, f"after {files} scratch files")
+    record(verdict, runs, "cni:event-storm", time.monotonic() - started, crash)
+
+
+def test_no_inotify_instance_left(
+    request: pytest.FixtureRequest,
+    cni_dir: Any,
+    cni_sandbox: Any,
+    inotify_exhausted: Any,
+    runtimefaults_journal: Any,
+    runtimefaults_faults: FaultRegistry,
+    verdict: Any,
+) -> None:
+    """containerd started with no inotify instance left to it (containerd 10468, 10308:
+    ``failed to create fsnotify watcher: too many open files``): it must refuse saying
+    why, or serve CRI; and be back once the instances are.  Its own containerd, in the
+    fault's user namespace; the host's limit is never touched."""
+    import grpc
+
+    from pytest_runtimefaults.cni import containerd_in_sandbox, cri_network_status
+    from pytest_runtimefaults.cni import wait_cri_network as wait
+
+    for program, package in (("containerd", "containerd"), ("runc", "runc")):
+        caps.require_command(request, program, package=package)
+    caps.require_command(request, "busybox", package="busybox-static")
+    conf = cni_dir.bridge()
+    cni_dir.write(conf)
+    held = inotify_exhausted(limit=4)
+    started = time.monotonic()
+    ctd = containerd_in_sandbox(
+        cni_dir,
+        cni_sandbox,
+        journal=runtimefaults_journal,
+        registry=runtimefaults_faults,
+        enter=held.argv,
+    )
+    try:
+        status: Any
+        try:
+            status = cri_network_status(ctd.address)
+        except grpc.RpcError as exc:  # no CRI service: what a kubelet would see
+            status = f"{exc.code()}: {exc.details()}"
+        said = [ln[:200] for ln in ctd.logs.splitlines() if "too many open files" in ln]
+        serving = not isinstance(status, str)
+        held.release()
+        later = cni_dir.bridge()
+        cni_dir.write(later, "05-later.conflist")
+
+        def has_later(s: Any) -> bool:
+            return bool(s.ready and [n for n, _ in s.networks] == [later["name"]])
+
+        by_itself = serving and has_later(wait(ctd.address, has_later, 3))
+        running = ctd.running
+        try:
+            ctd.restart()  # what brought every version back, measured: checked, not assumed
+            restarted = has_later(wait(ctd.address, has_later, 5))
+        except (DaemonError, grpc.RpcError) as exc:
+            restarted = False
+            said.append(f"the restart: {str(exc).splitlines()[0]}")
+    finally:
+        ctd.stop()
+    if serving and by_itself and restarted:
+        outcome = Outcome.SURVIVES
+    elif not running and said and restarted:
+        outcome = Outcome.FAILS_CLEANLY  # refused to run, saying why
+    else:
+        outcome = Outcome.MISBEHAVES  # running without CRI (or its watch), or never back
+    verdict.record(
+        outcome,
+        component="containerd",
+        fault="cni:inotify-instances-exhausted",
+        evidence=(
+            f"CRI at start: {status}; running: {running}; said: {said[:1] or 'nothing'}; "
+            f"instances back, a new file loaded by itself: {by_itself}; after a restart: "
+            f"{restarted}"
+        ),
+        version=installed_version("containerd"),
+        seconds=time.monotonic() - started,
+    )
+
+
 def test_racing_writer(
     cni_dir: Any,
     cni_sandbox: Any,
@@ -442,3 +657,28 @@ def test_podman_half_written_network(
 def _last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1][:160] if lines else "no output"
+
+
+def test_podman_network_churn(
+    podman_netavark: Any, netavark_network_churn: Any, verdict: Any
+) -> None:
+    """podman (netavark) under parallel network create / rm / run / ls (podman
+    issues 7807, 7808, 9472): no race, and ls, files and namespace agree after."""
+    started = time.monotonic()
+    churn = netavark_network_churn(workers=3, rounds=5).wait()
+    problems = churn.check_state()
+    cats = churn.by_category()
+    first = next(iter(churn.failures()), None)
+    text = (
+        f"{len(churn.ops)} ops ({churn.ops_per_second:.1f}/s, seed {churn.seed}): "
+        f"{dict(cats)}; state: {'; '.join(problems) or 'consistent'}"
+        + (f"; first failure: {first.line()}" if first is not None else "")
+    )
+    outcome = churn.outcome(problems)
+    verdict.record(
+        outcome,
+        component="podman",
+        fault="cni:network-churn",
+        evidence=text,
+        seconds=time.monotonic() - started,
+    )

@@ -84,6 +84,14 @@ from pytest_runtimefaults.systemd.cgroups import _reap_sandbox_cgroups as _reap_
 from pytest_runtimefaults.systemd.cgroups import _sandbox_cgroup_ok as _sandbox_cgroup_ok
 from pytest_runtimefaults.systemd.console import _ANSI as _ANSI
 from pytest_runtimefaults.systemd.console import _ConsoleDrain as _ConsoleDrain
+from pytest_runtimefaults.systemd.cookie import (
+    COOKIE_CYCLED,
+    CookieNotFound,
+    CookieWord,
+    RealCookieOverflow,
+    find_cookie,
+    next_cookie,
+)
 from pytest_runtimefaults.systemd.errors import SandboxError
 from pytest_runtimefaults.systemd.host_systemd import HostSystemd
 from pytest_runtimefaults.systemd.inspector import SystemdInspector, UnitInfo
@@ -115,9 +123,13 @@ from pytest_runtimefaults.systemd.units import TARGET as TARGET
 # import): importable from here as before.
 __all__ = [
     "BUS_DAEMONS",
+    "COOKIE_CYCLED",
     "CgroupMount",
+    "CookieNotFound",
+    "CookieWord",
     "HostSystemd",
     "LeftoverScope",
+    "RealCookieOverflow",
     "ReexecMidCall",
     "SandboxError",
     "SystemdInspector",
@@ -126,7 +138,9 @@ __all__ = [
     "cgroup_mounts",
     "daemon_reexec",
     "default_bus_daemon",
+    "find_cookie",
     "host_cgroup_state",
+    "next_cookie",
     "resolve_layout",
     "sandbox_controllers",
     "scope_name",

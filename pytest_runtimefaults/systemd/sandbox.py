@@ -125,7 +125,8 @@ class SystemdSandbox:
     killed is reaped by the next pytest run or by ``runtimefaults cleanup``.
 
     Args:
-        layout: ``"auto"`` (the host's layout), ``"hybrid"``, ``"legacy"``
+        layout: ``"auto"`` (the host's layout; ``"unified"`` for systemd 258
+            and later, which cannot boot on cgroup v1), ``"hybrid"``, ``"legacy"``
             (cgroup v1 only) or ``"unified"`` (a pure cgroup2, on any host).
         boot_timeout: seconds to wait for systemd to reach ``running``.
         workdir_parent: where the work directory (units, bus config, log) goes;

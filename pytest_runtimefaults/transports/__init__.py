@@ -18,9 +18,67 @@ module                   stream
                          CRI-O's double-``Done`` bug
 =======================  ==================================================
 
+The transports and the CRI producer are importable from here too; names
+resolve lazily (PEP 562), so importing the package loads none of its modules
+(nor grpc, protobuf or jeepney).
+
 Example::
 
-    from pytest_runtimefaults.transports.command import CommandTransport
+    from pytest_runtimefaults.transports import CommandTransport
 
     transport = CommandTransport(["ctr", "-a", sock, "events"])
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pytest_runtimefaults._lazy import lazy_exports
+
+_MODULES: dict[str, tuple[str, ...]] = {
+    "broadcaster": ("Broadcaster",),
+    "command": ("CommandTransport",),
+    "containerd": ("ContainerdEvents",),
+    "cri": (
+        "CriEvents",
+        "CriLifecycles",
+        "containerd_with_cri_events",
+        "cri_events_unsupported",
+        "run_fan_out",
+        "run_restart",
+    ),
+    "dbus": ("DBusSignals",),
+    "unixline": ("UnixLineTransport",),
+}
+
+# name -> the module that defines it, resolved by __getattr__.
+_LAZY, __getattr__, __dir__ = lazy_exports(__name__, _MODULES)
+
+__all__ = [
+    "Broadcaster",
+    "CommandTransport",
+    "ContainerdEvents",
+    "CriEvents",
+    "CriLifecycles",
+    "DBusSignals",
+    "UnixLineTransport",
+    "containerd_with_cri_events",
+    "cri_events_unsupported",
+    "run_fan_out",
+    "run_restart",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pytest_runtimefaults.transports.broadcaster import Broadcaster
+    from pytest_runtimefaults.transports.command import CommandTransport
+    from pytest_runtimefaults.transports.containerd import ContainerdEvents
+    from pytest_runtimefaults.transports.cri import (
+        CriEvents,
+        CriLifecycles,
+        containerd_with_cri_events,
+        cri_events_unsupported,
+        run_fan_out,
+        run_restart,
+    )
+    from pytest_runtimefaults.transports.dbus import DBusSignals
+    from pytest_runtimefaults.transports.unixline import UnixLineTransport

@@ -6,9 +6,9 @@ stopped, deleted).  Each subscription is its own gRPC channel to the CRI
 socket (containerd's own socket, with the CRI plugin enabled) and one
 server-streaming call on it, so the daemon sees N separate clients, as it
 would with N kubelets.  The messages are the CRI subset of
-:mod:`pytest_runtimefaults.cni.cri`, widened to containers and built by the
-protobuf runtime from the same kind of table (field numbers from CRI's
-``api.proto``); no encoding is written by hand.
+:mod:`pytest_runtimefaults.cri_api`, shared with
+:mod:`pytest_runtimefaults.cni.cri` and built by the protobuf runtime from one
+table (field numbers from CRI's ``api.proto``); no encoding is written by hand.
 
 An event's key is container id + event type + ``created_at`` (ns): every
 subscriber gets the same response for one broadcast, and a container has
@@ -49,8 +49,9 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_runtimefaults import naming
 from pytest_runtimefaults.cni.cgroups import kill_cgroup_tree
-from pytest_runtimefaults.cni.cri import cri_message_classes
 from pytest_runtimefaults.core.log import logger, swallowed
+from pytest_runtimefaults.cri_api import cri_message as _message
+from pytest_runtimefaults.cri_api import runtime_method
 from pytest_runtimefaults.subscribers import (
     Event,
     Subscription,
@@ -83,8 +84,6 @@ __all__ = [
     "split_unsent",
 ]
 
-_PACKAGE = "runtime.v1"
-
 #: CRI's ``ContainerEventType`` values, by number (an enum is an int32 on the wire)
 EVENT_TYPES = ("CREATED", "STARTED", "STOPPED", "DELETED")
 
@@ -92,67 +91,6 @@ EVENT_TYPES = ("CREATED", "STARTED", "STOPPED", "DELETED")
 PAUSE_IMAGE = "localhost/runtimefaults/pause:latest"
 
 _NODE = 2  # NamespaceMode.NODE: the pod shares the host's network (no CNI)
-
-# The CRI fields these calls use, numbered as in CRI's api.proto (runtime.v1);
-# the format of pytest_runtimefaults.cni.cri's table.
-_MESSAGES: dict[str, tuple[tuple[str, int, str], ...]] = {
-    "PodSandboxMetadata": (("name", 1, "string"), ("uid", 2, "string"), ("namespace", 3, "string")),
-    "NamespaceOption": (("network", 1, "int32"), ("pid", 2, "int32"), ("ipc", 3, "int32")),
-    "LinuxSandboxSecurityContext": (("namespace_options", 1, "NamespaceOption"),),
-    "LinuxPodSandboxConfig": (
-        ("cgroup_parent", 1, "string"),
-        ("security_context", 2, "LinuxSandboxSecurityContext"),
-    ),
-    "PodSandboxConfig": (
-        ("metadata", 1, "PodSandboxMetadata"),
-        ("hostname", 2, "string"),
-        ("log_directory", 3, "string"),
-        ("linux", 8, "LinuxPodSandboxConfig"),
-    ),
-    "RunPodSandboxRequest": (("config", 1, "PodSandboxConfig"),),
-    "RunPodSandboxResponse": (("pod_sandbox_id", 1, "string"),),
-    "StopPodSandboxRequest": (("pod_sandbox_id", 1, "string"),),
-    "StopPodSandboxResponse": (),
-    "RemovePodSandboxRequest": (("pod_sandbox_id", 1, "string"),),
-    "RemovePodSandboxResponse": (),
-    "ListPodSandboxRequest": (),
-    "PodSandbox": (("id", 1, "string"),),
-    "ListPodSandboxResponse": (("items", 1, "repeated PodSandbox"),),
-    "ContainerMetadata": (("name", 1, "string"), ("attempt", 2, "uint32")),
-    "ImageSpec": (("image", 1, "string"),),
-    "ContainerConfig": (
-        ("metadata", 1, "ContainerMetadata"),
-        ("image", 2, "ImageSpec"),
-        ("command", 3, "repeated string"),
-        ("log_path", 11, "string"),
-    ),
-    "CreateContainerRequest": (
-        ("pod_sandbox_id", 1, "string"),
-        ("config", 2, "ContainerConfig"),
-        ("sandbox_config", 3, "PodSandboxConfig"),
-    ),
-    "CreateContainerResponse": (("container_id", 1, "string"),),
-    "StartContainerRequest": (("container_id", 1, "string"),),
-    "StartContainerResponse": (),
-    "StopContainerRequest": (("container_id", 1, "string"), ("timeout", 2, "int64")),
-    "StopContainerResponse": (),
-    "RemoveContainerRequest": (("container_id", 1, "string"),),
-    "RemoveContainerResponse": (),
-    "GetEventsRequest": (),
-    "PodSandboxStatus": (("id", 1, "string"),),
-    "ContainerEventResponse": (
-        ("container_id", 1, "string"),
-        ("container_event_type", 2, "int32"),
-        ("created_at", 3, "int64"),
-        ("pod_sandbox_status", 4, "PodSandboxStatus"),
-    ),
-}
-
-_CLASSES = cri_message_classes(_MESSAGES, "pytest_runtimefaults/cri_events_subset.proto")
-
-
-def _message(name: str, /, **fields: Any) -> Any:
-    return _CLASSES[name](**fields)
 
 
 def _channel(address: str) -> Any:
@@ -172,11 +110,7 @@ def _channel(address: str) -> Any:
 
 def _events_call(channel: Any) -> Any:
     """Open one ``GetContainerEvents`` stream on *channel* (returns the call)."""
-    method = channel.unary_stream(
-        f"/{_PACKAGE}.RuntimeService/GetContainerEvents",
-        request_serializer=lambda message: message.SerializeToString(),
-        response_deserializer=_CLASSES["ContainerEventResponse"].FromString,
-    )
+    method = runtime_method(channel, "GetContainerEvents", stream=True)
     return method(_message("GetEventsRequest"))
 
 
@@ -335,12 +269,7 @@ class CriLifecycles:
             if self._channel is None:
                 self._channel = _channel(self.address)
             channel = self._channel
-        stub = channel.unary_unary(
-            f"/{_PACKAGE}.RuntimeService/{method}",
-            request_serializer=lambda message: message.SerializeToString(),
-            response_deserializer=_CLASSES[f"{method}Response"].FromString,
-        )
-        return stub(request, timeout=self.timeout)
+        return runtime_method(channel, method)(request, timeout=self.timeout)
 
     def _expect(self, *steps: tuple[str, str]) -> None:
         with self._lock:

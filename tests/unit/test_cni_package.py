@@ -73,9 +73,15 @@ OLD_NAMES = [
     "write_atomic",
 ]
 
-#: names added since: the file faults' directory protocol and podman's netavark backend
+#: names added since: the file faults' directory protocol, podman's netavark
+#: backend, the reload races and the inotify fault
 NEW_NAMES = [
+    "ConfDirSwap",
     "ConfigDir",
+    "EventStorm",
+    "InotifyInstancesHeld",
+    "RenamedInto",
+    "inotify_instances",
     "NETAVARK_SUFFIXES",
     "NetavarkDir",
     "NetavarkPodman",
@@ -84,6 +90,12 @@ NEW_NAMES = [
     "netavark_network",
     "netavark_state_argv",
     "validate_network",
+    # the netavark create/remove races (cni/churn.py)
+    "ChurnOp",
+    "NetworkChurn",
+    "ReaderTally",
+    "classify",
+    "error_line",
 ]
 
 CONF = {"cniVersion": "1.0.0", "name": "n", "type": "bridge"}
@@ -346,3 +358,29 @@ def _silent_handlers(path: Path) -> list[str]:
 def test_no_silent_suppress_or_broad_except_in_the_cni_code() -> None:
     found = [s for p in [*sorted(PACKAGE.glob("*.py")), FIXTURES] for s in _silent_handlers(p)]
     assert found == []
+
+
+def test_one_cri_table_serves_the_pod_client_and_the_event_transport() -> None:
+    from pytest_runtimefaults import cri_api
+    from pytest_runtimefaults.cni import cri as pods_client
+    from pytest_runtimefaults.transports import cri as events
+
+    # The old import paths name the shared builders, not copies.
+    assert pods_client.cri_message is cri_api.cri_message
+    assert pods_client.cri_message_classes is cri_api.cri_message_classes
+    assert events._message is cri_api.cri_message
+    # container_id=1, container_event_type=2 (STARTED), created_at=3 (api.proto)
+    event = cri_api.cri_message(
+        "ContainerEventResponse", container_id="c", container_event_type=1, created_at=5
+    )
+    assert event.SerializeToString() == b"\n\x01c\x10\x01\x18\x05"
+    # A host-network pod (the transport's) and a cgroup parent (the pod client's) in one config.
+    linux = cri_api.cri_message(
+        "LinuxPodSandboxConfig",
+        cgroup_parent="/cg",
+        security_context=cri_api.cri_message(
+            "LinuxSandboxSecurityContext",
+            namespace_options=cri_api.cri_message("NamespaceOption", network=2),
+        ),
+    )
+    assert linux.SerializeToString() == b"\n\x03/cg\x12\x04\n\x02\x08\x02"

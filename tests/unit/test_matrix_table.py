@@ -110,3 +110,133 @@ def test_a_dir_without_a_report_names_what_to_pass(tmp_path: Path) -> None:
     )
     assert res.returncode != 0
     assert "runtimefaults.json not found: pass the --results dir of scripts/distro" in res.stderr
+
+
+N = "tests/system/systemd/"
+#: the runtime tests of issue 15's families, a row each (parameters after the runtime)
+ISSUE15 = {
+    "test_neighbours.py::test_runtime_under_a_job_that_ended_badly[{rt}-failed]": (
+        "a job that ends badly: JobRemoved says failed"
+    ),
+    "test_neighbours.py::test_runtime_meets_a_leftover_scope_of_its_name[{rt}]": (
+        "unit already exists: a leftover scope of its name"
+    ),
+    "test_neighbours.py::test_runtime_when_systemd_reexecutes_mid_call[{rt}]": (
+        "systemd re-executes mid-call"
+    ),
+    "test_neighbours.py::test_runtime_when_systemd_reexecutes_while_its_reply_is_held[{rt}]": (
+        "daemon-reexec while the reply is held"
+    ),
+    "test_bus_restart.py::test_runtime_and_a_bus_restart_during_create[{rt}-mid-call]": (
+        "bus restart: mid-call"
+    ),
+    "test_cookie.py::test_runtime_lifecycle_across_the_real_boundary[{rt}]": (
+        "real cookie overflow: systemd's own serials past 0xffffffff"
+    ),
+    "test_bus_daemon.py::test_runtime_lifecycles_on_dbus_broker_leave_nothing[{rt}-proxy]": (
+        "lifecycles on dbus-broker (proxy)"
+    ),
+    "test_bus_limits.py::test_runtime_when_connect_gets_eagain[{rt}]": (
+        "connect() gets EAGAIN (the bus's backlog full)"
+    ),
+    "test_bus_limits.py::test_runtime_past_the_per_user_connection_cap[{rt}]": (
+        "the per-user connection cap reached"
+    ),
+    "test_signal_flood.py::test_runtime_under_a_signal_flood_as_it_closes[{rt}-jobremoved]": (
+        "signal flood as it closes: jobremoved"
+    ),
+}
+
+
+def _junit(d: Path, observed: dict[str, str]) -> None:
+    """junit.xml with the outcome property judged tests record, per node id."""
+    cases = []
+    for nodeid, outcome in observed.items():
+        path, name = nodeid.split("::")
+        classname = path.removesuffix(".py").replace("/", ".")
+        cases.append(
+            f'<testcase classname="{classname}" name="{name}"><properties>'
+            f'<property name="runtimefaults_verdict.outcome" value="{outcome}" />'
+            "</properties></testcase>"
+        )
+    (d / "junit.xml").write_text(
+        '<testsuites><testsuite name="pytest">' + "".join(cases) + "</testsuite></testsuites>"
+    )
+
+
+def _same_machine(d: Path, **env: str) -> None:
+    """Make the results dir *d* a run of release ``env["distro"]`` (as two dirs of one are)."""
+    report = json.loads((d / "runtimefaults.json").read_text())
+    report["environment"].update(env)
+    (d / "runtimefaults.json").write_text(json.dumps(report))
+
+
+def test_issue15_families_get_a_cell_per_runtime_version(tmp_path: Path) -> None:
+    env = {"runc": "1.1.15", "crun": "1.21", "systemd": "257.13"}
+    tests = {N + t.format(rt=rt): "passed" for t in ISSUE15 for rt in ("runc", "crun")}
+    tests[N + "test_neighbours.py::test_runtime_meets_a_leftover_scope_of_its_name[crun]"] = (
+        "failed"
+    )
+    daemon = _results(tmp_path, "debian13", env, tests)
+    # what runc observed where the table knows a defect: the cell says it, not the default
+    leftover = N + "test_neighbours.py::test_runtime_meets_a_leftover_scope_of_its_name[runc]"
+    _junit(daemon, {leftover: "misbehaved"})
+    # the same release and layout with the other bus: told apart by its results dir
+    broker = _results(tmp_path, "debian13-broker", env, tests)
+    for d in (daemon, broker):
+        _same_machine(d, distro="trixie", layout="hybrid")
+    out = tmp_path / "matrix.md"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "matrix-table"), str(daemon), str(broker),
+         "-o", str(out)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    assert "| runc 1.1.15 / systemd 257.13 (trixie-hybrid, debian13) |" in text
+    assert "| crun 1.21 / systemd 257.13 (trixie-hybrid, debian13-broker) |" in text
+    lines = {line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines()}
+    words = {
+        "a job that ends badly: JobRemoved says failed": "failed cleanly",
+        "systemd re-executes mid-call": "failed cleanly",
+        "daemon-reexec while the reply is held": "survived",
+        "bus restart: mid-call": "failed cleanly",
+        "real cookie overflow: systemd's own serials past 0xffffffff": "survived",
+        "lifecycles on dbus-broker (proxy)": "survived",
+        "signal flood as it closes: jobremoved": "survived",
+        "connect() gets EAGAIN (the bus's backlog full)": "failed cleanly",
+        "the per-user connection cap reached": "failed cleanly",
+    }
+    for label, word in words.items():
+        assert lines[label] == f"| {label} |" + f" {word} |" * 4, lines.get(label)
+    unit = "unit already exists: a leftover scope of its name"
+    assert (
+        lines[unit]
+        == f"| {unit} | misbehaved | differs: failed | failed cleanly | differs: failed |"
+    )
+
+
+def test_a_targeted_run_joins_its_machines_column(tmp_path: Path) -> None:
+    env = {"runc": "1.1.5", "crun": "1.8.1", "systemd": "252.39"}
+    whole = _results(
+        tmp_path, "host", env, {f"{P}test_runtime_survives_fault[runc-{SPLIT}]": "passed"}
+    )
+    flood = (
+        N + "test_signal_flood.py::test_runtime_under_a_signal_flood_as_it_closes[runc-jobremoved]"
+    )
+    targeted = _results(tmp_path, "host-issue15", env, {flood: "passed"})
+    for d in (whole, targeted):
+        _same_machine(d, distro="bookworm")
+    text = mt.build([mt.load_runs(f"{whole}+{targeted}")])
+    assert text.count("runc 1.1.5 / systemd 252.39 (bookworm) |") == 1
+    assert f"| {SPLIT} | survived |" in text
+    assert "| signal flood as it closes: jobremoved | survived |" in text
+    other = _results(tmp_path, "other", {**env, "runc": "1.1.15"}, {flood: "passed"})
+    _same_machine(other, distro="bookworm")
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "matrix-table"), f"{whole}+{other}", "-o", "-"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "is not a run of the same versions as" in res.stderr
+    assert "runc 1.1.5 != 1.1.15" in res.stderr

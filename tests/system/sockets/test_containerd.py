@@ -107,3 +107,39 @@ def test_a_go_crash_dump_is_a_fatal_error(containerd: Containerd) -> None:
     assert containerd.fatal_errors() == []
     assert containerd.kill(signal.SIGABRT) == 2  # the Go runtime dumps and exits 2
     assert containerd.fatal_errors() == ["SIGABRT: abort"]
+
+
+@pytest.mark.needs("container-cgroups")
+def test_a_refused_namespace_bind_keeps_run_private_through_a_holder(tmp_path: Path) -> None:
+    """Where the kernel refuses to bind the namespace file (here for a known
+    reason: its directory is a shared mount, so the bind would propagate into
+    the namespace itself), a holder process keeps the namespace instead, and
+    containerd's shims still leave nothing in the host's /run/containerd."""
+    directory = tmp_path / "ctd"
+    nsdir = directory / "ns"
+    nsdir.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(nsdir), str(nsdir)], check=True)
+    subprocess.run(["mount", "--make-shared", str(nsdir)], check=True)
+    host_run = Path("/run/containerd")
+    before = sorted(p.name for p in host_run.iterdir()) if host_run.is_dir() else None
+    ctd = Containerd(directory=directory)
+    try:
+        ctd.start()
+        assert ctd.private_run
+        assert ctd.mount_ns_path.startswith("/proc/"), ctd.mount_ns_path
+        holder = int(ctd.mount_ns_path.split("/")[2])
+        assert os.stat(ctd.mount_ns_path).st_ino != os.stat("/proc/self/ns/mnt").st_ino
+        image = ctd.import_busybox()
+        ctd.run(image, "held", "sleep", "600", detach=True)
+        assert list(ctd.shim_socket_dir.iterdir())  # the shim's socket, in our run_dir
+        after = sorted(p.name for p in host_run.iterdir()) if host_run.is_dir() else None
+        assert after == before
+        ctd.kill()
+        assert ctd.restart() < 10  # the same namespace, through the holder
+        assert "held" in ctd.ctr("containers", "ls", "-q").stdout
+    finally:
+        ctd.stop()
+        subprocess.run(["umount", "-l", str(nsdir)], check=False)
+    assert not _alive(holder)
+    with open("/proc/self/mountinfo") as f:
+        assert str(directory) not in f.read()

@@ -38,8 +38,12 @@ def _run(cwd: Path, policy: str) -> tuple[int, dict[str, str], str]:
     tests = json.loads((cwd / "r.json").read_text())["tests"]
     outcomes = {}
     for test in tests:
-        assert test["outcome"] == "passed", test
         name = test["nodeid"].split("::")[-1]
+        if name.startswith("test_containerd_restart_over_a_killed_shims_socket"):
+            # containerd's own scenario: skipped when --daemon names another daemon
+            assert test["outcome"] == "skipped", test
+            continue
+        assert test["outcome"] == "passed", test
         outcomes[name] = test["verdict"]["outcome"]
     return r.returncode, outcomes, r.stdout + r.stderr
 

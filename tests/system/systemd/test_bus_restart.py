@@ -20,7 +20,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,13 +28,18 @@ from findings import judged
 from jeepney import DBusAddress, new_method_call
 from jeepney.auth import AuthenticationError
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
+from runtime_proxy import (  # noqa: F401 - the fixtures: pytest finds them here
+    proxy_fixture,
+    rootfs_fixture,
+    runtime_through,
+    sandbox_fixture,
+)
 
 from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
 from pytest_runtimefaults.dbus.rules import Delay, Rule
 from pytest_runtimefaults.expectations import Outcome
-from pytest_runtimefaults.rootfs import build_bundle, build_rootfs
-from pytest_runtimefaults.runtime import Runtime
-from pytest_runtimefaults.systemd import SystemdSandbox, host_cgroup_state
+from pytest_runtimefaults.rootfs import build_bundle
+from pytest_runtimefaults.systemd import SystemdSandbox
 
 RUNTIMES = [r for r in ("runc", "crun") if shutil.which(r)]
 BOUND = 45.0  # seconds a create may take: above runc's 30 s wait for JobRemoved
@@ -97,26 +102,6 @@ class ReconnectingClient(OneConnectionClient):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SystemdSandbox]:
-    before = host_cgroup_state()
-    with SystemdSandbox() as sd:
-        yield sd
-    assert host_cgroup_state() == before
-
-
-@pytest.fixture
-def proxy(sandbox: SystemdSandbox) -> Iterator[DBusFaultProxy]:
-    with DBusFaultProxy(sandbox.bus_address, directory=sandbox.workdir) as p:
-        yield p
-        assert not p.errors, p.errors
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_rootfs(tmp_path_factory.mktemp("rootfs") / "rootfs")
 
 
 def _when_seen(
@@ -224,9 +209,7 @@ def test_runtime_and_a_bus_restart_during_create(
     bundle = build_bundle(tmp_path / "bundle", ["/bin/sleep", "600"], rootfs=rootfs)
     inspector = sandbox.inspector()
     baseline = inspector.scopes_and_slices()
-    rt = Runtime(
-        name, cgroup_driver="systemd", sandbox=sandbox, dbus_address=proxy.address, timeout=BOUND
-    )
+    rt = runtime_through(name, sandbox, proxy, timeout=BOUND)
     rule: Rule
     if moment == "mid-call":
         rule = proxy.add(Delay(1.0).on_reply(member="StartTransientUnit"))

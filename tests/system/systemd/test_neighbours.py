@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,20 @@ from findings import judged
 from jeepney import DBusAddress, DBusErrorResponse, new_method_call
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
 from jeepney.wrappers import unwrap_msg
+from runtime_proxy import (  # noqa: F401 - the fixtures: pytest finds them here
+    bundle_fixture,
+    proxy_fixture,
+    rootfs_fixture,
+    runtime_through,
+    sandbox_fixture,
+)
 
 from pytest_runtimefaults.dbus.actions import JobResult
 from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
 from pytest_runtimefaults.dbus.rules import Delay
 from pytest_runtimefaults.expectations import Outcome
-from pytest_runtimefaults.rootfs import build_bundle, build_rootfs
 from pytest_runtimefaults.runtime import Runtime, RuntimeResult
-from pytest_runtimefaults.systemd import SystemdSandbox, host_cgroup_state
+from pytest_runtimefaults.systemd import SystemdSandbox
 from pytest_runtimefaults.systemd.neighbours import (
     LeftoverScope,
     ReexecMidCall,
@@ -62,35 +68,8 @@ pytestmark = [pytest.mark.needs("systemd"), pytest.mark.timeout(150)]
 needs_runtime = pytest.mark.needs("runc|crun")
 
 
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_rootfs(tmp_path_factory.mktemp("rootfs") / "rootfs")
-
-
-@pytest.fixture
-def bundle(rootfs: Path, tmp_path: Path) -> Path:
-    return build_bundle(tmp_path / "bundle", ["/bin/sleep", "600"], rootfs=rootfs)
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SystemdSandbox]:
-    before = host_cgroup_state()
-    with SystemdSandbox() as sd:
-        yield sd
-    assert host_cgroup_state() == before
-
-
-@pytest.fixture
-def proxy(sandbox: SystemdSandbox) -> Iterator[DBusFaultProxy]:
-    with DBusFaultProxy(sandbox.bus_address, directory=sandbox.workdir) as p:
-        yield p
-        assert not p.errors, p.errors
-
-
 def _runtime(name: str, sandbox: SystemdSandbox, proxy: DBusFaultProxy) -> Runtime:
-    return Runtime(
-        name, cgroup_driver="systemd", sandbox=sandbox, dbus_address=proxy.address, timeout=BOUND
-    )
+    return runtime_through(name, sandbox, proxy, timeout=BOUND)
 
 
 def _outcome(created: RuntimeResult, left: set[str], processes: set[str]) -> Outcome:

@@ -13,11 +13,18 @@ import re
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from runtime_proxy import (  # noqa: F401 - the fixtures: pytest finds them here
+    bundle_fixture,
+    proxy_fixture,
+    rootfs_fixture,
+    runtime_through,
+    sandbox_fixture,
+)
 
 from pytest_runtimefaults import expectations
 from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
@@ -31,9 +38,8 @@ from pytest_runtimefaults.dbus.rules import (
 )
 from pytest_runtimefaults.dbus.trace import TO_CLIENT
 from pytest_runtimefaults.expectations import Outcome
-from pytest_runtimefaults.rootfs import build_bundle, build_rootfs
 from pytest_runtimefaults.runtime import Runtime
-from pytest_runtimefaults.systemd import SystemdSandbox, host_cgroup_state
+from pytest_runtimefaults.systemd import SystemdSandbox
 
 RUNTIMES = [r for r in ("runc", "crun") if shutil.which(r)]
 LIFECYCLES = int(os.environ.get("RUNTIMEFAULTS_LIFECYCLES", "20"))
@@ -71,33 +77,8 @@ def _record(row: dict[str, Any]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_rootfs(tmp_path_factory.mktemp("rootfs") / "rootfs")
-
-
-@pytest.fixture
-def bundle(rootfs: Path, tmp_path: Path) -> Path:
-    return build_bundle(tmp_path / "bundle", ["/bin/sleep", "600"], rootfs=rootfs)
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SystemdSandbox]:
-    before = host_cgroup_state()
-    with SystemdSandbox() as sd:
-        yield sd
-    assert host_cgroup_state() == before
-
-
-@pytest.fixture
-def proxy(sandbox: SystemdSandbox) -> Iterator[DBusFaultProxy]:
-    with DBusFaultProxy(sandbox.bus_address, directory=sandbox.workdir) as p:
-        yield p
-        assert not p.errors, p.errors
-
-
 def _runtime(name: str, sandbox: SystemdSandbox, proxy: DBusFaultProxy, **kw: Any) -> Runtime:
-    return Runtime(name, cgroup_driver="systemd", sandbox=sandbox, dbus_address=proxy.address, **kw)
+    return runtime_through(name, sandbox, proxy, **kw)
 
 
 @pytest.mark.parametrize("name", RUNTIMES)
