@@ -312,8 +312,9 @@ def test_every_ci_matrix_entry_is_a_release_scripts_distro_knows() -> None:
     assert m is not None
     for name in filter(None, m.group(1).split(",")):
         assert name in distro.RELEASES, name
-    # the dbus-broker entry runs the systemd family on the other bus
+    # the dbus-broker entry runs the systemd and D-Bus families on the other bus
     assert distro.DEFAULT_ARGS["debian13-broker"] == [
         "--runtimefaults-bus-daemon=dbus-broker",
         "tests/system/systemd",
+        "tests/system/dbus",
     ]
