@@ -20,7 +20,7 @@ Recovered means too: nothing left, and the next lifecycle works once lifted.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,13 +28,18 @@ from findings import judged
 from jeepney import DBusAddress, DBusErrorResponse, Properties
 from jeepney.bus import get_bus
 from jeepney.io.blocking import DBusConnection, open_dbus_connection, prep_socket
+from runtime_proxy import (  # noqa: F401 - the fixtures: pytest finds them here
+    proxy_fixture,
+    rootfs_fixture,
+    sandbox_fixture,
+)
 
 from pytest_runtimefaults.dbus.limits import LIMITS_EXCEEDED, ConnectBacklogFull, ConnectionCap
 from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
 from pytest_runtimefaults.expectations import Outcome
-from pytest_runtimefaults.rootfs import build_bundle, build_rootfs
+from pytest_runtimefaults.rootfs import build_bundle
 from pytest_runtimefaults.runtime import Runtime, RuntimeResult
-from pytest_runtimefaults.systemd import SystemdSandbox, host_cgroup_state
+from pytest_runtimefaults.systemd import SystemdSandbox
 
 RUNTIMES = [r for r in ("runc", "crun") if shutil.which(r)]
 BOUND = 35.0  # seconds: above runc's 30 s wait for JobRemoved
@@ -46,26 +51,6 @@ pytestmark = [
     pytest.mark.needs("runc|crun"),
     pytest.mark.timeout(150),
 ]
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SystemdSandbox]:
-    before = host_cgroup_state()
-    with SystemdSandbox() as sd:
-        yield sd
-    assert host_cgroup_state() == before
-
-
-@pytest.fixture
-def proxy(sandbox: SystemdSandbox) -> Iterator[DBusFaultProxy]:
-    with DBusFaultProxy(sandbox.bus_address, directory=sandbox.workdir) as p:
-        yield p
-        assert not p.errors, p.errors
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_rootfs(tmp_path_factory.mktemp("rootfs") / "rootfs")
 
 
 def _observe(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,13 +24,18 @@ from findings import judged
 from jeepney import DBusAddress, new_method_call
 from jeepney.bus_messages import message_bus
 from jeepney.io.blocking import open_dbus_connection
+from runtime_proxy import (  # noqa: F401 - the fixtures: pytest finds them here
+    proxy_fixture,
+    rootfs_fixture,
+    sandbox_fixture,
+)
 
 from pytest_runtimefaults.dbus.flood import SignalFlood
 from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
 from pytest_runtimefaults.expectations import Outcome
-from pytest_runtimefaults.rootfs import build_bundle, build_rootfs
+from pytest_runtimefaults.rootfs import build_bundle
 from pytest_runtimefaults.runtime import Runtime
-from pytest_runtimefaults.systemd import SystemdSandbox, host_cgroup_state
+from pytest_runtimefaults.systemd import SystemdSandbox
 
 RUNTIMES = [r for r in ("runc", "crun") if shutil.which(r)]
 BOUND = 45.0  # seconds a command may take: above runc's 30 s wait for JobRemoved
@@ -45,26 +50,6 @@ pytestmark = [
     pytest.mark.needs("runc|crun"),
     pytest.mark.timeout(200),
 ]
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SystemdSandbox]:
-    before = host_cgroup_state()
-    with SystemdSandbox() as sd:
-        yield sd
-    assert host_cgroup_state() == before
-
-
-@pytest.fixture
-def proxy(sandbox: SystemdSandbox) -> Iterator[DBusFaultProxy]:
-    with DBusFaultProxy(sandbox.bus_address, directory=sandbox.workdir) as p:
-        yield p
-        assert not p.errors, p.errors
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_rootfs(tmp_path_factory.mktemp("rootfs") / "rootfs")
 
 
 class Pinger:
