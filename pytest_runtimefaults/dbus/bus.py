@@ -526,20 +526,8 @@ class PrivateBus:
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(process.pid, signal.SIGKILL)
-                    process.wait()
-            if self.bus_daemon == "dbus-broker":
-                _end_session(process.pid)
-            for stream in (process.stdout, process.stderr):
-                if stream:
-                    stream.close()
+            # dbus-broker: the launcher's session holds the broker too
+            _end_broker(process, session=self.bus_daemon == "dbus-broker")
         reader, self._sink_reader = self._sink_reader, None
         if reader is not None:
             _end_broker(reader)  # ours, by its pid: SIGTERM, then SIGKILL
@@ -579,8 +567,9 @@ def _end_session(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def _end_broker(process: subprocess.Popen[bytes]) -> None:
-    """End a launcher (SIGTERM, then SIGKILL after 2 s) and its broker; close its pipes."""
+def _end_broker(process: subprocess.Popen[bytes], *, session: bool = True) -> None:
+    """End a process of ours (SIGTERM, then SIGKILL after 2 s) and, with *session*,
+    what is left of its session (a launcher's broker); close its pipes."""
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGTERM)
@@ -590,7 +579,8 @@ def _end_broker(process: subprocess.Popen[bytes]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGKILL)
             process.wait()
-    _end_session(process.pid)
+    if session:
+        _end_session(process.pid)
     for stream in (process.stdout, process.stderr):
         if stream:
             stream.close()
