@@ -19,12 +19,12 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from netavark_host import host_unchanged_fixture  # noqa: F401 - autouse: pytest finds it here
 
 from pytest_runtimefaults.cni import (
     DeleteRecreate,
@@ -46,18 +46,6 @@ pytestmark = pytest.mark.timeout(180)
 root_only = pytest.mark.needs("root")  # tests/system/ needs it anyway: said here for the reader
 
 NOT_FOUND = "network not found"
-
-
-@pytest.fixture(autouse=True)
-def host_unchanged() -> Iterator[None]:
-    """The host's root-namespace links, firewall, ip_forward and /run/containers."""
-    before = host_network_state()
-    yield
-    deadline = time.monotonic() + 3
-    while host_network_state() != before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    after = host_network_state()
-    assert after == before, {"appeared": after - before, "vanished": before - after}
 
 
 def ipv4(stdout: str) -> list[str]:

@@ -17,13 +17,14 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from findings import judged
+from netavark_host import host_unchanged_fixture  # noqa: F401 - autouse: pytest finds it here
 
 from pytest_runtimefaults.cni import (
     NetavarkDir,
@@ -31,7 +32,6 @@ from pytest_runtimefaults.cni import (
     NetworkChurn,
     classify,
     error_line,
-    host_network_state,
     validate_network,
 )
 
@@ -40,18 +40,6 @@ pytestmark = pytest.mark.timeout(240)
 root_only = pytest.mark.needs("root")
 
 FAULT = "cni:network-churn"
-
-
-@pytest.fixture(autouse=True)
-def host_unchanged() -> Iterator[None]:
-    """The host's root-namespace links, firewall, ip_forward and /run/containers."""
-    before = host_network_state()
-    yield
-    deadline = time.monotonic() + 3
-    while host_network_state() != before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    after = host_network_state()
-    assert after == before, {"appeared": after - before, "vanished": before - after}
 
 
 # --- the clients of the network dir that the churn judges ---------------------
