@@ -5,17 +5,15 @@ import shutil
 import pytest
 
 from pytest_runtimefaults.naming import unique_name
+from pytest_runtimefaults.rootfs import build_rootfs
 from pytest_runtimefaults.subscribers import Churn, first_events
 from pytest_runtimefaults.transports.containerd import ContainerdEvents
 
 
 @pytest.fixture
 def rootfs(tmp_path):
-    root = tmp_path / "rootfs"
-    (root / "bin").mkdir(parents=True)
-    shutil.copy(shutil.which("busybox"), root / "bin" / "busybox")
-    (root / "bin" / "true").symlink_to("busybox")
-    return root
+    # busybox plus /proc, /sys and /dev: parallel runs of one rootfs need them made
+    return build_rootfs(tmp_path / "rootfs", shutil.which("busybox"))
 
 
 def test_containerd_keeps_broadcasting(containerd, subscribers, rootfs):

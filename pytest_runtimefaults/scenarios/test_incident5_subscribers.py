@@ -26,7 +26,6 @@ died), ``crashes`` (a panic, or the daemon gone).
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ from pytest_runtimefaults import caps
 from pytest_runtimefaults.containerd import Containerd
 from pytest_runtimefaults.expectations import Outcome, installed_version
 from pytest_runtimefaults.naming import unique_name
+from pytest_runtimefaults.rootfs import build_rootfs
 from pytest_runtimefaults.subscribers import Churn, DaemonWatch, SwarmReport, first_events
 
 pytestmark = [pytest.mark.family("subscribers"), pytest.mark.timeout(90)]
@@ -120,11 +120,8 @@ def rootfs(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     """A busybox root filesystem for ``ctr run --rootfs`` (no image needed)."""
     busybox = caps.require_command(request, "busybox", package="busybox-static")
     caps.require_container_controllers(request)  # containerd 2 writes cpu.weight
-    root = tmp_path / "rootfs"
-    (root / "bin").mkdir(parents=True)
-    shutil.copy(busybox, root / "bin" / "busybox")
-    (root / "bin" / "true").symlink_to("busybox")
-    return root
+    # /proc made beforehand: runc instances sharing a rootfs without it race to make it.
+    return build_rootfs(tmp_path / "rootfs", busybox)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +13,7 @@ import pytest
 from pytest_runtimefaults import caps
 from pytest_runtimefaults.containerd import Containerd
 from pytest_runtimefaults.naming import unique_name
+from pytest_runtimefaults.rootfs import build_rootfs
 from pytest_runtimefaults.subscribers import Churn, DaemonWatch, Swarm, SwarmReport, first_events
 from pytest_runtimefaults.transports.command import CommandTransport
 from pytest_runtimefaults.transports.containerd import ContainerdEvents, require_client
@@ -38,11 +38,9 @@ def grpc_client(request: pytest.FixtureRequest) -> None:
 def rootfs(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     """A busybox root filesystem for ``ctr run --rootfs`` (no image needed)."""
     busybox = caps.require_command(request, "busybox", package="busybox-static")
-    root = tmp_path / "rootfs"
-    (root / "bin").mkdir(parents=True)
-    shutil.copy(busybox, root / "bin" / "busybox")
-    (root / "bin" / "true").symlink_to("busybox")
-    return root
+    # build_rootfs makes /proc, /sys and /dev beforehand: two runc instances sharing a
+    # rootfs that lacks /proc race to mkdirat it, and the loser fails with EEXIST.
+    return build_rootfs(tmp_path / "rootfs", busybox)
 
 
 def run_lifecycles(ctd: Containerd, rootfs: Path, count: int, parallel: int = 2) -> list[str]:
