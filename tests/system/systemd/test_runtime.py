@@ -263,18 +263,21 @@ def test_create_delete_churn_with_systemd_driver_leaves_no_unit(
 def test_any_runtime_by_path_and_bad_arguments(tmp_path: Path) -> None:
     path = resolve_runtime(RUNTIMES[0])
     assert os.path.isabs(path)
-    assert Runtime(path).name == RUNTIMES[0]
+    # Each Runtime journals its host state dir: closed here, or every run of the
+    # suite left two records for the next run's reap (it did, until this with).
+    with Runtime(path) as by_path:
+        assert by_path.name == RUNTIMES[0]
     with pytest.raises(FileNotFoundError, match="not found"):
         Runtime(str(tmp_path / "no-such-runtime"))
     with pytest.raises(ValueError, match="cgroup_driver"):
         Runtime(RUNTIMES[0], cgroup_driver="cgroupv3")
-    rt = Runtime(RUNTIMES[0], cgroup_driver="systemd", dbus_address="unix:path=/tmp/x")
-    assert rt.env()["DBUS_SYSTEM_BUS_ADDRESS"] == "unix:path=/tmp/x"
-    assert (
-        "DBUS_SYSTEM_BUS_ADDRESS" not in os.environ
-        or os.environ["DBUS_SYSTEM_BUS_ADDRESS"] != "unix:path=/tmp/x"
-    )
-    assert rt.argv("state", "x")[-3:] == ["--systemd-cgroup", "state", "x"]
+    with Runtime(RUNTIMES[0], cgroup_driver="systemd", dbus_address="unix:path=/tmp/x") as rt:
+        assert rt.env()["DBUS_SYSTEM_BUS_ADDRESS"] == "unix:path=/tmp/x"
+        assert (
+            "DBUS_SYSTEM_BUS_ADDRESS" not in os.environ
+            or os.environ["DBUS_SYSTEM_BUS_ADDRESS"] != "unix:path=/tmp/x"
+        )
+        assert rt.argv("state", "x")[-3:] == ["--systemd-cgroup", "state", "x"]
 
 
 def test_state_dir_on_the_host_is_journaled_and_removed(tmp_path: Path) -> None:
