@@ -209,7 +209,9 @@ def _ci_tree(tmp_path: Path, host_rc: int, distro_rcs: dict[str, int]) -> Path:
 
 
 def _ci(tree: Path, matrix: str | None) -> tuple[int, list[str], str]:
-    env = {k: v for k, v in distro.os.environ.items() if k != "RUNTIMEFAULTS_MATRIX"}
+    # What the calling run set must not leak into the stubs' view of .ci/run.
+    unset = ("RUNTIMEFAULTS_MATRIX", "PYTEST_ADDOPTS", "RUNTIMEFAULTS_FAULT_TABLE")
+    env = {k: v for k, v in distro.os.environ.items() if k not in unset}
     if matrix is not None:
         env["RUNTIMEFAULTS_MATRIX"] = matrix
     res = subprocess.run(
@@ -229,6 +231,22 @@ def test_ci_runs_the_host_then_each_release_and_fails_if_any_fails(tmp_path: Pat
         "distro --results build/matrix/sid sid",
     ]
     assert "CI: failed: sid (exit 1)" in err
+
+
+def test_ci_keeps_the_host_runs_reports_and_runs_the_readme_command(tmp_path: Path) -> None:
+    tree = _ci_tree(tmp_path, 0, {})
+    stub = tree / ".venv" / "bin" / "pytest"
+    stub.write_text(
+        '#!/bin/sh\necho "host $* | $PYTEST_ADDOPTS | $RUNTIMEFAULTS_FAULT_TABLE" >> calls\n'
+    )
+    rc, calls, _err = _ci(tree, "")
+    assert rc == 0
+    # No argument: the README's command itself; the reports come through the environment.
+    assert calls == [
+        "host  | --runtimefaults-report=build/matrix/host/runtimefaults.json "
+        "--junitxml=build/matrix/host/junit.xml | build/matrix/host/fault-table.jsonl"
+    ]
+    assert (tree / "build" / "matrix" / "host").is_dir()
 
 
 @pytest.mark.parametrize(("host_rc", "distro_rc"), [(5, 0), (0, 5)])
