@@ -155,7 +155,9 @@ def test_the_option_sets_the_bus_and_a_typo_is_a_usage_error(pytester: pytest.Py
         "-p", "runtimefaults", "--runtimefaults-bus-daemon=dbus-broker"
     )
     assert ok.ret == pytest.ExitCode.OK, ok.stdout.str()
-    ok.stdout.fnmatch_lines(["runtimefaults: systemd sandbox bus: dbus-broker"])
+    ok.stdout.fnmatch_lines(
+        ["runtimefaults: bus daemon: dbus-broker (systemd sandboxes, dbus_bus, PrivateBus)"]
+    )
     bad = pytester.runpytest_subprocess("-p", "runtimefaults", "--runtimefaults-bus-daemon=broker")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(
