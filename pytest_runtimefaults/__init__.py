@@ -25,6 +25,8 @@ _LAZY: dict[str, str] = {
     "Churn": "pytest_runtimefaults.subscribers",
     "CniDir": "pytest_runtimefaults.cni",
     "CniSandbox": "pytest_runtimefaults.netns",
+    "ConnectBacklogFull": "pytest_runtimefaults.dbus.limits",
+    "ConnectionCap": "pytest_runtimefaults.dbus.limits",
     "Containerd": "pytest_runtimefaults.containerd",
     "CriPods": "pytest_runtimefaults.cni",
     "DBusFaultProxy": "pytest_runtimefaults.dbus.proxy",
@@ -42,6 +44,7 @@ _LAZY: dict[str, str] = {
     "JobResult": "pytest_runtimefaults.dbus.actions",
     "Journal": "pytest_runtimefaults.journal",
     "Match": "pytest_runtimefaults.dbus.match",
+    "NetworkChurn": "pytest_runtimefaults.cni",
     "PrivateBus": "pytest_runtimefaults.dbus.bus",
     "Reorder": "pytest_runtimefaults.dbus.actions",
     "Rule": "pytest_runtimefaults.dbus.actions",
@@ -49,14 +52,15 @@ _LAZY: dict[str, str] = {
     "RuntimeResult": "pytest_runtimefaults.runtime",
     "Serials": "pytest_runtimefaults.dbus.serials",
     "SignalBeforeReply": "pytest_runtimefaults.dbus.actions",
+    "SignalFlood": "pytest_runtimefaults.dbus.flood",
     "SplitMessage": "pytest_runtimefaults.dbus.actions",
     "StaleSocket": "pytest_runtimefaults.sockets",
     "StrayReply": "pytest_runtimefaults.dbus.actions",
     "Swarm": "pytest_runtimefaults.subscribers",
     "SystemdInspector": "pytest_runtimefaults.systemd",
     "SystemdSandbox": "pytest_runtimefaults.systemd",
-    "TornWriteWatcher": "pytest_runtimefaults.cni",
     "ThreadedFault": "pytest_runtimefaults.core.fault",
+    "TornWriteWatcher": "pytest_runtimefaults.cni",
     "TraceEntry": "pytest_runtimefaults.dbus.trace",
     "parse_rule": "pytest_runtimefaults.dbus.grammar",
     "safe_bind": "pytest_runtimefaults.sockets",
@@ -66,6 +70,8 @@ __all__ = [
     "Churn",
     "CniDir",
     "CniSandbox",
+    "ConnectBacklogFull",
+    "ConnectionCap",
     "Containerd",
     "CriPods",
     "DBusFaultProxy",
@@ -83,6 +89,7 @@ __all__ = [
     "JobResult",
     "Journal",
     "Match",
+    "NetworkChurn",
     "PrivateBus",
     "Reorder",
     "Rule",
@@ -90,6 +97,7 @@ __all__ = [
     "RuntimeResult",
     "Serials",
     "SignalBeforeReply",
+    "SignalFlood",
     "SplitMessage",
     "StaleSocket",
     "StrayReply",
@@ -105,7 +113,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pytest_runtimefaults.cni import CniDir, CriPods, TornWriteWatcher
+    from pytest_runtimefaults.cni import CniDir, CriPods, NetworkChurn, TornWriteWatcher
     from pytest_runtimefaults.containerd import Containerd
     from pytest_runtimefaults.core.fault import Fault, FaultBase, ThreadedFault
     from pytest_runtimefaults.daemon import Daemon
@@ -124,7 +132,9 @@ if TYPE_CHECKING:  # pragma: no cover
         StrayReply,
     )
     from pytest_runtimefaults.dbus.bus import PrivateBus
+    from pytest_runtimefaults.dbus.flood import SignalFlood
     from pytest_runtimefaults.dbus.grammar import parse_rule
+    from pytest_runtimefaults.dbus.limits import ConnectBacklogFull, ConnectionCap
     from pytest_runtimefaults.dbus.match import Match
     from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
     from pytest_runtimefaults.dbus.serials import Serials
