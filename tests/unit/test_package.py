@@ -62,3 +62,22 @@ def test_importing_the_package_and_plugin_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == "[]"
+
+
+def test_every_top_level_name_is_in_the_references_row() -> None:
+    # docs/reference.md's "Library API" table lists the top-level names in one row;
+    # a name exported but not listed there is undocumented.
+    from pathlib import Path
+
+    import pytest_runtimefaults
+
+    reference = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
+    row = next(
+        line
+        for line in reference.read_text().splitlines()
+        if line.startswith("| `pytest_runtimefaults` (the top level")
+    )
+    missing = [
+        n for n in pytest_runtimefaults.__all__ if n != "__version__" and f"`{n}`" not in row
+    ]
+    assert missing == [], f"top-level names missing from docs/reference.md: {missing}"
