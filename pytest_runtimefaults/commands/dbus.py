@@ -19,6 +19,7 @@ rules (--rule, repeatable) are ACTION(ARGS) [FIELD=VALUE ...]:
            Drop()  Duplicate()  ErrorReply(name, text)  Disconnect(mid_message=False)
            Serials(start=0xfffffff0, on_overflow='stall'|'wrap'|'cycle', cycle_to=0x80000000)
            JobResult(result='failed', unit=None)
+           SignalFlood(count=1000, signal='PropertiesChanged'|'JobRemoved'|'UnitNew', sender=None)
   fields:  direction=to_bus|to_client type=method_call|method_return|error|signal
            path= interface= member= error_name= sender= destination=
            reply_to=MEMBER (replies to calls of MEMBER), reply_to.FIELD=VALUE

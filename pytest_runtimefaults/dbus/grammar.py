@@ -5,7 +5,8 @@ text form knows).  Every mistake in a rule's text is a
 :class:`~pytest_runtimefaults.dbus.match.RuleError` whose one-line message
 quotes the rule and names the bad word, never another exception: the marker
 turns it into a usage error naming the test, the command into exit status 2.
-It imports the actions, :mod:`~pytest_runtimefaults.dbus.serials` and
+It imports the actions, :mod:`~pytest_runtimefaults.dbus.serials`,
+:mod:`~pytest_runtimefaults.dbus.flood` and
 :mod:`~pytest_runtimefaults.dbus.match`.
 
 Example::
@@ -35,6 +36,7 @@ from pytest_runtimefaults.dbus.actions import (
     SplitMessage,
     StrayReply,
 )
+from pytest_runtimefaults.dbus.flood import SignalFlood
 from pytest_runtimefaults.dbus.match import RuleError, match_from_kwargs
 from pytest_runtimefaults.dbus.serials import Serials
 
@@ -56,6 +58,7 @@ ACTIONS: dict[str, type[Action]] = {
         Disconnect,
         JobResult,
         Serials,
+        SignalFlood,
     )
 }
 
@@ -72,6 +75,7 @@ def parse_rule(text: str) -> Rule:
         SignalBeforeReply('JobRemoved') reply_to.member=StartTransientUnit times=1
         Serials(0xfffffff0, on_overflow='stall') direction=to_client sender=org.freedesktop.systemd1
         JobResult('failed', unit='runc-*.scope') member=JobRemoved times=1
+        SignalFlood(2000, 'PropertiesChanged') member=RemoveMatch times=1
     """
     if not isinstance(text, str):
         raise RuleError(f"a rule's text form must be a string, got {text!r}")

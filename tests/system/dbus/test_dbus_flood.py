@@ -28,6 +28,7 @@ from jeepney.io.blocking import DBusConnection, open_dbus_connection
 
 from pytest_runtimefaults.dbus.bus import PrivateBus
 from pytest_runtimefaults.dbus.flood import FloodSignal, SignalFlood, flood_now
+from pytest_runtimefaults.dbus.grammar import parse_rule
 from pytest_runtimefaults.dbus.match import RuleError
 from pytest_runtimefaults.dbus.proxy import DBusFaultProxy
 from pytest_runtimefaults.dbus.wire import Framer
@@ -264,6 +265,30 @@ def test_a_client_that_closes_mid_burst_harms_no_other_client(
     print(f"{how}: {len(latencies)} pings, max {max(latencies) * 1000:.0f} ms")
 
 
+@pytest.mark.parametrize("mode", ["panic", "correct"])
+def test_the_text_form_floods_like_the_object(proxy: DBusFaultProxy, mode: str) -> None:
+    """The rule as the ``dbus_faults`` marker and ``runtimefaults proxy --rule`` write it."""
+    rule = proxy.add(parse_rule("SignalFlood(200, 'PropertiesChanged') member=RemoveMatch times=1"))
+    match = event_match(IFACE, "Event")
+    if mode == "correct":
+        client: SusceptibleClient | CorrectClient = CorrectClient(proxy.address, match)
+    else:
+        client = SusceptibleClient(proxy.address, match, mode=mode)
+    client.unsubscribe()
+    assert client.wait_delivering(), "the burst never filled the client's channel"
+    done, errors = _closes_cleanly(client)
+    assert rule.applied == 1
+    assert done
+    if mode == "correct":
+        assert errors == []
+    else:
+        assert errors, "no send on closed channel: the susceptible client did not fail"
+        assert all(isinstance(e, ChannelClosed) for e in errors), errors
+    flood = [e.fault for e in proxy.trace.entries() if e.fault and "SignalFlood" in e.fault]
+    assert len(flood) == 1, flood
+    assert "SignalFlood(200, 'PropertiesChanged'): 200 signals" in (flood[0] or ""), flood
+
+
 def test_bad_arguments_are_rule_errors_naming_them(proxy: DBusFaultProxy) -> None:
     with pytest.raises(RuleError, match="SignalFlood count must be an integer in"):
         SignalFlood(0)
@@ -271,5 +296,7 @@ def test_bad_arguments_are_rule_errors_naming_them(proxy: DBusFaultProxy) -> Non
         SignalFlood(10, "Nope")
     with pytest.raises(RuleError, match="SignalFlood sender must be a bus name"):
         SignalFlood(10, sender="")
+    with pytest.raises(RuleError, match=r"rule 'SignalFlood\(10, sender=3\)': SignalFlood sender"):
+        parse_rule("SignalFlood(10, sender=3)")
     with pytest.raises(ValueError, match="no connection #999"):
         flood_now(proxy, conn=999)
