@@ -110,7 +110,7 @@ def _case_symlinked_parent(v: Callable[..., Path], cwd: Path) -> tuple[str, Path
     outside = v("/var/tmp")
     (outside / "rfvictim").mkdir()
     (outside / "rfvictim" / "precious").write_text("x")
-    link = Path(tempfile.mkdtemp(prefix="rflinkparent", dir="/tmp")) / "rfto"
+    link = v("/tmp", "rflinkparent") / "rfto"  # removed after, like the victims
     link.symlink_to(outside)
     return str(link / "rfvictim"), outside / "rfvictim"
 
