@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -51,6 +52,7 @@ __all__ = [
     "invoke_plugin",
     "link_kind",
     "list_links",
+    "netlink_socket_in",
     "own_namespaces",
     "snapshot_addresses",
     "snapshot_ipam",
@@ -65,7 +67,7 @@ DEFAULT_CNI_PATH = "/usr/lib/cni"
 class NetNS:
     """A named network namespace (``/var/run/netns/NAME``) owned by the caller.
 
-    ``start()`` journals it and creates it through pyroute2; ``stop()`` removes
+    ``start()`` journals it and creates it (``ip netns add``); ``stop()`` removes
     it, which also destroys every link inside it (a veth whose peer lives
     elsewhere disappears with its peer).  Both are idempotent.  Without a
     *journal*, the default one (:meth:`Journal.default
@@ -88,13 +90,25 @@ class NetNS:
     def start(self) -> NetNS:
         if self._created:
             return self
-        from pyroute2 import netns
-
         # Journaled first: a kill between the two steps leaves a record of a
         # namespace that may not exist (harmless) rather than the reverse.
         self._rid = self.journal.add("netns", name=self.name)
         try:
-            netns.create(self.name)
+            # iproute2's `ip netns add`, not pyroute2's netns.create: that forks
+            # this (multi-threaded) process without exec, and a forked child can
+            # hang for good on a lock another thread held (see netlink_socket_in).
+            res = subprocess.run(
+                ["ip", "netns", "add", self.name],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if res.returncode != 0:
+                raise OSError(
+                    f"ip netns add {self.name} exited {res.returncode}: "
+                    f"{res.stderr.strip() or res.stdout.strip()}"
+                )
         except BaseException:
             self.journal.release(self._rid)
             self._rid = None
@@ -135,15 +149,72 @@ class LinkInfo:
     addresses: tuple[str, ...] = ()
 
 
+_CLONE_NEWNET = 0x40000000
+
+
+def _enter_netns(path: str) -> None:
+    """Move the calling *thread* into the network namespace at *path* (setns(2))."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns = getattr(os, "setns", None)  # Python 3.12 and later
+        if setns is not None:
+            setns(fd, _CLONE_NEWNET)
+            return
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into the network namespace {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def netlink_socket_in(netns: str, proto: int = 0) -> socket.socket:
+    """A netlink socket (*proto*: ``NETLINK_ROUTE`` by default) of the namespace *netns*.
+
+    *netns* is a name under :data:`NETNS_DIR` or a path to a namespace file;
+    an existing one only (``FileNotFoundError`` otherwise: never creates one).
+    A socket stays in the namespace it was made in, and setns(2) moves only
+    the calling thread: a thread of its own enters the namespace, makes the
+    socket and ends.  pyroute2's ``NetNS`` instead forks this process without
+    exec to do the same; in a process full of threads (the D-Bus proxy's
+    loop, gRPC's, pytest-timeout's) the child can deadlock on a lock a thread
+    held at the fork (Python 3.12 warns "use of fork() may lead to deadlocks";
+    a CRI scenario's child hung for good once), and the fork copies the whole
+    process for one socket.
+    """
+    path = netns if "/" in netns else str(NETNS_DIR / netns)
+    made: list[socket.socket] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _enter_netns(path)
+            made.append(socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, proto))
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=run, name="rf-netns-socket", daemon=True)
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    return made[0]
+
+
 def _ipr(netns: str | None) -> Any:
+    """A pyroute2 ``IPRoute`` on the root namespace or on the existing namespace *netns*."""
+    from pyroute2 import IPRoute
+
     if netns is None:
-        from pyroute2 import IPRoute
-
         return IPRoute()
-    from pyroute2 import NetNS as PyNetNS
-
-    # flags=0: open an existing namespace, never create one by accident.
-    return PyNetNS(netns, flags=0)
+    fd = netlink_socket_in(netns).detach()  # the IPRoute's from here (it closes it)
+    try:
+        return IPRoute(fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def list_links(netns: str | None = None) -> list[LinkInfo]:

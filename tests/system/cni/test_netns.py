@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from pytest_runtimefaults.netns import (
     NetNS,
     link_kind,
     list_links,
+    netlink_socket_in,
     own_namespaces,
     snapshot_addresses,
     snapshot_ipam,
@@ -55,6 +57,32 @@ def test_netns_create_remove_journaled(journal: Journal) -> None:
     assert not ns.path.exists()
     assert journal.live() == []
     ns.stop()  # idempotent
+
+
+def test_namespaces_and_their_sockets_come_without_forking(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pyroute2's netns.create and NetNS fork this multi-threaded process without
+    # exec (a child hung for good once); ours run `ip netns add` and a thread's setns.
+    def no_fork() -> int:
+        raise AssertionError("os.fork called: a netns helper forked this process")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    fds = len(os.listdir("/proc/self/fd"))
+    with NetNS(journal=journal) as ns:
+        by_name = netlink_socket_in(ns.name)
+        by_path = netlink_socket_in(str(ns.path))  # a path works as well as a name
+        by_name.close()
+        by_path.close()
+        # The sockets are the namespace's: only its loopback, never the host's links.
+        assert {link.name for link in list_links(ns.name)} == {"lo"}
+        assert {link.name for link in list_links(None)} != {"lo"}
+        assert link_kind(ns.name, "lo") == "loopback"
+    assert len(os.listdir("/proc/self/fd")) == fds  # every socket closed with its IPRoute
+    # An existing namespace only: nothing is created under a name that is not there.
+    with pytest.raises(FileNotFoundError):
+        netlink_socket_in(ns.name)
+    assert not ns.path.exists()
 
 
 def test_journal_reaps_a_netns_left_by_a_dead_owner(tmp_path: Path) -> None:
