@@ -50,6 +50,7 @@ __all__ = [
     "LinkInfo",
     "NetNS",
     "invoke_plugin",
+    "iproute",
     "link_kind",
     "list_links",
     "netlink_socket_in",
@@ -203,8 +204,12 @@ def netlink_socket_in(netns: str, proto: int = 0) -> socket.socket:
     return made[0]
 
 
-def _ipr(netns: str | None) -> Any:
-    """A pyroute2 ``IPRoute`` on the root namespace or on the existing namespace *netns*."""
+def iproute(netns: str | None) -> Any:
+    """A pyroute2 ``IPRoute`` on this process's namespace (None) or on the existing *netns*.
+
+    *netns* is a name or a path, as for :func:`netlink_socket_in`, through
+    which the socket is opened: nothing forks.  Use it as a context manager.
+    """
     from pyroute2 import IPRoute
 
     if netns is None:
@@ -219,7 +224,7 @@ def _ipr(netns: str | None) -> Any:
 
 def list_links(netns: str | None = None) -> list[LinkInfo]:
     """Every link of *netns* (None: the root namespace of this process)."""
-    with _ipr(netns) as ipr:
+    with iproute(netns) as ipr:
         addrs: dict[int, list[str]] = {}
         for msg in ipr.get_addr():
             addrs.setdefault(msg["index"], []).append(
@@ -475,7 +480,7 @@ class CniSandbox:
         if name in self._masters:
             return name
         peer = f"{name}p"[:15]
-        with _ipr(self.host.name) as ipr:
+        with iproute(self.host.name) as ipr:
             ipr.link("add", ifname=name, kind="veth", peer=peer)
             for ifname in (name, peer):
                 idx = ipr.link_lookup(ifname=ifname)[0]

@@ -11,10 +11,12 @@ import pytest
 
 from pytest_runtimefaults.cni import CniDir
 from pytest_runtimefaults.journal import Journal, reap_dead_owners
+from pytest_runtimefaults.naming import unique_name
 from pytest_runtimefaults.netns import (
     CniError,
     CniSandbox,
     NetNS,
+    iproute,
     link_kind,
     list_links,
     netlink_socket_in,
@@ -74,10 +76,13 @@ def test_namespaces_and_their_sockets_come_without_forking(
         by_path = netlink_socket_in(str(ns.path))  # a path works as well as a name
         by_name.close()
         by_path.close()
-        # The sockets are the namespace's: only its loopback, never the host's links.
-        assert {link.name for link in list_links(ns.name)} == {"lo"}
-        assert {link.name for link in list_links(None)} != {"lo"}
-        assert link_kind(ns.name, "lo") == "loopback"
+        # The sockets are the namespace's: a bridge made through one is there, not here.
+        bridge = unique_name("rfbr")
+        with iproute(ns.name) as ipr:
+            ipr.link("add", ifname=bridge, kind="bridge")
+        assert {link.name for link in list_links(ns.name)} == {"lo", bridge}
+        assert link_kind(ns.name, bridge) == "bridge"
+        assert bridge not in {link.name for link in list_links(None)}
     assert len(os.listdir("/proc/self/fd")) == fds  # every socket closed with its IPRoute
     # An existing namespace only: nothing is created under a name that is not there.
     with pytest.raises(FileNotFoundError):
