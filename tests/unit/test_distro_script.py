@@ -208,12 +208,20 @@ def _ci_tree(tmp_path: Path, host_rc: int, distro_rcs: dict[str, int]) -> Path:
     return tmp_path
 
 
-def _ci(tree: Path, matrix: str | None) -> tuple[int, list[str], str]:
+def _ci(tree: Path, matrix: str | None, main: str | None = "") -> tuple[int, list[str], str]:
+    """Run the copy of .ci/run; *matrix*/*main*: RUNTIMEFAULTS_MATRIX(_MAIN), None unset."""
     # What the calling run set must not leak into the stubs' view of .ci/run.
-    unset = ("RUNTIMEFAULTS_MATRIX", "PYTEST_ADDOPTS", "RUNTIMEFAULTS_FAULT_TABLE")
+    unset = (
+        "RUNTIMEFAULTS_MATRIX",
+        "RUNTIMEFAULTS_MATRIX_MAIN",
+        "PYTEST_ADDOPTS",
+        "RUNTIMEFAULTS_FAULT_TABLE",
+    )
     env = {k: v for k, v in distro.os.environ.items() if k not in unset}
     if matrix is not None:
         env["RUNTIMEFAULTS_MATRIX"] = matrix
+    if main is not None:
+        env["RUNTIMEFAULTS_MATRIX_MAIN"] = main
     res = subprocess.run(
         ["bash", str(tree / ".ci" / "run")], env=env, capture_output=True, text=True, check=False
     )
@@ -247,6 +255,26 @@ def test_ci_keeps_the_host_runs_reports_and_runs_the_readme_command(tmp_path: Pa
         "--junitxml=build/matrix/host/junit.xml | build/matrix/host/fault-table.jsonl"
     ]
     assert (tree / "build" / "matrix" / "host").is_dir()
+
+
+def test_ci_runs_the_main_job_after_the_suite_of_the_releases_it_names(tmp_path: Path) -> None:
+    m = re.search(r"^RUNTIMEFAULTS_MATRIX_MAIN=\$\{RUNTIMEFAULTS_MATRIX_MAIN-([^}]*)\}$",
+                  (REPO / ".ci" / "run").read_text(), re.MULTILINE)  # fmt: skip
+    assert m is not None, "the main-job line of .ci/run changed shape"
+    assert m.group(1) == "debian13,sid-hybrid"
+    main_job = ".venv/bin/python -m pytest_runtimefaults scenarios"
+    tree = _ci_tree(tmp_path, 0, {"scenarios": 1})  # every main job fails
+    rc, calls, err = _ci(tree, "debian13,sid,sid-hybrid", main=None)  # the default
+    assert rc == 1
+    assert calls == [
+        "host",
+        "distro --results build/matrix/debian13 debian13",
+        f"distro debian13 {main_job}",
+        "distro --results build/matrix/sid sid",
+        "distro --results build/matrix/sid-hybrid sid-hybrid",
+        f"distro sid-hybrid {main_job}",
+    ]
+    assert "CI: failed: debian13 main job (exit 1) sid-hybrid main job (exit 1)" in err
 
 
 @pytest.mark.parametrize(("host_rc", "distro_rc"), [(5, 0), (0, 5)])
