@@ -251,7 +251,7 @@ def test_ci_keeps_the_host_runs_reports_and_runs_the_readme_command(tmp_path: Pa
     assert rc == 0
     # No argument: the README's command itself; the reports come through the environment.
     assert calls == [
-        "host  | --runtimefaults-report=build/matrix/host/runtimefaults.json "
+        "host  | -o runtimefaults_report=build/matrix/host/runtimefaults.json "
         "--junitxml=build/matrix/host/junit.xml | build/matrix/host/fault-table.jsonl"
     ]
     assert (tree / "build" / "matrix" / "host").is_dir()
@@ -364,3 +364,26 @@ def test_every_ci_matrix_entry_is_a_release_scripts_distro_knows() -> None:
         "tests/system/systemd",
         "tests/system/dbus",
     ]
+
+
+def test_the_host_reports_options_do_not_break_a_nested_run_without_the_plugin(
+    tmp_path: Path,
+) -> None:
+    # The suite's nested pytest runs inherit .ci/run's PYTEST_ADDOPTS; one with -p
+    # no:runtimefaults refused --runtimefaults-report (a CI run failed on it).
+    m = re.search(r'PYTEST_ADDOPTS="\$\{PYTEST_ADDOPTS:\+\$PYTEST_ADDOPTS \}([^"]+)"',
+                  (REPO / ".ci" / "run").read_text())  # fmt: skip
+    assert m is not None, "the host step of .ci/run changed shape"
+    env = {**distro.os.environ, "PYTEST_ADDOPTS": m.group(1)}
+    for plugin in (["-p", "no:runtimefaults"], []):
+        res = subprocess.run(
+            [sys.executable, "-m", "pytest", *plugin, "--markers"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert res.returncode == 0, (plugin, res.stderr[-2000:])
+        assert "@pytest.mark.skip" in res.stdout
